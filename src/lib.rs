@@ -1,0 +1,6 @@
+//! `call`: end-to-end encrypted group voice calls over Marmot (MLS over Nostr), SFrame and
+//! Media over QUIC. Layers, each depending only on those below it:
+//! `cli` → `call` → `group` and `media` → `transport`.
+#![forbid(unsafe_code)]
+
+pub mod media;

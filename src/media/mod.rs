@@ -1,0 +1,6 @@
+//! Media: Opus, SFrame with the profile's key schedule, tone source and analysis.
+
+pub mod keys;
+pub mod opus;
+pub mod sframe;
+pub mod tone;
