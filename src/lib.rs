@@ -3,4 +3,8 @@
 //! `cli` → `call` → `group` and `media` → `transport`.
 #![forbid(unsafe_code)]
 
+pub mod call;
+pub mod cli;
+pub mod group;
 pub mod media;
+pub mod transport;

@@ -1,1 +1,198 @@
+//! `call-relay`: a MoQ relay (moq-transport draft-18 over QUIC) and a Nostr relay in one
+//! process. It knows nothing of calls: it forwards tracks and stores events.
+#![forbid(unsafe_code)]
 
+mod moq;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use clap::Parser;
+use moq_native_ietf::quic;
+use nostr_relay_builder::prelude::{LocalRelay, RateLimit, RelayBuilder};
+use serde::Deserialize;
+use url::Url;
+
+pub use tls::ServerCert;
+
+/// Configuration of both relays. Every flag has a `CALL_RELAY_*` environment variable.
+#[derive(Parser, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields, default)]
+#[command(name = "call-relay", version, about = "MoQ + Nostr relay for `call`")]
+pub struct RelayConfig {
+    /// UDP address of the MoQ (QUIC) listener.
+    #[arg(long, env = "CALL_RELAY_MOQ_BIND", default_value = "127.0.0.1:4443")]
+    pub moq_bind: SocketAddr,
+    /// TCP address of the Nostr (WebSocket) listener.
+    #[arg(long, env = "CALL_RELAY_NOSTR_BIND", default_value = "127.0.0.1:7777")]
+    pub nostr_bind: SocketAddr,
+    /// TLS certificate chain (PEM). Without it a self-signed certificate is generated.
+    #[arg(long, env = "CALL_RELAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, env = "CALL_RELAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Names the generated certificate is valid for (comma-separated).
+    #[arg(
+        long,
+        env = "CALL_RELAY_TLS_NAMES",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1,::1"
+    )]
+    pub tls_names: Vec<String>,
+    /// Events each Nostr connection may publish per minute.
+    #[arg(
+        long,
+        env = "CALL_RELAY_NOSTR_EVENTS_PER_MINUTE",
+        default_value_t = 6000
+    )]
+    pub nostr_events_per_minute: u32,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self::parse_from(["call-relay"])
+    }
+}
+
+impl RelayConfig {
+    /// Both listeners on ephemeral loopback ports: for tests and `call demo`.
+    pub fn ephemeral() -> Self {
+        Self {
+            moq_bind: "127.0.0.1:0".parse().expect("valid"),
+            nostr_bind: "127.0.0.1:0".parse().expect("valid"),
+            ..Self::default()
+        }
+    }
+}
+
+/// The relays, bound and ready; [`Relay::run`] serves MoQ until the future is dropped.
+pub struct Relay {
+    server: quic::Server,
+    moq_addr: SocketAddr,
+    nostr: LocalRelay,
+    nostr_url: Url,
+    fingerprint: String,
+    routes: Arc<moq::Routes>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("moq_url", &self.moq_url().as_str())
+            .field("nostr_url", &self.nostr_url.as_str())
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+impl Relay {
+    /// Binds both listeners. The Nostr relay starts serving at once (its crate runs its own
+    /// accept task); MoQ sessions are served by [`Relay::run`].
+    pub async fn bind(config: &RelayConfig) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let cert = match (&config.tls_cert, &config.tls_key) {
+            (Some(c), Some(k)) => ServerCert::load(c, k)?,
+            _ => ServerCert::self_signed(&config.tls_names)?,
+        };
+        let tls = moq_native_ietf::tls::Config {
+            // Only used for outbound connections, which this relay never makes.
+            client: rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+            server: Some(cert.server_config()?),
+            fingerprints: vec![cert.fingerprint.clone()],
+        };
+        let endpoint = quic::Endpoint::new(
+            quic::Config::new(config.moq_bind, None, tls).context("binding the MoQ socket")?,
+        )?;
+        let server = endpoint.server.context("MoQ endpoint has no server side")?;
+        let moq_addr = server.local_addr()?;
+
+        let nostr_port = match config.nostr_bind.port() {
+            0 => std::net::TcpListener::bind(config.nostr_bind)
+                .and_then(|l| l.local_addr())
+                .context("picking a Nostr port")?
+                .port(),
+            p => p,
+        };
+        let nostr = LocalRelay::new(
+            RelayBuilder::default()
+                .addr(config.nostr_bind.ip())
+                .port(nostr_port)
+                .rate_limit(RateLimit {
+                    max_reqs: 500,
+                    notes_per_minute: config.nostr_events_per_minute,
+                }),
+        );
+        nostr
+            .run()
+            .await
+            .with_context(|| format!("starting the Nostr relay on port {nostr_port}"))?;
+        let nostr_url = Url::parse(nostr.url().await.as_str())?;
+        Ok(Self {
+            server,
+            moq_addr,
+            nostr,
+            nostr_url,
+            fingerprint: cert.fingerprint,
+            routes: Arc::default(),
+        })
+    }
+
+    pub fn moq_url(&self) -> Url {
+        Url::parse(&format!("moqt://{}", self.moq_addr)).expect("valid url")
+    }
+
+    pub fn nostr_url(&self) -> Url {
+        self.nostr_url.clone()
+    }
+
+    /// SHA-256 of the MoQ certificate (hex), for clients that pin it.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// A snapshot of the MoQ side's counters.
+    pub fn stats(&self) -> RelayStats {
+        self.routes.stats()
+    }
+
+    /// Serves MoQ sessions until dropped; the Nostr relay stops with it.
+    pub async fn run(self) {
+        let _nostr = NostrGuard(self.nostr);
+        moq::accept_loop(self.server, self.routes).await;
+    }
+}
+
+struct NostrGuard(LocalRelay);
+
+impl Drop for NostrGuard {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+/// MoQ relay counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    pub sessions: u64,
+    pub upstream_tracks: u64,
+    pub downstream_subscriptions: u64,
+}
+
+impl moq::Routes {
+    fn stats(&self) -> RelayStats {
+        RelayStats {
+            sessions: self.stats.sessions.load(Ordering::Relaxed),
+            upstream_tracks: self.stats.upstream_tracks.load(Ordering::Relaxed),
+            downstream_subscriptions: self.stats.downstream_subscriptions.load(Ordering::Relaxed),
+        }
+    }
+}

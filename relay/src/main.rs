@@ -1,1 +1,23 @@
-fn main() {}
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CALL_RELAY_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = call_relay::RelayConfig::parse();
+    let relay = call_relay::Relay::bind(&config).await?;
+    println!("moq   {}", relay.moq_url());
+    println!("nostr {}", relay.nostr_url());
+    println!("fingerprint {}", relay.fingerprint());
+    tokio::select! {
+        () = relay.run() => {}
+        _ = tokio::signal::ctrl_c() => eprintln!("shutting down"),
+    }
+    Ok(())
+}

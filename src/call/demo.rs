@@ -1,0 +1,562 @@
+//! `call demo`: N headless participants in one process form a Marmot group, signal a call
+//! through it and exchange SFrame-encrypted Opus tones over a MoQ relay. Every layer is the
+//! real one; only the microphone is replaced by a tone.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mdk_memory_storage::MdkMemoryStorage;
+use nostr_sdk::prelude::{Keys, PublicKey, RelayUrl};
+use rand::RngCore;
+use serde::Serialize;
+use tokio::sync::{watch, Barrier};
+use url::Url;
+
+use super::signaling::{
+    AnswerStatus, CallAnswer, CallOffer, Privacy, TrackRef, KIND_ANSWER, KIND_OFFER,
+};
+use super::CallError;
+use crate::group::{GroupMember, GroupRef};
+use crate::media::keys::{KidLayout, MediaType};
+use crate::media::opus::{CodecConfig, OpusDecoder, OpusEncoder, SAMPLE_RATE};
+use crate::media::sframe::{ReceiverKeys, SenderKeys};
+use crate::media::tone::{dominant_frequency, ToneSource};
+use crate::transport::{call_namespace, CertVerification, MoqConnection, TrackSubscriber};
+
+type Member = GroupMember<MdkMemoryStorage>;
+
+/// A peer must deliver at least this share of its frames for the demo to pass.
+pub const MIN_RECEIVED: f64 = 0.90;
+/// How far the heard tone may be from the sent one.
+pub const MAX_FREQ_ERROR_HZ: f64 = 3.0;
+const SIGNALING_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    pub participants: usize,
+    pub seconds: u64,
+    pub frame_ms: u32,
+    pub moq_relay: Url,
+    pub nostr_relays: Vec<Url>,
+    pub verification: CertVerification,
+}
+
+/// What one participant heard from one peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerReport {
+    pub from: usize,
+    pub expected: u64,
+    pub received: u64,
+    pub decrypt_failed: u64,
+    pub received_pct: f64,
+    pub tone_hz: f64,
+    pub heard_hz: Option<f64>,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ParticipantReport {
+    pub index: usize,
+    pub pubkey: String,
+    pub leaf_index: u32,
+    pub tone_hz: f64,
+    pub sent: u64,
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoReport {
+    pub ok: bool,
+    pub participants: usize,
+    pub seconds: u64,
+    pub frame_ms: u32,
+    pub moq_relay: String,
+    pub nostr_relays: Vec<String>,
+    pub mls_epoch: u64,
+    pub setup_ms: f64,
+    pub wall_ms: f64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub reports: Vec<ParticipantReport>,
+}
+
+/// Tone of participant `i`: 330, 440, 550 … Hz, far enough apart to tell apart.
+pub fn tone_of(i: usize) -> f64 {
+    330.0 + 110.0 * i as f64
+}
+
+/// When each frame was handed to the encryptor, by (track, sequence); read by receivers in
+/// the same process to measure encrypt → decrypt latency.
+#[derive(Default)]
+struct SendLog {
+    sent_at: Mutex<HashMap<([u8; 8], u64), Instant>>,
+    sent_count: Mutex<HashMap<[u8; 8], u64>>,
+}
+
+/// Shared by the participant tasks of one demo run.
+struct Stage {
+    config: DemoConfig,
+    barrier: Barrier,
+    log: SendLog,
+    tone_by_pubkey: HashMap<PublicKey, (usize, f64)>,
+}
+
+/// A participant's report plus what the run summary needs from it.
+struct Outcome {
+    report: ParticipantReport,
+    latencies_ms: Vec<f64>,
+    epoch: u64,
+    media_ready: Instant,
+}
+
+pub async fn run(
+    config: DemoConfig,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<DemoReport, CallError> {
+    if config.participants < 2 {
+        return Err(CallError::Protocol(
+            "a call needs at least 2 participants".into(),
+        ));
+    }
+    let started = Instant::now();
+    let relays: Vec<RelayUrl> = config
+        .nostr_relays
+        .iter()
+        .map(|u| RelayUrl::parse(u.as_str()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| CallError::Protocol(format!("nostr relay URL: {e}")))?;
+
+    progress(&format!("creating {} identities", config.participants));
+    let keys: Vec<Keys> = (0..config.participants).map(|_| Keys::generate()).collect();
+    let mut members = Vec::with_capacity(keys.len());
+    for k in &keys {
+        members.push(Member::connect(k.clone(), MdkMemoryStorage::default(), &relays).await?);
+    }
+
+    progress("publishing key packages");
+    for m in &members[1..] {
+        m.publish_key_package().await?;
+    }
+    progress("creating the Marmot group and sending welcomes");
+    let invitees: Vec<PublicKey> = keys[1..].iter().map(Keys::public_key).collect();
+    let group = members[0].create_group("call demo", &invitees).await?;
+    progress("joining from welcomes");
+    let joins = futures::future::join_all(members[1..].iter().map(|m| m.accept_welcomes())).await;
+    for joined in joins {
+        if !joined?.iter().any(|g| g.mls_group_id == group.mls_group_id) {
+            return Err(CallError::Protocol("welcome was for another group".into()));
+        }
+    }
+
+    let stage = Arc::new(Stage {
+        barrier: Barrier::new(config.participants),
+        log: SendLog::default(),
+        tone_by_pubkey: keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.public_key(), (i, tone_of(i))))
+            .collect(),
+        config: config.clone(),
+    });
+
+    progress(&format!(
+        "signaling the call; then {} s of media",
+        config.seconds
+    ));
+    // A participant that fails leaves the others waiting at a barrier; bound the whole run.
+    let limit = 2 * SIGNALING_TIMEOUT + Duration::from_secs(config.seconds);
+    let mut tasks = Vec::new();
+    for (i, member) in members.into_iter().enumerate() {
+        let stage = stage.clone();
+        let group = group.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = tokio::time::timeout(limit, participant(i, &member, &group, &stage))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(CallError::Protocol(format!(
+                        "participant {i} did not finish within {limit:?}"
+                    )))
+                });
+            member.disconnect().await;
+            result
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        let outcome = t
+            .await
+            .map_err(|e| CallError::Protocol(format!("participant task: {e}")))??;
+        outcomes.push(outcome);
+    }
+    outcomes.sort_by_key(|o| o.report.index);
+
+    let mut latencies: Vec<f64> = outcomes
+        .iter()
+        .flat_map(|o| o.latencies_ms.iter().copied())
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let epochs: Vec<u64> = outcomes.iter().map(|o| o.epoch).collect();
+    if epochs.windows(2).any(|w| w[0] != w[1]) {
+        return Err(CallError::Protocol(format!(
+            "participants ended in different epochs: {epochs:?}"
+        )));
+    }
+    let media_ready = outcomes
+        .iter()
+        .map(|o| o.media_ready)
+        .max()
+        .unwrap_or(started);
+    let reports: Vec<ParticipantReport> = outcomes.into_iter().map(|o| o.report).collect();
+    let ok = reports
+        .iter()
+        .all(|r| r.peers.len() == config.participants - 1 && r.peers.iter().all(|p| p.ok));
+    Ok(DemoReport {
+        ok,
+        participants: config.participants,
+        seconds: config.seconds,
+        frame_ms: config.frame_ms,
+        moq_relay: config.moq_relay.to_string(),
+        nostr_relays: config.nostr_relays.iter().map(Url::to_string).collect(),
+        mls_epoch: epochs[0],
+        setup_ms: ms(media_ready - started),
+        wall_ms: ms(started.elapsed()),
+        latency_p50_ms: percentile(&latencies, 0.50),
+        latency_p99_ms: percentile(&latencies, 0.99),
+        reports,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    rand::thread_rng().fill_bytes(&mut b);
+    b
+}
+
+/// Signals the call through the group: the first participant offers, the others accept.
+/// Returns the offer and every peer's track, checked against the MLS leaf of its sender.
+async fn signal(
+    i: usize,
+    member: &Member,
+    group: &GroupRef,
+    stage: &Stage,
+    my_track: &TrackRef,
+) -> Result<(CallOffer, HashMap<PublicKey, TrackRef>), CallError> {
+    let n = stage.config.participants;
+    let leaves = member.leaf_map(group)?;
+    let check_leaf = |sender: &PublicKey, track: &TrackRef| -> Result<(), CallError> {
+        match leaves.get(&track.leaf_index) {
+            Some(pk) if pk == sender => Ok(()),
+            _ => Err(CallError::Protocol(format!(
+                "{sender} claims leaf {} which is not theirs",
+                track.leaf_index
+            ))),
+        }
+    };
+    let mut inbox = member.inbox(group).await?;
+    // Nobody speaks before every inbox is listening: relays do not replay live messages.
+    stage.barrier.wait().await;
+
+    let mut offer = None;
+    let mut tracks = HashMap::new();
+    let mut early_answers = Vec::new();
+    if i == 0 {
+        let max_leaf = leaves.keys().copied().max().unwrap_or(0);
+        let o = CallOffer {
+            call_id: random(),
+            moq_url: stage.config.moq_relay.clone(),
+            namespace: random(),
+            token: random(),
+            track: my_track.clone(),
+            frame_ms: stage.config.frame_ms,
+            sender_bits: KidLayout::for_max_leaf(max_leaf).sender_bits(),
+            privacy: Privacy::Standard,
+        };
+        member.send_rumor(group, o.to_rumor()).await?;
+        offer = Some(o);
+    }
+    while offer.is_none() || tracks.len() < n - 1 {
+        let rumor = inbox.next(SIGNALING_TIMEOUT).await?;
+        if rumor.kind == KIND_OFFER && offer.is_none() {
+            let o = CallOffer::from_rumor(rumor.kind, &rumor.tags)?;
+            check_leaf(&rumor.sender, &o.track)?;
+            tracks.insert(rumor.sender, o.track.clone());
+            member
+                .send_rumor(
+                    group,
+                    CallAnswer::accept(o.call_id, my_track.clone()).to_rumor(),
+                )
+                .await?;
+            offer = Some(o);
+        } else if rumor.kind == KIND_ANSWER {
+            early_answers.push((
+                rumor.sender,
+                CallAnswer::from_rumor(rumor.kind, &rumor.tags)?,
+            ));
+        }
+        if let Some(o) = &offer {
+            for (sender, answer) in early_answers.drain(..) {
+                if answer.call_id != o.call_id || answer.status != AnswerStatus::Accept {
+                    continue;
+                }
+                let track = answer
+                    .track
+                    .ok_or_else(|| CallError::Protocol("accept without a track".into()))?;
+                check_leaf(&sender, &track)?;
+                tracks.insert(sender, track);
+            }
+        }
+    }
+    let offer = offer.expect("loop ends only with an offer");
+    Ok((offer, tracks))
+}
+
+async fn participant(
+    i: usize,
+    member: &Member,
+    group: &GroupRef,
+    stage: &Stage,
+) -> Result<Outcome, CallError> {
+    let cfg = &stage.config;
+    let my_track = TrackRef {
+        name: random(),
+        leaf_index: member
+            .mdk()
+            .own_leaf_index(&group.mls_group_id)
+            .map_err(crate::group::GroupError::from)?,
+    };
+    let (offer, peers) = signal(i, member, group, stage, &my_track).await?;
+
+    let export = member.export_call_secret(group, &offer.call_id)?;
+    let layout =
+        KidLayout::new(offer.sender_bits).map_err(crate::media::sframe::FrameError::from)?;
+    let mut sender_keys = SenderKeys::new(
+        &export.secret,
+        layout,
+        MediaType::Audio,
+        my_track.leaf_index,
+        export.epoch,
+        0,
+    )?;
+
+    let (mut conn, driver) = MoqConnection::connect(&offer.moq_url, &cfg.verification).await?;
+    let driver = tokio::spawn(driver);
+    let namespace = call_namespace(&offer.namespace_hex())?;
+    let (mut publisher, serve) = conn
+        .publish(namespace.clone(), &my_track.name_hex())
+        .await?;
+    let serve = tokio::spawn(serve);
+    stage.barrier.wait().await; // every track is announced
+
+    let mut inputs = Vec::new();
+    for (pk, track) in &peers {
+        let sub = conn
+            .subscribe(namespace.clone(), &track.name_hex(), SIGNALING_TIMEOUT)
+            .await?;
+        let mut keys = ReceiverKeys::new();
+        keys.add_sender(
+            &export.secret,
+            layout,
+            MediaType::Audio,
+            track.leaf_index,
+            export.epoch,
+        )?;
+        inputs.push((*pk, track.name, sub, keys));
+    }
+    stage.barrier.wait().await; // every subscription is in place
+    let media_ready = Instant::now();
+
+    let codec = CodecConfig {
+        frame_ms: offer.frame_ms,
+        ..CodecConfig::default()
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let receivers = futures::future::join_all(inputs.into_iter().map(|(pk, name, sub, keys)| {
+        receive(sub, keys, name, codec, &stage.log, stop_rx.clone(), pk)
+    }));
+    let tone_hz = tone_of(i);
+    let sender = async {
+        let frames = cfg.seconds * 1000 / u64::from(offer.frame_ms);
+        let sent = send_tone(
+            &mut publisher,
+            &mut sender_keys,
+            my_track.name,
+            codec,
+            tone_hz,
+            frames,
+            &stage.log,
+        )
+        .await;
+        stage.barrier.wait().await; // everyone has sent everything
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = stop_tx.send(true);
+        sent
+    };
+    let (sent, heard) = tokio::join!(sender, receivers);
+    conn.close();
+    serve.abort();
+    driver.abort();
+    let sent = sent?;
+
+    let sent_counts = stage.log.sent_count.lock().expect("log lock").clone();
+    let mut peers_report = Vec::new();
+    let mut latencies_ms = Vec::new();
+    for h in heard {
+        let h = h?;
+        let (from, tone) = stage.tone_by_pubkey[&h.pubkey];
+        let expected = sent_counts.get(&h.track).copied().unwrap_or(0);
+        let heard_hz = dominant_frequency(&h.pcm, 100.0, 2000.0);
+        let received_pct = if expected == 0 {
+            0.0
+        } else {
+            100.0 * h.received as f64 / expected as f64
+        };
+        let mut lat = h.latencies_ms;
+        lat.sort_by(f64::total_cmp);
+        peers_report.push(PeerReport {
+            from,
+            expected,
+            received: h.received,
+            decrypt_failed: h.decrypt_failed,
+            received_pct,
+            tone_hz: tone,
+            heard_hz,
+            latency_p50_ms: percentile(&lat, 0.50),
+            latency_p99_ms: percentile(&lat, 0.99),
+            ok: expected > 0
+                && h.received as f64 >= MIN_RECEIVED * expected as f64
+                && heard_hz.is_some_and(|f| (f - tone).abs() <= MAX_FREQ_ERROR_HZ),
+        });
+        latencies_ms.extend(lat);
+    }
+    peers_report.sort_by_key(|p| p.from);
+    Ok(Outcome {
+        report: ParticipantReport {
+            index: i,
+            pubkey: member.public_key().to_hex(),
+            leaf_index: my_track.leaf_index,
+            tone_hz,
+            sent,
+            peers: peers_report,
+        },
+        latencies_ms,
+        epoch: export.epoch,
+        media_ready,
+    })
+}
+
+/// Encodes, encrypts and publishes `frames` frames of a tone, paced like a microphone.
+async fn send_tone(
+    publisher: &mut crate::transport::TrackPublisher,
+    keys: &mut SenderKeys,
+    track: [u8; 8],
+    codec: CodecConfig,
+    tone_hz: f64,
+    frames: u64,
+    log: &SendLog,
+) -> Result<u64, CallError> {
+    let mut encoder = OpusEncoder::new(codec)?;
+    let mut tone = ToneSource::new(tone_hz);
+    let mut pcm = vec![0i16; codec.samples_per_frame()];
+    let mut tick = tokio::time::interval(Duration::from_millis(u64::from(codec.frame_ms)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for seq in 0..frames {
+        tick.tick().await;
+        tone.fill(&mut pcm);
+        let packet = encoder.encode(&pcm)?;
+        log.sent_at
+            .lock()
+            .expect("log lock")
+            .insert((track, seq), Instant::now());
+        let frame = keys.encrypt(packet)?;
+        publisher.send(seq, Bytes::copy_from_slice(frame))?;
+    }
+    log.sent_count
+        .lock()
+        .expect("log lock")
+        .insert(track, frames);
+    Ok(frames)
+}
+
+struct Heard {
+    pubkey: PublicKey,
+    track: [u8; 8],
+    received: u64,
+    decrypt_failed: u64,
+    pcm: Vec<i16>,
+    latencies_ms: Vec<f64>,
+}
+
+/// Reads one peer's track until told to stop: decrypts, decodes and keeps the audio.
+async fn receive(
+    mut sub: TrackSubscriber,
+    mut keys: ReceiverKeys,
+    track: [u8; 8],
+    codec: CodecConfig,
+    log: &SendLog,
+    mut stop: watch::Receiver<bool>,
+    pubkey: PublicKey,
+) -> Result<Heard, CallError> {
+    let mut decoder = OpusDecoder::new(codec)?;
+    let mut heard = Heard {
+        pubkey,
+        track,
+        received: 0,
+        decrypt_failed: 0,
+        pcm: Vec::with_capacity(SAMPLE_RATE as usize * 10),
+        latencies_ms: Vec::new(),
+    };
+    let mut frame_pcm = Vec::new();
+    loop {
+        let next = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            next = sub.next() => next,
+        };
+        let Some((seq, payload)) = (match next {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("track {} ended: {e}", hex::encode(track));
+                break;
+            }
+        }) else {
+            break;
+        };
+        match keys.decrypt(&payload) {
+            Ok((_, opus)) => {
+                let sent_at = log
+                    .sent_at
+                    .lock()
+                    .expect("log lock")
+                    .get(&(track, seq))
+                    .copied();
+                if let Some(t) = sent_at {
+                    heard.latencies_ms.push(ms(t.elapsed()));
+                }
+                decoder.decode(opus, &mut frame_pcm)?;
+                heard.pcm.extend_from_slice(&frame_pcm);
+                heard.received += 1;
+            }
+            Err(e) => {
+                tracing::debug!("frame {seq} from {}: {e}", hex::encode(track));
+                heard.decrypt_failed += 1;
+            }
+        }
+    }
+    Ok(heard)
+}

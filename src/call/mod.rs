@@ -1,0 +1,25 @@
+//! The call engine: signaling over the group, and the media path from tone to MoQ and back.
+
+pub mod demo;
+pub mod signaling;
+
+use crate::group::GroupError;
+use crate::media::opus::CodecError;
+use crate::media::sframe::FrameError;
+use crate::transport::TransportError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Group(#[from] GroupError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("signaling: {0}")]
+    Signal(#[from] signaling::SignalError),
+    #[error("{0}")]
+    Protocol(String),
+}

@@ -1,0 +1,169 @@
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Args;
+use url::Url;
+
+use crate::call::demo::{self, DemoConfig, DemoReport};
+use crate::transport::CertVerification;
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Number of participants (the first one creates the group and calls).
+    #[arg(short = 'n', long, env = "CALL_DEMO_PARTICIPANTS", default_value_t = 3,
+          value_parser = clap::value_parser!(u16).range(2..=64))]
+    pub participants: u16,
+    /// Seconds of audio each participant sends.
+    #[arg(short, long, env = "CALL_DEMO_SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub seconds: u64,
+    /// Opus frame duration in milliseconds (10 or 20).
+    #[arg(long, env = "CALL_FRAME_MS", default_value_t = 20,
+          value_parser = parse_frame_ms)]
+    pub frame_ms: u32,
+    /// Print exactly one JSON object on stdout instead of the human report.
+    #[arg(long)]
+    pub json: bool,
+    /// MoQ relay (moqt:// or https://). Without it and --nostr-relay, relays are embedded.
+    #[arg(long, env = "CALL_MOQ_RELAY")]
+    pub moq_relay: Option<Url>,
+    /// Nostr relay(s), comma-separated (ws:// or wss://).
+    #[arg(long = "nostr-relay", env = "CALL_NOSTR_RELAYS", value_delimiter = ',')]
+    pub nostr_relays: Vec<Url>,
+    /// Pin the MoQ relay's certificate by its SHA-256 fingerprint (hex), as call-relay prints it.
+    #[arg(long, env = "CALL_MOQ_FINGERPRINT", conflicts_with = "moq_insecure")]
+    pub moq_fingerprint: Option<String>,
+    /// Accept any MoQ relay certificate. For development only.
+    #[arg(long, env = "CALL_MOQ_INSECURE")]
+    pub moq_insecure: bool,
+}
+
+fn parse_frame_ms(s: &str) -> Result<u32, String> {
+    match s {
+        "10" => Ok(10),
+        "20" => Ok(20),
+        _ => Err(format!("`{s}` is not 10 or 20")),
+    }
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
+    let json = args.json;
+    let progress = |msg: &str| {
+        if !json {
+            eprintln!("· {msg}");
+        }
+    };
+    let mut verification = match (&args.moq_fingerprint, args.moq_insecure) {
+        (Some(fp), _) => CertVerification::fingerprint(fp).map_err(anyhow::Error::msg)?,
+        (None, true) => CertVerification::Insecure,
+        (None, false) => CertVerification::WebPki,
+    };
+
+    // Start the embedded relays for whatever was not given.
+    let embedded = if args.moq_relay.is_none() || args.nostr_relays.is_empty() {
+        let relay = call_relay::Relay::bind(&call_relay::RelayConfig::ephemeral())
+            .await
+            .context("starting the embedded relay")?;
+        progress(&format!(
+            "embedded relay: {} and {}",
+            relay.moq_url(),
+            relay.nostr_url()
+        ));
+        Some(relay)
+    } else {
+        None
+    };
+    let moq_relay = match (&args.moq_relay, &embedded) {
+        (Some(u), _) => u.clone(),
+        (None, Some(r)) => {
+            verification =
+                CertVerification::fingerprint(r.fingerprint()).map_err(anyhow::Error::msg)?;
+            r.moq_url()
+        }
+        (None, None) => unreachable!("embedded relay starts when no MoQ relay is given"),
+    };
+    let nostr_relays = match (&embedded, args.nostr_relays.is_empty()) {
+        (Some(r), true) => vec![r.nostr_url()],
+        _ => args.nostr_relays.clone(),
+    };
+    let relay_task = embedded.map(|r| tokio::spawn(r.run()));
+
+    let config = DemoConfig {
+        participants: usize::from(args.participants),
+        seconds: args.seconds,
+        frame_ms: args.frame_ms,
+        moq_relay,
+        nostr_relays,
+        verification,
+    };
+    let result = demo::run(config, &progress).await;
+    if let Some(t) = relay_task {
+        t.abort();
+    }
+    let report = result.context("demo call failed")?;
+
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        print_human(&mut out, &report)?;
+    }
+    Ok(if report.ok {
+        super::exit::OK
+    } else {
+        super::exit::CHECK_FAILED
+    })
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1}"))
+}
+
+fn print_human(out: &mut impl Write, r: &DemoReport) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{} participants, {} s of {} ms Opus frames, MLS epoch {}, relay {}",
+        r.participants, r.seconds, r.frame_ms, r.mls_epoch, r.moq_relay
+    )?;
+    for p in &r.reports {
+        writeln!(
+            out,
+            "participant {} (leaf {}, {:.0} Hz, sent {} frames, {}…)",
+            p.index,
+            p.leaf_index,
+            p.tone_hz,
+            p.sent,
+            &p.pubkey[..12]
+        )?;
+        for peer in &p.peers {
+            writeln!(
+                out,
+                "  from {}: {}/{} frames ({:.1}%), {} failed to decrypt, heard {} Hz (sent {:.0}), latency p50 {} ms p99 {} ms  {}",
+                peer.from,
+                peer.received,
+                peer.expected,
+                peer.received_pct,
+                peer.decrypt_failed,
+                peer.heard_hz.map_or_else(|| "nothing".into(), |f| format!("{f:.1}")),
+                peer.tone_hz,
+                fmt_ms(peer.latency_p50_ms),
+                fmt_ms(peer.latency_p99_ms),
+                if peer.ok { "ok" } else { "FAIL" }
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "setup {:.0} ms, wall {:.0} ms, latency p50 {} ms p99 {} ms: {}",
+        r.setup_ms,
+        r.wall_ms,
+        fmt_ms(r.latency_p50_ms),
+        fmt_ms(r.latency_p99_ms),
+        if r.ok {
+            "every peer heard every other"
+        } else {
+            "FAILED"
+        }
+    )
+}

@@ -1,0 +1,354 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mdk_core::prelude::*;
+use mdk_storage_traits::MdkStorageProvider;
+use nostr_sdk::prelude::*;
+use openmls::prelude::OpenMlsProvider;
+
+/// Kind of the addressable key package event (MIP-00); nostr 0.44 has no variant for it.
+pub const KIND_KEY_PACKAGE: Kind = Kind::Custom(30443);
+/// How far back gift wraps may be dated (NIP-59 randomises `created_at` up to 2 days).
+const GIFT_WRAP_LOOKBACK: Duration = Duration::from_secs(2 * 24 * 3600 + 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("mdk: {0}")]
+    Mdk(#[from] mdk_core::Error),
+    #[error("nostr client: {0}")]
+    Client(#[from] nostr_sdk::client::Error),
+    #[error("nostr event: {0}")]
+    Event(#[from] nostr_sdk::event::builder::Error),
+    #[error("gift wrap: {0}")]
+    GiftWrap(String),
+    #[error("no key package published by {0}")]
+    NoKeyPackage(PublicKey),
+    #[error("no relay accepted the event: {0}")]
+    NotAccepted(String),
+    #[error("group not found in local state")]
+    GroupNotFound,
+    #[error("mls: {0}")]
+    Mls(String),
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+}
+
+/// The two ids of a Marmot group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRef {
+    pub mls_group_id: GroupId,
+    /// Value of the `h` tag on kind-445 events.
+    pub nostr_group_id: [u8; 32],
+}
+
+impl GroupRef {
+    pub fn h_tag(&self) -> String {
+        hex::encode(self.nostr_group_id)
+    }
+}
+
+/// A decrypted inner message of a group, with the MLS-authenticated sender.
+#[derive(Debug, Clone)]
+pub struct Rumor {
+    pub sender: PublicKey,
+    pub sender_leaf: Option<u32>,
+    pub kind: Kind,
+    pub tags: Tags,
+    pub content: String,
+    pub epoch: Option<u64>,
+}
+
+/// A call secret exported from one epoch of a group.
+#[derive(Debug, Clone)]
+pub struct CallSecretExport {
+    pub epoch: u64,
+    pub own_leaf: u32,
+    pub secret: crate::media::keys::CallSecret,
+}
+
+/// One user's membership in Marmot groups: keys, MLS state and relay connections.
+pub struct GroupMember<S: MdkStorageProvider> {
+    keys: Keys,
+    mdk: MDK<S>,
+    client: Client,
+    relays: Vec<RelayUrl>,
+    timeout: Duration,
+}
+
+impl<S: MdkStorageProvider> std::fmt::Debug for GroupMember<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupMember")
+            .field("pubkey", &self.keys.public_key().to_hex())
+            .field("relays", &self.relays)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: MdkStorageProvider> GroupMember<S> {
+    /// Connects to `relays` as `keys`, with MLS state in `storage`.
+    pub async fn connect(keys: Keys, storage: S, relays: &[RelayUrl]) -> Result<Self, GroupError> {
+        let client = Client::new(keys.clone());
+        for url in relays {
+            client.add_relay(url.clone()).await?;
+        }
+        client.connect().await;
+        client.wait_for_connection(Duration::from_secs(5)).await;
+        Ok(Self {
+            keys,
+            mdk: MDK::new(storage),
+            client,
+            relays: relays.to_vec(),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.keys.public_key()
+    }
+
+    pub fn mdk(&self) -> &MDK<S> {
+        &self.mdk
+    }
+
+    async fn publish(&self, event: &Event) -> Result<EventId, GroupError> {
+        let out = self.client.send_event(event).await?;
+        if out.success.is_empty() {
+            let why: Vec<String> = out
+                .failed
+                .iter()
+                .map(|(u, e)| format!("{u}: {e}"))
+                .collect();
+            return Err(GroupError::NotAccepted(why.join("; ")));
+        }
+        Ok(out.val)
+    }
+
+    /// Publishes one fresh key package as kind 30443 and, for older peers, kind 443.
+    pub async fn publish_key_package(&self) -> Result<EventId, GroupError> {
+        let kp = self
+            .mdk
+            .create_key_package_for_event(&self.keys.public_key(), self.relays.clone())?;
+        let legacy = EventBuilder::new(Kind::MlsKeyPackage, kp.content.clone())
+            .tags(kp.tags_443)
+            .sign_with_keys(&self.keys)?;
+        let current = EventBuilder::new(KIND_KEY_PACKAGE, kp.content)
+            .tags(kp.tags_30443)
+            .sign_with_keys(&self.keys)?;
+        self.publish(&legacy).await?;
+        self.publish(&current).await
+    }
+
+    /// The newest key package `author` published, preferring kind 30443.
+    async fn fetch_key_package(&self, author: PublicKey) -> Result<Event, GroupError> {
+        let filter = Filter::new()
+            .kinds([KIND_KEY_PACKAGE, Kind::MlsKeyPackage])
+            .author(author);
+        let events = self.client.fetch_events(filter, self.timeout).await?;
+        events
+            .into_iter()
+            .max_by_key(|e| (e.kind == KIND_KEY_PACKAGE, e.created_at))
+            .ok_or(GroupError::NoKeyPackage(author))
+    }
+
+    /// Creates a group with this member as admin and `invitees` as members, and sends each
+    /// invitee its welcome gift-wrapped. MDK merges the creating commit itself; there is no
+    /// commit to publish for a new group.
+    pub async fn create_group(
+        &self,
+        name: &str,
+        invitees: &[PublicKey],
+    ) -> Result<GroupRef, GroupError> {
+        let mut kps = Vec::with_capacity(invitees.len());
+        for pk in invitees {
+            kps.push(self.fetch_key_package(*pk).await?);
+        }
+        let config = NostrGroupConfigData::new(
+            name.to_string(),
+            String::new(),
+            None,
+            None,
+            None,
+            self.relays.clone(),
+            vec![self.keys.public_key()],
+        );
+        let res = self
+            .mdk
+            .create_group(&self.keys.public_key(), kps.clone(), config)?;
+        // welcome_rumors[i] answers kps[i].
+        for (rumor, kp) in res.welcome_rumors.into_iter().zip(&kps) {
+            let wrap = EventBuilder::gift_wrap(&self.keys, &kp.pubkey, rumor, [])
+                .await
+                .map_err(|e| GroupError::GiftWrap(e.to_string()))?;
+            self.publish(&wrap).await?;
+        }
+        Ok(GroupRef {
+            mls_group_id: res.group.mls_group_id,
+            nostr_group_id: res.group.nostr_group_id,
+        })
+    }
+
+    /// Fetches gift-wrapped welcomes addressed to us, and accepts every one that is valid.
+    /// Waits until at least one is accepted or the timeout passes.
+    pub async fn accept_welcomes(&self) -> Result<Vec<GroupRef>, GroupError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let filter = Filter::new()
+                .kind(Kind::GiftWrap)
+                .pubkey(self.keys.public_key())
+                .since(Timestamp::now() - GIFT_WRAP_LOOKBACK);
+            let mut joined = Vec::new();
+            for wrap in self.client.fetch_events(filter, self.timeout).await? {
+                let unwrapped = match UnwrappedGift::from_gift_wrap(&self.keys, &wrap).await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        tracing::warn!(id = %wrap.id, "ignoring gift wrap: {e}");
+                        continue;
+                    }
+                };
+                if unwrapped.rumor.kind != Kind::MlsWelcome {
+                    continue;
+                }
+                let welcome = match self.mdk.process_welcome(&wrap.id, &unwrapped.rumor) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        tracing::debug!(id = %wrap.id, "welcome not usable: {e}");
+                        continue;
+                    }
+                };
+                self.mdk.accept_welcome(&welcome)?;
+                joined.push(GroupRef {
+                    mls_group_id: welcome.mls_group_id,
+                    nostr_group_id: welcome.nostr_group_id,
+                });
+            }
+            if !joined.is_empty() {
+                return Ok(joined);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(GroupError::Timeout("a welcome"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Encrypts `rumor` (an unsigned event authored by us) to the group and publishes it.
+    pub async fn send_rumor(
+        &self,
+        group: &GroupRef,
+        rumor: EventBuilder,
+    ) -> Result<EventId, GroupError> {
+        let rumor = rumor.build(self.keys.public_key());
+        let event = self.mdk.create_message(&group.mls_group_id, rumor, None)?;
+        self.publish(&event).await
+    }
+
+    /// Subscribes to the group's kind-445 stream.
+    pub async fn inbox(&self, group: &GroupRef) -> Result<GroupInbox<'_, S>, GroupError> {
+        let notifications = self.client.notifications();
+        let filter = Filter::new()
+            .kind(Kind::MlsGroupMessage)
+            .custom_tag(SingleLetterTag::lowercase(Alphabet::H), group.h_tag());
+        self.client.subscribe(filter, None).await?;
+        Ok(GroupInbox {
+            member: self,
+            group: group.clone(),
+            notifications,
+        })
+    }
+
+    /// `call_secret` of the group's current epoch for `call_id`, with our own leaf index.
+    pub fn export_call_secret(
+        &self,
+        group: &GroupRef,
+        call_id: &[u8; 32],
+    ) -> Result<CallSecretExport, GroupError> {
+        let mls =
+            openmls::group::MlsGroup::load(self.mdk.provider.storage(), group.mls_group_id.inner())
+                .map_err(|e| GroupError::Mls(e.to_string()))?
+                .ok_or(GroupError::GroupNotFound)?;
+        let secret = mls
+            .export_secret(
+                self.mdk.provider.crypto(),
+                super::EXPORTER_LABEL,
+                call_id,
+                32,
+            )
+            .map_err(|e| GroupError::Mls(e.to_string()))?;
+        let secret: [u8; 32] = secret
+            .try_into()
+            .map_err(|_| GroupError::Mls("exporter returned a short secret".into()))?;
+        Ok(CallSecretExport {
+            epoch: mls.epoch().as_u64(),
+            own_leaf: mls.own_leaf_index().u32(),
+            secret: crate::media::keys::CallSecret::from_bytes(secret),
+        })
+    }
+
+    /// Active members by leaf index.
+    pub fn leaf_map(&self, group: &GroupRef) -> Result<BTreeMap<u32, PublicKey>, GroupError> {
+        Ok(self.mdk.group_leaf_map(&group.mls_group_id)?)
+    }
+
+    pub async fn disconnect(&self) {
+        self.client.disconnect().await;
+    }
+}
+
+/// Decrypted rumors of one group as they arrive.
+pub struct GroupInbox<'a, S: MdkStorageProvider> {
+    member: &'a GroupMember<S>,
+    group: GroupRef,
+    notifications: tokio::sync::broadcast::Receiver<RelayPoolNotification>,
+}
+
+impl<S: MdkStorageProvider> GroupInbox<'_, S> {
+    /// The next application message of this group; commits are merged by MDK on the way,
+    /// and events that do not decrypt are logged and skipped.
+    pub async fn next(&mut self, timeout: Duration) -> Result<Rumor, GroupError> {
+        let wait = async {
+            loop {
+                let event = match self.notifications.recv().await {
+                    Ok(RelayPoolNotification::Event { event, .. }) => event,
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("group inbox lagged by {n} notifications");
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        return Err(GroupError::Timeout("group messages (client closed)"));
+                    }
+                };
+                if event.kind != Kind::MlsGroupMessage {
+                    continue;
+                }
+                let h_matches = event
+                    .tags
+                    .find(TagKind::h())
+                    .and_then(|t| t.content())
+                    .is_some_and(|h| h == self.group.h_tag());
+                if !h_matches {
+                    continue;
+                }
+                match self.member.mdk.process_message_with_context(&event) {
+                    Ok(out) => match out.result {
+                        MessageProcessingResult::ApplicationMessage(msg) => {
+                            return Ok(Rumor {
+                                sender: msg.pubkey,
+                                sender_leaf: out.context.sender_leaf_index,
+                                kind: msg.kind,
+                                tags: msg.tags,
+                                content: msg.content,
+                                epoch: msg.epoch,
+                            })
+                        }
+                        other => tracing::debug!("group event {}: {other:?}", event.id),
+                    },
+                    Err(e) => tracing::warn!(id = %event.id, "ignoring group event: {e}"),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| GroupError::Timeout("a group message"))?
+    }
+}

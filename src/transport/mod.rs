@@ -1,0 +1,248 @@
+//! MoQ client (moq-transport draft-18): one connection to a relay, publishing the local
+//! track and subscribing to peers' tracks (PROTOCOL.md §4).
+
+mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use moq_native_ietf::quic;
+use moq_transport::coding::TrackNamespace;
+use moq_transport::serve::{
+    ServeError, Subgroup, SubgroupsReader, SubgroupsWriter, Track, TrackReaderMode, Tracks,
+};
+use moq_transport::session::{
+    transport as wt, PublishNamespace, Publisher, Session, SessionError, Subscribe, Subscriber,
+};
+use url::Url;
+
+pub use tls::CertVerification;
+
+/// Audio is the most urgent thing on the connection (lower value = more urgent).
+pub const AUDIO_PRIORITY: u8 = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("relay URL {0}: scheme must be moqt:// or https://")]
+    Scheme(Url),
+    #[error("connecting to {url}: {reason}")]
+    Connect { url: Url, reason: String },
+    #[error("moq session: {0}")]
+    Session(#[from] SessionError),
+    #[error("moq: {0}")]
+    Serve(#[from] ServeError),
+    #[error("invalid track namespace: {0}")]
+    Namespace(String),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("track {0} was not found on the relay before the deadline")]
+    NotFound(String),
+}
+
+/// The namespace of a call: `call/<hex>`.
+pub fn call_namespace(namespace_hex: &str) -> Result<TrackNamespace, TransportError> {
+    TrackNamespace::try_from(vec!["call", namespace_hex])
+        .map_err(|e| TransportError::Namespace(e.to_string()))
+}
+
+/// A session with a MoQ relay. The future returned beside it by [`MoqConnection::connect`]
+/// drives the session and must be polled for anything to move.
+pub struct MoqConnection {
+    // Kept so the QUIC endpoint (and its socket) lives as long as the connection.
+    _endpoint: quic::Endpoint,
+    transport: wt::Session,
+    publisher: Publisher,
+    subscriber: Subscriber,
+}
+
+impl MoqConnection {
+    pub async fn connect(
+        url: &Url,
+        verify: &CertVerification,
+    ) -> Result<(Self, impl Future<Output = Result<(), SessionError>> + Send), TransportError> {
+        if !matches!(url.scheme(), "moqt" | "https") {
+            return Err(TransportError::Scheme(url.clone()));
+        }
+        let connect_err = |reason: String| TransportError::Connect {
+            url: url.clone(),
+            reason,
+        };
+        let tls = verify.client_config().map_err(TransportError::Tls)?;
+        let bind: SocketAddr = if url.host_str().is_some_and(|h| h.starts_with('[')) {
+            "[::]:0".parse().expect("valid")
+        } else {
+            "0.0.0.0:0".parse().expect("valid")
+        };
+        let config = quic::Config::new(
+            bind,
+            None,
+            moq_native_ietf::tls::Config {
+                client: tls,
+                server: None,
+                fingerprints: Vec::new(),
+            },
+        )
+        .map_err(|e| connect_err(e.to_string()))?;
+        let endpoint = quic::Endpoint::new(config).map_err(|e| connect_err(e.to_string()))?;
+        let (transport, _cid, kind) = endpoint
+            .client
+            .connect(url, None)
+            .await
+            .map_err(|e| connect_err(format!("{e:#}")))?;
+        let (session, publisher, subscriber) =
+            Session::connect(transport.clone(), None, kind).await?;
+        Ok((
+            Self {
+                _endpoint: endpoint,
+                transport,
+                publisher,
+                subscriber,
+            },
+            session.run(),
+        ))
+    }
+
+    /// Announces `namespace` and creates `track` in it. Returns once the relay accepted
+    /// the announce; the returned future serves subscribers and must be polled.
+    pub async fn publish(
+        &mut self,
+        namespace: TrackNamespace,
+        track: &str,
+    ) -> Result<(TrackPublisher, impl Future<Output = ()> + Send), TransportError> {
+        // The request half is dropped: subscribes for other names are answered NOT_FOUND.
+        let (mut writer, _request, reader) = Tracks::new(namespace.clone()).produce();
+        let track_writer = writer
+            .create(track)
+            .ok_or_else(|| TransportError::Namespace("track set already closed".into()))?;
+        let subgroups = track_writer.subgroups()?;
+        let announce = self.publisher.publish_namespace_start(namespace).await?;
+        announce.ok().await?;
+        let serve = serve_announce(announce, reader);
+        Ok((
+            TrackPublisher {
+                subgroups,
+                _tracks: writer,
+            },
+            serve,
+        ))
+    }
+
+    /// Subscribes to `track` in `namespace`, retrying while the relay does not know it yet
+    /// (its publisher may not have announced) until `wait` has passed.
+    pub async fn subscribe(
+        &mut self,
+        namespace: TrackNamespace,
+        track: &str,
+        wait: Duration,
+    ) -> Result<TrackSubscriber, TransportError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let (writer, reader) = Track::new(namespace.clone(), track).produce();
+            match self.subscriber.subscribe_open(writer).await {
+                Ok(subscription) => {
+                    return Ok(TrackSubscriber {
+                        _subscription: subscription,
+                        reader: PendingMode::Track(reader),
+                    })
+                }
+                Err(ServeError::NotFound | ServeError::NotFoundWithId(..))
+                    if tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(ServeError::NotFound | ServeError::NotFoundWithId(..)) => {
+                    return Err(TransportError::NotFound(track.to_string()))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Closes the QUIC connection with code 0.
+    pub fn close(&self) {
+        self.transport.close(0, "bye");
+    }
+}
+
+async fn serve_announce(announce: PublishNamespace, tracks: moq_transport::serve::TracksReader) {
+    let mut serving = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            next = announce.subscribed() => match next {
+                Ok(Some(subscribed)) => {
+                    let tracks = tracks.clone();
+                    serving.push(async move {
+                        if let Err(e) = Publisher::serve_subscribe(subscribed, tracks).await {
+                            tracing::debug!("serving a subscriber ended: {e}");
+                        }
+                    });
+                }
+                Ok(None) | Err(_) => break,
+            },
+            Some(()) = serving.next() => {}
+        }
+    }
+    while serving.next().await.is_some() {}
+}
+
+/// The local track: one MoQ group per media frame, one subgroup, one object.
+pub struct TrackPublisher {
+    subgroups: SubgroupsWriter,
+    // Dropping the writer of the track set would end the announce.
+    _tracks: moq_transport::serve::TracksWriter,
+}
+
+impl TrackPublisher {
+    /// Sends one frame as group `seq`.
+    pub fn send(&mut self, seq: u64, payload: Bytes) -> Result<(), TransportError> {
+        let mut group = self.subgroups.create(Subgroup {
+            group_id: seq,
+            subgroup_id: 0,
+            priority: AUDIO_PRIORITY,
+        })?;
+        group.write(payload)?;
+        group.finish()?;
+        Ok(())
+    }
+}
+
+enum PendingMode {
+    Track(moq_transport::serve::TrackReader),
+    Subgroups(SubgroupsReader),
+}
+
+/// A remote track: frames in arrival order with their group id (= frame sequence).
+pub struct TrackSubscriber {
+    // Dropping the subscription sends UNSUBSCRIBE.
+    _subscription: Subscribe,
+    reader: PendingMode,
+}
+
+impl TrackSubscriber {
+    /// The next frame, or `None` when the track ended.
+    pub async fn next(&mut self) -> Result<Option<(u64, Bytes)>, TransportError> {
+        loop {
+            match &mut self.reader {
+                PendingMode::Track(track) => match track.mode().await? {
+                    TrackReaderMode::Subgroups(s) => self.reader = PendingMode::Subgroups(s),
+                    _ => return Err(ServeError::Mode.into()),
+                },
+                PendingMode::Subgroups(groups) => {
+                    let Some(mut group) = groups.next().await? else {
+                        return Ok(None);
+                    };
+                    let id = group.group_id;
+                    match group.read_next().await? {
+                        Some(payload) => return Ok(Some((id, payload))),
+                        None => continue,
+                    }
+                }
+            }
+        }
+    }
+}
