@@ -1,0 +1,83 @@
+//! The `call` binary as users and scripts run it.
+
+mod common;
+
+use std::process::Command;
+
+use common::TestRelay;
+
+fn call() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_call"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CALL_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+#[test]
+fn demo_json_prints_one_object_and_exits_zero() {
+    let out = call()
+        .args(["demo", "--participants", "2", "--seconds", "1", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 1, "exactly one line: {stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["participants"], 2);
+    assert_eq!(v["reports"].as_array().unwrap().len(), 2);
+    assert!(v["latency_p50_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_against_a_separately_started_relay() {
+    let relay = TestRelay::start().await;
+    let args = [
+        "demo".to_string(),
+        "-n".into(),
+        "2".into(),
+        "-s".into(),
+        "1".into(),
+        "--json".into(),
+        "--moq-relay".into(),
+        relay.moq_url.to_string(),
+        "--nostr-relay".into(),
+        relay.nostr_url.to_string(),
+        "--moq-fingerprint".into(),
+        relay.fingerprint.clone(),
+    ];
+    let out = tokio::task::spawn_blocking(move || call().args(args).output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["moq_relay"], relay.moq_url.as_str());
+}
+
+#[test]
+fn bad_flags_exit_with_usage_code() {
+    let out = call()
+        .args(["demo", "--participants", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("participants"));
+    let out = call().args(["demo", "--frame-ms", "15"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn help_shows_examples() {
+    let out = call().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Examples:") && text.contains("call demo"));
+}

@@ -1,0 +1,34 @@
+//! Real relays on loopback for integration tests.
+#![allow(dead_code)]
+
+use call_relay::{Relay, RelayConfig};
+use url::Url;
+
+/// Both relays, started in this process on ephemeral ports; stopped on drop.
+pub struct TestRelay {
+    pub moq_url: Url,
+    pub nostr_url: Url,
+    pub fingerprint: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestRelay {
+    pub async fn start() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let relay = Relay::bind(&RelayConfig::ephemeral())
+            .await
+            .expect("relay binds");
+        Self {
+            moq_url: relay.moq_url(),
+            nostr_url: relay.nostr_url(),
+            fingerprint: relay.fingerprint().to_string(),
+            task: tokio::spawn(relay.run()),
+        }
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,76 @@
+//! The walking skeleton end to end: Marmot group over a real Nostr relay, signaling in MLS,
+//! SFrame-encrypted Opus over a real MoQ relay.
+
+mod common;
+
+use call::call::demo::{self, DemoConfig, MAX_FREQ_ERROR_HZ, MIN_RECEIVED};
+use call::transport::CertVerification;
+use common::TestRelay;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_party_call_every_peer_hears_every_other() {
+    let relay = TestRelay::start().await;
+    let config = DemoConfig {
+        participants: 3,
+        seconds: 2,
+        frame_ms: 20,
+        moq_relay: relay.moq_url.clone(),
+        nostr_relays: vec![relay.nostr_url.clone()],
+        verification: CertVerification::fingerprint(&relay.fingerprint).unwrap(),
+    };
+    let report = demo::run(config, &|_| {}).await.expect("demo runs");
+
+    assert_eq!(report.reports.len(), 3);
+    for p in &report.reports {
+        assert_eq!(p.sent, 100, "2 s of 20 ms frames");
+        assert_eq!(
+            p.peers.len(),
+            2,
+            "participant {} hears both others",
+            p.index
+        );
+        for peer in &p.peers {
+            assert_ne!(peer.from, p.index);
+            assert_eq!(peer.expected, 100);
+            assert!(
+                peer.received as f64 >= MIN_RECEIVED * peer.expected as f64,
+                "{} heard only {} of {} from {}",
+                p.index,
+                peer.received,
+                peer.expected,
+                peer.from
+            );
+            assert_eq!(peer.decrypt_failed, 0);
+            let heard = peer.heard_hz.expect("some audio decoded");
+            assert!(
+                (heard - demo::tone_of(peer.from)).abs() <= MAX_FREQ_ERROR_HZ,
+                "{} heard {heard} Hz from {}, sent {}",
+                p.index,
+                peer.from,
+                demo::tone_of(peer.from)
+            );
+            assert!(peer.latency_p50_ms.is_some() && peer.latency_p99_ms.is_some());
+        }
+    }
+    // Every participant sits on its own leaf.
+    let mut leaves: Vec<u32> = report.reports.iter().map(|r| r.leaf_index).collect();
+    leaves.sort();
+    leaves.dedup();
+    assert_eq!(leaves.len(), 3);
+    assert!(report.ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_certificate_that_does_not_match_the_pin_is_refused() {
+    let relay = TestRelay::start().await;
+    let config = DemoConfig {
+        participants: 2,
+        seconds: 1,
+        frame_ms: 20,
+        moq_relay: relay.moq_url.clone(),
+        nostr_relays: vec![relay.nostr_url.clone()],
+        verification: CertVerification::Fingerprint([0x42; 32]),
+    };
+    let err = demo::run(config, &|_| {}).await.expect_err("pin mismatch");
+    assert!(err.to_string().contains("connecting to"), "{err}");
+}
