@@ -5,7 +5,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CALL_RELAY_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| "info,moq_transport=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
