@@ -1,5 +1,6 @@
 //! Media: Opus, SFrame with the profile's key schedule, tone source and analysis.
 
+pub mod keyring;
 pub mod keys;
 pub mod opus;
 pub mod sframe;
