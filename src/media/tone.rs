@@ -22,6 +22,11 @@ impl ToneSource {
         }
     }
 
+    /// Changes the frequency from the next sample on, keeping the phase continuous.
+    pub fn set_frequency(&mut self, freq_hz: f64) {
+        self.freq_hz = freq_hz;
+    }
+
     pub fn fill(&mut self, out: &mut [i16]) {
         let step = TAU * self.freq_hz / f64::from(SAMPLE_RATE);
         for s in out {

@@ -1,0 +1,329 @@
+//! Adaptive jitter buffer: orders frames by sequence, plays them out on the receiver's
+//! clock with a delay sized from the observed arrival spread, and says how to fill each gap
+//! (in-band FEC from the next packet, or concealment).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::opus::has_lbrr;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JitterConfig {
+    /// Duration of one frame.
+    pub frame: Duration,
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+    /// Arrivals that the spread is measured over.
+    pub window: usize,
+    /// Percentile of the arrival spread that the delay must cover.
+    pub percentile: f64,
+}
+
+impl JitterConfig {
+    pub fn for_frame_ms(frame_ms: u32) -> Self {
+        let frame = Duration::from_millis(u64::from(frame_ms));
+        Self {
+            frame,
+            min_delay: frame,
+            max_delay: Duration::from_millis(400),
+            window: 250,
+            percentile: 0.95,
+        }
+    }
+}
+
+/// What the decoder should produce for the next playout slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Playout {
+    /// Not started yet (still filling to the target delay): play nothing or silence.
+    Idle,
+    /// The frame itself.
+    Frame { seq: u64, packet: Vec<u8> },
+    /// The frame was lost; decode it from the next packet's in-band FEC.
+    Fec { seq: u64, next_packet: Vec<u8> },
+    /// The frame was lost and no FEC is available: packet loss concealment.
+    Conceal { seq: u64 },
+    /// An extra concealed frame to stretch time while the buffer grows toward its target.
+    Stretch,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct JitterStats {
+    pub target_delay_ms: f64,
+    pub played: u64,
+    /// Arrived after their slot was played.
+    pub late: u64,
+    pub duplicates: u64,
+    /// Too far ahead of the playout point to buffer.
+    pub too_early: u64,
+    pub concealed: u64,
+    pub fec_recovered: u64,
+    /// Dropped unplayed to shrink the buffer to a smaller target.
+    pub drained: u64,
+    /// Concealed frames inserted to grow the buffer to a larger target.
+    pub stretched: u64,
+}
+
+/// Reorders one remote track and paces it for the decoder.
+#[derive(Debug)]
+pub struct JitterBuffer {
+    cfg: JitterConfig,
+    slots: BTreeMap<u64, Vec<u8>>,
+    /// Next sequence to play, once started.
+    next: Option<u64>,
+    first_arrival: Option<Instant>,
+    /// Reference point for relative delays: (sequence, arrival).
+    base: Option<(u64, Instant)>,
+    /// Relative one-way delay of recent arrivals, in ms (arrival minus when the sequence
+    /// "should" have arrived given the base).
+    delays: VecDeque<f64>,
+    target: Duration,
+    /// Slots played since the last stretch.
+    since_stretch: u32,
+    stats: JitterStats,
+}
+
+/// Minimum number of played slots between two stretches.
+const STRETCH_SPACING: u32 = 4;
+
+impl JitterBuffer {
+    pub fn new(cfg: JitterConfig) -> Self {
+        Self {
+            target: cfg.min_delay,
+            cfg,
+            slots: BTreeMap::new(),
+            next: None,
+            first_arrival: None,
+            base: None,
+            delays: VecDeque::new(),
+            since_stretch: STRETCH_SPACING,
+            stats: JitterStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> JitterStats {
+        JitterStats {
+            target_delay_ms: self.target.as_secs_f64() * 1e3,
+            ..self.stats
+        }
+    }
+
+    pub fn target_delay(&self) -> Duration {
+        self.target
+    }
+
+    fn frames(&self, d: Duration) -> u64 {
+        (d.as_nanos().div_ceil(self.cfg.frame.as_nanos())) as u64
+    }
+
+    /// How many frame slots lie between the playout point and the newest arrival.
+    fn depth(&self) -> u64 {
+        match (self.next, self.slots.last_key_value()) {
+            (Some(next), Some((&last, _))) if last >= next => last - next + 1,
+            _ => 0,
+        }
+    }
+
+    /// Accepts an arrived frame.
+    pub fn push(&mut self, seq: u64, packet: Vec<u8>, now: Instant) {
+        if self.next.is_some_and(|n| seq < n) {
+            self.stats.late += 1;
+            return;
+        }
+        let horizon = self.frames(self.cfg.max_delay) * 4 + 16;
+        let anchor = self.next.or(self.slots.first_key_value().map(|(k, _)| *k));
+        if anchor.is_some_and(|a| seq > a + horizon) {
+            self.stats.too_early += 1;
+            return;
+        }
+        if self.slots.contains_key(&seq) {
+            self.stats.duplicates += 1;
+            return;
+        }
+        self.first_arrival.get_or_insert(now);
+        self.observe(seq, now);
+        self.slots.insert(seq, packet);
+    }
+
+    fn observe(&mut self, seq: u64, now: Instant) {
+        let (base_seq, base_at) = *self.base.get_or_insert((seq, now));
+        let expected_ms = (seq as f64 - base_seq as f64) * self.cfg.frame.as_secs_f64() * 1e3;
+        let actual_ms = if now >= base_at {
+            now.duration_since(base_at).as_secs_f64() * 1e3
+        } else {
+            -(base_at.duration_since(now).as_secs_f64() * 1e3)
+        };
+        self.delays.push_back(actual_ms - expected_ms);
+        if self.delays.len() > self.cfg.window {
+            self.delays.pop_front();
+        }
+        let mut sorted: Vec<f64> = self.delays.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let lowest = sorted[0];
+        let rank =
+            ((self.cfg.percentile * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        let spread = (sorted[rank - 1] - lowest).max(0.0);
+        let target = Duration::from_secs_f64(spread / 1e3) + self.cfg.frame;
+        self.target = target.clamp(self.cfg.min_delay, self.cfg.max_delay);
+    }
+
+    /// The next playout slot; call once per frame duration on the receiver's clock.
+    pub fn pop(&mut self, now: Instant) -> Playout {
+        let Some(next) = self.next else {
+            let ready = self
+                .first_arrival
+                .is_some_and(|t| now.duration_since(t) >= self.target);
+            if !ready {
+                return Playout::Idle;
+            }
+            self.next = self.slots.first_key_value().map(|(k, _)| *k);
+            return self.pop(now);
+        };
+        let target_frames = self.frames(self.target).max(1);
+        let depth = self.depth();
+        // Too deep for the target: skip the oldest frame (one per slot, so it stays gentle).
+        if depth > target_frames + 2 && self.slots.contains_key(&next) {
+            self.slots.remove(&next);
+            self.next = Some(next + 1);
+            self.stats.drained += 1;
+        } else if depth + 1 < target_frames && depth > 0 && self.since_stretch >= STRETCH_SPACING {
+            // Too shallow: hold the playout point for one slot, at most once every few
+            // slots so a sender that went quiet cannot stall playout.
+            self.since_stretch = 0;
+            self.stats.stretched += 1;
+            return Playout::Stretch;
+        }
+        self.since_stretch = self.since_stretch.saturating_add(1);
+        let seq = self.next.expect("started");
+        self.next = Some(seq + 1);
+        self.stats.played += 1;
+        if let Some(packet) = self.slots.remove(&seq) {
+            return Playout::Frame { seq, packet };
+        }
+        if let Some(next_packet) = self.slots.get(&(seq + 1)).filter(|p| has_lbrr(p)) {
+            self.stats.fec_recovered += 1;
+            return Playout::Fec {
+                seq,
+                next_packet: next_packet.clone(),
+            };
+        }
+        self.stats.concealed += 1;
+        Playout::Conceal { seq }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    #[test]
+    fn reorders_and_reports_gaps() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterConfig::for_frame_ms(20));
+        jb.push(1, vec![1], t0);
+        jb.push(0, vec![0], t0);
+        jb.push(3, vec![3], t0 + ms(1));
+        assert_eq!(jb.pop(t0), Playout::Idle);
+        // The reordering itself widened the spread: the target covers it.
+        assert!(jb.target_delay() > ms(20));
+        let t = t0 + jb.target_delay();
+        // With nothing else arriving the buffer is shallower than its target, so it may
+        // stretch between frames; the order of real slots is what matters here.
+        let mut next = || loop {
+            match jb.pop(t) {
+                Playout::Stretch => continue,
+                p => break p,
+            }
+        };
+        assert_eq!(
+            next(),
+            Playout::Frame {
+                seq: 0,
+                packet: vec![0]
+            }
+        );
+        assert_eq!(
+            next(),
+            Playout::Frame {
+                seq: 1,
+                packet: vec![1]
+            }
+        );
+        // Seq 2 is missing and seq 3's fake packet has no FEC.
+        assert_eq!(next(), Playout::Conceal { seq: 2 });
+        assert_eq!(
+            next(),
+            Playout::Frame {
+                seq: 3,
+                packet: vec![3]
+            }
+        );
+        jb.push(2, vec![2], t);
+        let s = jb.stats();
+        assert_eq!((s.late, s.concealed, s.played), (1, 1, 4));
+    }
+
+    #[test]
+    fn target_follows_the_arrival_spread_within_bounds() {
+        let cfg = JitterConfig::for_frame_ms(20);
+        let t0 = Instant::now();
+        let mut steady = JitterBuffer::new(cfg);
+        for seq in 0..200 {
+            steady.push(seq, vec![], t0 + ms(20 * seq));
+        }
+        assert_eq!(steady.target_delay(), cfg.min_delay.max(ms(20)));
+
+        // Every 5th frame is 60 ms late: the 95th percentile covers it.
+        let mut jittery = JitterBuffer::new(cfg);
+        for seq in 0..200 {
+            let extra = if seq % 5 == 0 { 60 } else { 0 };
+            jittery.push(seq, vec![], t0 + ms(20 * seq + extra));
+        }
+        assert_eq!(jittery.target_delay(), ms(80));
+
+        let mut wild = JitterBuffer::new(cfg);
+        for seq in 0..200 {
+            let extra = if seq % 2 == 0 { 2000 } else { 0 };
+            wild.push(seq, vec![], t0 + ms(20 * seq + extra));
+        }
+        assert_eq!(wild.target_delay(), cfg.max_delay);
+    }
+
+    #[test]
+    fn drains_when_more_is_buffered_than_the_target() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterConfig::for_frame_ms(20));
+        // A burst of 20 frames arriving at once after a stall, with a steady history.
+        for seq in 0..50 {
+            jb.push(seq, vec![], t0 + ms(20 * seq));
+        }
+        let mut now = t0 + ms(20 * 50);
+        let mut frames = 0;
+        for _ in 0..60 {
+            if matches!(jb.pop(now), Playout::Frame { .. }) {
+                frames += 1;
+            }
+            now += ms(20);
+        }
+        let s = jb.stats();
+        assert!(s.drained > 0, "{s:?}");
+        assert_eq!(frames + s.drained, 50);
+    }
+
+    #[test]
+    fn far_future_and_duplicate_frames_are_refused() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterConfig::for_frame_ms(20));
+        jb.push(10, vec![], t0);
+        jb.push(10, vec![], t0);
+        jb.push(10 + 1_000_000, vec![], t0);
+        let s = jb.stats();
+        assert_eq!((s.duplicates, s.too_early), (1, 1));
+    }
+}
