@@ -1,6 +1,7 @@
 //! Command line: parses flags (each with a `CALL_*` environment variable) and runs commands.
 
 mod demo;
+mod devices;
 
 use std::process::ExitCode;
 
@@ -23,7 +24,7 @@ pub mod exit {
     name = "call",
     version,
     about = "End-to-end encrypted group voice calls: Marmot (MLS over Nostr) + SFrame + MoQ",
-    after_help = "Examples:\n  call demo                      3 participants, 5 s, embedded relays\n  call demo -n 5 -s 10 --json    5 participants, JSON report on stdout\n  call demo --moq-relay moqt://127.0.0.1:4443 --moq-fingerprint <hex> \\\n            --nostr-relay ws://127.0.0.1:7777"
+    after_help = "Examples:\n  call demo                      3 participants, 5 s, embedded relays\n  call demo -n 5 -s 10 --json    5 participants, JSON report on stdout\n  call demo --moq-relay moqt://127.0.0.1:4443 --moq-fingerprint <hex> \\\n            --nostr-relay ws://127.0.0.1:7777\n  call devices --json            audio devices for scripts"
 )]
 pub struct Cli {
     /// Log filter (tracing syntax), e.g. `info` or `call=debug`. moq-transport warns about
@@ -43,6 +44,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a complete encrypted group call between headless participants in this process.
     Demo(demo::DemoArgs),
+    /// List audio input and output devices (names usable with --input/--output).
+    Devices(devices::DevicesArgs),
 }
 
 /// Entry point of the `call` binary.
@@ -67,6 +70,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Devices(args) => devices::run(args),
         }
     });
     match result {

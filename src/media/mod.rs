@@ -1,5 +1,6 @@
 //! Media: Opus, SFrame with the profile's key schedule, tone source and analysis.
 
+pub mod audio;
 pub mod jitter;
 pub mod keyring;
 pub mod keys;
