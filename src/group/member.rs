@@ -9,7 +9,7 @@ use openmls::prelude::OpenMlsProvider;
 /// Kind of the addressable key package event (MIP-00); nostr 0.44 has no variant for it.
 pub const KIND_KEY_PACKAGE: Kind = Kind::Custom(30443);
 /// How far back gift wraps may be dated (NIP-59 randomises `created_at` up to 2 days).
-const GIFT_WRAP_LOOKBACK: Duration = Duration::from_secs(2 * 24 * 3600 + 3600);
+pub(super) const GIFT_WRAP_LOOKBACK: Duration = Duration::from_secs(2 * 24 * 3600 + 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GroupError {
@@ -31,6 +31,8 @@ pub enum GroupError {
     Mls(String),
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    #[error("no relay accepted the commit, so it was not applied (pending commit cleared): {0}")]
+    CommitNotAccepted(String),
 }
 
 /// The two ids of a Marmot group.
@@ -68,11 +70,11 @@ pub struct CallSecretExport {
 
 /// One user's membership in Marmot groups: keys, MLS state and relay connections.
 pub struct GroupMember<S: MdkStorageProvider> {
-    keys: Keys,
-    mdk: MDK<S>,
-    client: Client,
-    relays: Vec<RelayUrl>,
-    timeout: Duration,
+    pub(super) keys: Keys,
+    pub(super) mdk: MDK<S>,
+    pub(super) client: Client,
+    pub(super) relays: Vec<RelayUrl>,
+    pub(super) timeout: Duration,
 }
 
 impl<S: MdkStorageProvider> std::fmt::Debug for GroupMember<S> {
@@ -102,6 +104,16 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         })
     }
 
+    /// How long relay queries wait for answers (default 10 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn relays(&self) -> &[RelayUrl] {
+        &self.relays
+    }
+
     pub fn public_key(&self) -> PublicKey {
         self.keys.public_key()
     }
@@ -110,7 +122,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         &self.mdk
     }
 
-    async fn publish(&self, event: &Event) -> Result<EventId, GroupError> {
+    pub(super) async fn publish(&self, event: &Event) -> Result<EventId, GroupError> {
         let out = self.client.send_event(event).await?;
         if out.success.is_empty() {
             let why: Vec<String> = out
@@ -139,7 +151,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     }
 
     /// The newest key package `author` published, preferring kind 30443.
-    async fn fetch_key_package(&self, author: PublicKey) -> Result<Event, GroupError> {
+    pub(super) async fn fetch_key_package(&self, author: PublicKey) -> Result<Event, GroupError> {
         let filter = Filter::new()
             .kinds([KIND_KEY_PACKAGE, Kind::MlsKeyPackage])
             .author(author);

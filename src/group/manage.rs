@@ -1,0 +1,242 @@
+//! Managing groups over time: invites, removals, leaving, pending welcomes and catching up
+//! on group events missed while offline. Every commit is published before it is merged.
+
+use std::time::Duration;
+
+use mdk_core::prelude::*;
+use mdk_storage_traits::groups::types::Group;
+use mdk_storage_traits::welcomes::types::Welcome;
+use mdk_storage_traits::MdkStorageProvider;
+use nostr_sdk::prelude::*;
+
+use super::member::{GroupError, GroupMember, Rumor, GIFT_WRAP_LOOKBACK};
+
+/// What became of one group event.
+#[derive(Debug)]
+pub enum GroupEventOutcome {
+    /// An application message, decrypted.
+    Message(Rumor),
+    /// A commit, merged: the group moved to a new epoch.
+    Commit,
+    /// A leave proposal that we (an admin) committed, published and merged.
+    CommittedProposal,
+    /// Not usable; the reason is logged.
+    Ignored(String),
+}
+
+/// Result of catching up on one group.
+#[derive(Debug, Default)]
+pub struct SyncOutcome {
+    pub fetched: usize,
+    pub messages: Vec<Rumor>,
+    pub commits: usize,
+    pub committed_proposals: usize,
+    pub ignored: usize,
+    /// `created_at` of the newest event seen, and the ids of every event seen at that second.
+    pub cursor: Option<(Timestamp, Vec<EventId>)>,
+}
+
+impl<S: MdkStorageProvider> GroupMember<S> {
+    /// Publishes a commit to every relay and merges it only once one relay accepted it.
+    /// If none did, the pending commit is cleared so the group stays at its epoch.
+    pub async fn publish_then_merge(
+        &self,
+        group_id: &GroupId,
+        commit: &Event,
+    ) -> Result<(), GroupError> {
+        match self.publish(commit).await {
+            Ok(_) => Ok(self.mdk.merge_pending_commit(group_id)?),
+            Err(e) => {
+                self.mdk.clear_pending_commit(group_id)?;
+                Err(GroupError::CommitNotAccepted(e.to_string()))
+            }
+        }
+    }
+
+    /// Every group in local state.
+    pub fn groups(&self) -> Result<Vec<Group>, GroupError> {
+        Ok(self.mdk.get_groups()?)
+    }
+
+    /// Adds `invitees` (by their newest key package) to the group: publish the commit,
+    /// merge it, then gift-wrap each welcome to its invitee.
+    pub async fn invite(
+        &self,
+        group_id: &GroupId,
+        invitees: &[PublicKey],
+    ) -> Result<(), GroupError> {
+        let mut kps = Vec::with_capacity(invitees.len());
+        for pk in invitees {
+            kps.push(self.fetch_key_package(*pk).await?);
+        }
+        let update = self.mdk.add_members(group_id, &kps)?;
+        self.publish_then_merge(group_id, &update.evolution_event)
+            .await?;
+        // welcome_rumors[i] answers kps[i].
+        for (rumor, kp) in update
+            .welcome_rumors
+            .unwrap_or_default()
+            .into_iter()
+            .zip(&kps)
+        {
+            let wrap = EventBuilder::gift_wrap(&self.keys, &kp.pubkey, rumor, [])
+                .await
+                .map_err(|e| GroupError::GiftWrap(e.to_string()))?;
+            self.publish(&wrap).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes members (admins only): publish the commit, then merge it.
+    pub async fn remove(
+        &self,
+        group_id: &GroupId,
+        members: &[PublicKey],
+    ) -> Result<(), GroupError> {
+        let update = self.mdk.remove_members(group_id, members)?;
+        self.publish_then_merge(group_id, &update.evolution_event)
+            .await
+    }
+
+    /// Asks to leave: an admin first gives up admin rights (a commit, MIP-03), then a
+    /// self-remove proposal is published for an admin to commit. Returns whether we were
+    /// an admin.
+    pub async fn leave(&self, group_id: &GroupId) -> Result<bool, GroupError> {
+        let group = self
+            .mdk
+            .get_group(group_id)?
+            .ok_or(GroupError::GroupNotFound)?;
+        let was_admin = group.admin_pubkeys.contains(&self.keys.public_key());
+        if was_admin {
+            let demote = self.mdk.self_demote(group_id)?;
+            self.publish_then_merge(group_id, &demote.evolution_event)
+                .await?;
+        }
+        let proposal = self.mdk.leave_group(group_id)?;
+        self.publish(&proposal.evolution_event).await?;
+        Ok(was_admin)
+    }
+
+    /// Fetches gift wraps addressed to us (NIP-59 back-dates them up to 2 days), stores
+    /// every valid welcome as pending, and returns all pending welcomes.
+    pub async fn fetch_welcomes(&self) -> Result<Vec<Welcome>, GroupError> {
+        let filter = Filter::new()
+            .kind(Kind::GiftWrap)
+            .pubkey(self.keys.public_key())
+            .since(Timestamp::now() - GIFT_WRAP_LOOKBACK);
+        for wrap in self.client.fetch_events(filter, self.timeout).await? {
+            let unwrapped = match UnwrappedGift::from_gift_wrap(&self.keys, &wrap).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!(id = %wrap.id, "ignoring gift wrap: {e}");
+                    continue;
+                }
+            };
+            if unwrapped.rumor.kind != Kind::MlsWelcome {
+                tracing::warn!(id = %wrap.id, kind = %unwrapped.rumor.kind, "ignoring gift wrap: not a welcome");
+                continue;
+            }
+            if let Err(e) = self.mdk.process_welcome(&wrap.id, &unwrapped.rumor) {
+                tracing::warn!(id = %wrap.id, "ignoring welcome: {e}");
+            }
+        }
+        Ok(self.mdk.get_pending_welcomes(None)?)
+    }
+
+    /// Joins the group of a pending welcome.
+    pub fn accept(&self, welcome: &Welcome) -> Result<(), GroupError> {
+        Ok(self.mdk.accept_welcome(welcome)?)
+    }
+
+    /// Fetches the group's events since `since` (inclusive; events in `seen` are skipped),
+    /// oldest first, and processes each. Bad events are logged and skipped.
+    pub async fn sync_group(
+        &self,
+        group: &Group,
+        since: Option<Timestamp>,
+        seen: &[EventId],
+    ) -> Result<SyncOutcome, GroupError> {
+        let h = hex::encode(group.nostr_group_id);
+        let mut filter = Filter::new()
+            .kind(Kind::MlsGroupMessage)
+            .custom_tag(SingleLetterTag::lowercase(Alphabet::H), h.clone());
+        if let Some(since) = since {
+            filter = filter.since(since);
+        }
+        let mut events: Vec<Event> = self
+            .client
+            .fetch_events(filter, self.timeout)
+            .await?
+            .into_iter()
+            .filter(|e| !seen.contains(&e.id))
+            .collect();
+        // Commits must be applied in order; relays answer newest first.
+        events.sort_by_key(|e| (e.created_at, e.id));
+        let mut out = SyncOutcome {
+            fetched: events.len(),
+            cursor: since.map(|t| (t, seen.to_vec())),
+            ..Default::default()
+        };
+        for event in &events {
+            match self.process_group_event(&h, event).await {
+                GroupEventOutcome::Message(r) => out.messages.push(r),
+                GroupEventOutcome::Commit => out.commits += 1,
+                GroupEventOutcome::CommittedProposal => out.committed_proposals += 1,
+                GroupEventOutcome::Ignored(why) => {
+                    tracing::warn!(id = %event.id, "ignoring group event: {why}");
+                    out.ignored += 1;
+                }
+            }
+            match &mut out.cursor {
+                Some((at, ids)) if *at == event.created_at => ids.push(event.id),
+                cursor => *cursor = Some((event.created_at, vec![event.id])),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Processes one event that claims to belong to the group whose `h` tag is `h`.
+    pub async fn process_group_event(&self, h: &str, event: &Event) -> GroupEventOutcome {
+        if event.kind != Kind::MlsGroupMessage {
+            return GroupEventOutcome::Ignored(format!(
+                "kind {} is not a group message",
+                event.kind
+            ));
+        }
+        let event_h = event.tags.find(TagKind::h()).and_then(|t| t.content());
+        if event_h != Some(h) {
+            return GroupEventOutcome::Ignored(format!(
+                "h tag {:?} is not this group's",
+                event_h.unwrap_or("(none)")
+            ));
+        }
+        let outcome = match self.mdk.process_message_with_context(event) {
+            Ok(o) => o,
+            Err(e) => return GroupEventOutcome::Ignored(e.to_string()),
+        };
+        match outcome.result {
+            MessageProcessingResult::ApplicationMessage(msg) => GroupEventOutcome::Message(Rumor {
+                sender: msg.pubkey,
+                sender_leaf: outcome.context.sender_leaf_index,
+                kind: msg.kind,
+                tags: msg.tags,
+                content: msg.content,
+                epoch: msg.epoch,
+            }),
+            MessageProcessingResult::Commit { .. } => GroupEventOutcome::Commit,
+            MessageProcessingResult::Proposal(update) => {
+                match self
+                    .publish_then_merge(&update.mls_group_id, &update.evolution_event)
+                    .await
+                {
+                    Ok(()) => GroupEventOutcome::CommittedProposal,
+                    Err(e) => GroupEventOutcome::Ignored(format!("committing a proposal: {e}")),
+                }
+            }
+            other => GroupEventOutcome::Ignored(format!("{other:?}")),
+        }
+    }
+}
+
+/// How long a command waits for relays by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
