@@ -455,3 +455,135 @@ async fn malformed_group_events_are_logged_and_skipped() {
     );
     assert!(!stderr.contains("panick"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_leaves_and_an_admin_commits_it_on_sync() {
+    let relay = TestRelay::start().await;
+    let (a, b, c) = (
+        User::new("la", &[&relay.nostr_url]),
+        User::new("lb", &[&relay.nostr_url]),
+        User::new("lc", &[&relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    let c_npub = c.new_identity().await;
+    create_and_join("band", &a, &[(&b, &b_npub), (&c, &c_npub)]).await;
+    let left = b.ok(&["group", "leave", "band"]).await;
+    assert_eq!(left["was_admin"], false);
+    let a_sync = a.ok(&["sync"]).await;
+    assert_eq!(a_sync["groups"][0]["committed_proposals"], 1, "{a_sync}");
+    let c_sync = c.ok(&["sync"]).await;
+    assert_eq!(c_sync["groups"][0]["commits"], 1, "{c_sync}");
+    let (ma, ea) = a.members("band").await;
+    let (mc, ec) = c.members("band").await;
+    assert_eq!(ma, mc);
+    assert_eq!(ea, ec);
+    assert_eq!(ma.len(), 2);
+    let b_hex = b.ok(&["id", "show"]).await["hex"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!ma.contains(&b_hex));
+    b.ok(&["sync"]).await;
+    let b_list = b.ok(&["group", "list"]).await;
+    assert_ne!(b_list["groups"][0]["state"], "active", "{b_list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_work_when_one_of_two_relays_is_down() {
+    let relay = TestRelay::start().await;
+    // A port nobody listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        url::Url::parse(&format!("ws://{}", l.local_addr().unwrap())).unwrap()
+    };
+    let (a, b, c) = (
+        User::new("da", &[&dead, &relay.nostr_url]),
+        User::new("db", &[&relay.nostr_url, &dead]),
+        User::new("dc", &[&dead, &relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    let c_npub = c.new_identity().await;
+    let started = std::time::Instant::now();
+    create_and_join("split", &a, &[(&b, &b_npub)]).await;
+    c.ok(&["keys", "publish"]).await;
+    a.ok(&["group", "invite", "split", &c_npub]).await;
+    c.ok(&["group", "accept", "all"]).await;
+    let b_sync = b.ok(&["sync"]).await;
+    assert_eq!(b_sync["groups"][0]["commits"], 1, "{b_sync}");
+    let (ma, ea) = a.members("split").await;
+    let (mb, eb) = b.members("split").await;
+    let (mc, ec) = c.members("split").await;
+    assert_eq!(ma.len(), 3);
+    assert_eq!((&ma, ea), (&mb, eb));
+    assert_eq!((&ma, ea), (&mc, ec));
+    eprintln!("flow with a dead relay took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_admins_committing_in_one_epoch_converge() {
+    let relay = TestRelay::start().await;
+    let users: Vec<User> = ["ca", "cb", "cc", "cd", "ce"]
+        .iter()
+        .map(|t| User::new(t, &[&relay.nostr_url]))
+        .collect();
+    let mut npubs = Vec::new();
+    for u in &users {
+        npubs.push(u.new_identity().await);
+    }
+    let (a, b, e) = (&users[0], &users[1], &users[4]);
+    for u in &users[1..] {
+        u.ok(&["keys", "publish"]).await;
+    }
+    let created = a
+        .ok(&[
+            "group", "create", "race", "--invite", &npubs[1], "--invite", &npubs[2], "--invite",
+            &npubs[3], "--invite", &npubs[4], "--admin", &npubs[1],
+        ])
+        .await;
+    for u in &users[1..] {
+        u.ok(&["group", "accept", "all"]).await;
+    }
+    let epoch0 = created["epoch"].as_u64().unwrap();
+
+    // At the same time, A (the binary) removes C and B (through the library, which does
+    // not catch up first) removes D: two commits for one epoch.
+    let a_args = ["group", "remove", "race", &npubs[2]];
+    let a_remove = a.run(&a_args);
+    let b_remove = async {
+        let (_home, bm) = b.open_member(&relay.nostr_url).await;
+        let g = group_ref(&bm, "race");
+        let d = PublicKey::parse(&npubs[3]).unwrap();
+        let outcome = bm.remove(&g.mls_group_id, &[d], None).await.unwrap();
+        bm.disconnect().await;
+        outcome.merged
+    };
+    let (a_out, b_merged) = tokio::join!(a_remove, b_remove);
+    let a_merged = a_out.status.code() == Some(0);
+    if !a_merged {
+        let stderr = String::from_utf8_lossy(&a_out.stderr);
+        assert!(stderr.contains("came first"), "{stderr}");
+    }
+    assert!(a_merged || b_merged, "one of the commits must win");
+    eprintln!("A's commit merged: {a_merged}, B's: {b_merged}");
+    for _ in 0..2 {
+        for u in [a, b, e] {
+            u.ok(&["sync"]).await;
+        }
+    }
+    let (ma, ea) = a.members("race").await;
+    let (mb, eb) = b.members("race").await;
+    let (me, ee) = e.members("race").await;
+    // Both apply only if one committer saw the other's commit before making its own.
+    let applied = u64::from(a_merged) + u64::from(b_merged);
+    assert_eq!(ea, epoch0 + applied);
+    assert_eq!((ea, &ma), (eb, &mb));
+    assert_eq!((ea, &ma), (ee, &me));
+    assert_eq!(ma.len() as u64, 5 - applied);
+    let sa = a.call_secret(&relay.nostr_url, "race").await.unwrap();
+    let sb = b.call_secret(&relay.nostr_url, "race").await.unwrap();
+    let se = e.call_secret(&relay.nostr_url, "race").await.unwrap();
+    assert_eq!(sa.secret, sb.secret);
+    assert_eq!(sa.secret, se.secret);
+}

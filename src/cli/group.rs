@@ -8,7 +8,10 @@ use nostr_sdk::prelude::*;
 use serde_json::json;
 
 use super::config::Settings;
-use crate::group::{Group, GroupMember, Home, MdkSqliteStorage, SyncCursor, SyncOutcome, Welcome};
+use crate::group::{
+    CommitOutcome, Group, GroupMember, Home, MdkSqliteStorage, Resume, SyncCursor, SyncOutcome,
+    Welcome,
+};
 
 type Member = GroupMember<MdkSqliteStorage>;
 
@@ -26,6 +29,9 @@ pub enum GroupCommand {
         /// npub (or hex) of someone to invite; repeat for several.
         #[arg(long = "invite", value_name = "NPUB")]
         invite: Vec<String>,
+        /// An invitee who is also admin (may invite and remove); repeat for several.
+        #[arg(long = "admin", value_name = "NPUB")]
+        admin: Vec<String>,
     },
     /// Add people to a group (admins only).
     Invite {
@@ -122,43 +128,65 @@ fn welcome_id(w: &Welcome) -> String {
     w.wrapper_event_id.to_hex()
 }
 
+/// Where catching up on `group` resumes.
+fn resume_of(home: &Home, group: &Group) -> anyhow::Result<Resume> {
+    Ok(home.sync_cursors()?.get(&group_id_hex(group)).map(|c| {
+        (
+            Timestamp::from(c.at),
+            c.seen
+                .iter()
+                .filter_map(|id| EventId::from_hex(id).ok())
+                .collect(),
+        )
+    }))
+}
+
+/// Advances `group`'s cursor past what `outcome` processed.
+fn save_outcome(home: &Home, group: &Group, outcome: &SyncOutcome) -> anyhow::Result<()> {
+    if let Some((at, ids)) = &outcome.cursor {
+        let mut cursors = home.sync_cursors()?;
+        cursors.insert(
+            group_id_hex(group),
+            SyncCursor {
+                at: at.as_secs(),
+                seen: ids.iter().map(|i| i.to_hex()).collect(),
+            },
+        );
+        home.save_sync_cursors(&cursors)?;
+    }
+    Ok(())
+}
+
 /// Catches up on `groups`, advancing and saving their cursors.
 async fn sync_groups(
     home: &Home,
     member: &Member,
     groups: &[Group],
 ) -> anyhow::Result<Vec<(Group, SyncOutcome)>> {
-    let mut cursors = home.sync_cursors()?;
     let mut out = Vec::new();
     for group in groups {
-        let key = group_id_hex(group);
-        let (since, seen) = match cursors.get(&key) {
-            Some(c) => (
-                Some(Timestamp::from(c.at)),
-                c.seen
-                    .iter()
-                    .filter_map(|id| EventId::from_hex(id).ok())
-                    .collect(),
-            ),
-            None => (None, Vec::new()),
-        };
+        let (since, seen) = resume_of(home, group)?.unzip();
         let outcome = member
-            .sync_group(group, since, &seen)
+            .sync_group(group, since, &seen.unwrap_or_default())
             .await
             .with_context(|| format!("catching up on group {}", group.name))?;
-        if let Some((at, ids)) = &outcome.cursor {
-            cursors.insert(
-                key,
-                SyncCursor {
-                    at: at.as_secs(),
-                    seen: ids.iter().map(|i| i.to_hex()).collect(),
-                },
-            );
-            home.save_sync_cursors(&cursors)?;
-        }
+        save_outcome(home, group, &outcome)?;
         out.push((group.clone(), outcome));
     }
     Ok(out)
+}
+
+/// Saves what a commit processed; fails if another commit won the epoch.
+fn settle(home: &Home, group: &Group, outcome: &CommitOutcome) -> anyhow::Result<()> {
+    save_outcome(home, group, &outcome.sync)?;
+    if !outcome.merged {
+        bail!(
+            "another admin's commit for the same epoch of {} came first (MIP-03 order); \
+             yours was not applied. The group is up to date now: run the command again",
+            group.name
+        );
+    }
+    Ok(())
 }
 
 /// Starts a fresh group's cursor at `at`, so catching up skips what came before we joined.
@@ -191,6 +219,7 @@ fn sync_json(g: &Group, o: &SyncOutcome) -> serde_json::Value {
         "fetched": o.fetched,
         "commits": o.commits,
         "committed_proposals": o.committed_proposals,
+        "pending_proposals": o.pending_proposals,
         "ignored": o.ignored,
         "messages": o.messages.iter().map(|m| json!({
             "sender": npub(&m.sender),
@@ -272,10 +301,20 @@ async fn run_group_connected(
 ) -> anyhow::Result<u8> {
     let find = |query: &str| -> anyhow::Result<Group> { resolve_group(&member.groups()?, query) };
     match cmd {
-        GroupCommand::Create { name, invite } => {
+        GroupCommand::Create {
+            name,
+            invite,
+            admin,
+        } => {
             let invitees = parse_pubkeys(invite)?;
+            let admins = parse_pubkeys(admin)?;
+            if let Some(a) = admins.iter().find(|a| !invitees.contains(a)) {
+                bail!("admin {} must also be invited (--invite)", npub(a));
+            }
             let started = Timestamp::now();
-            let group_ref = member.create_group(name, &invitees).await?;
+            let group_ref = member
+                .create_group_with_admins(name, &invitees, &admins)
+                .await?;
             let group = member
                 .mdk()
                 .get_group(&group_ref.mls_group_id)?
@@ -294,7 +333,10 @@ async fn run_group_connected(
             let invitees = parse_pubkeys(npubs)?;
             let group = find(group)?;
             sync_groups(home, member, std::slice::from_ref(&group)).await?;
-            member.invite(&group.mls_group_id, &invitees).await?;
+            let outcome = member
+                .invite(&group.mls_group_id, &invitees, resume_of(home, &group)?)
+                .await?;
+            settle(home, &group, &outcome)?;
             let group = find(&group_id_hex(&group))?;
             print(settings, group_json(&group), || {
                 format!(
@@ -460,7 +502,10 @@ async fn run_group_connected(
             let removed = parse_pubkeys(npubs)?;
             let group = find(group)?;
             sync_groups(home, member, std::slice::from_ref(&group)).await?;
-            member.remove(&group.mls_group_id, &removed).await?;
+            let outcome = member
+                .remove(&group.mls_group_id, &removed, resume_of(home, &group)?)
+                .await?;
+            settle(home, &group, &outcome)?;
             let group = find(&group_id_hex(&group))?;
             print(settings, group_json(&group), || {
                 format!(
@@ -474,7 +519,13 @@ async fn run_group_connected(
         GroupCommand::Leave { group } => {
             let group = find(group)?;
             sync_groups(home, member, std::slice::from_ref(&group)).await?;
-            let was_admin = member.leave(&group.mls_group_id).await?;
+            let demotion = member
+                .leave(&group.mls_group_id, resume_of(home, &group)?)
+                .await?;
+            if let Some(outcome) = &demotion {
+                settle(home, &group, outcome)?;
+            }
+            let was_admin = demotion.is_some();
             print(
                 settings,
                 json!({ "group": group_id_hex(&group), "was_admin": was_admin, "proposal_published": true }),

@@ -20,8 +20,23 @@ pub enum GroupEventOutcome {
     Commit,
     /// A leave proposal that we (an admin) committed, published and merged.
     CommittedProposal,
+    /// A proposal left for an admin to commit.
+    PendingProposal,
     /// Not usable; the reason is logged.
     Ignored(String),
+}
+
+/// Where catching up on a group resumes: `created_at` of the newest event processed and
+/// the ids of the events processed at that second.
+pub type Resume = Option<(Timestamp, Vec<EventId>)>;
+
+/// Result of publishing one of our commits.
+#[derive(Debug)]
+pub struct CommitOutcome {
+    /// Our commit is the group's new epoch; `false`: another commit won this epoch.
+    pub merged: bool,
+    /// What was processed on the way (advance the group's cursor with it).
+    pub sync: SyncOutcome,
 }
 
 /// Result of catching up on one group.
@@ -31,26 +46,67 @@ pub struct SyncOutcome {
     pub messages: Vec<Rumor>,
     pub commits: usize,
     pub committed_proposals: usize,
+    /// Proposals stored for an admin to commit (we are not one).
+    pub pending_proposals: usize,
     pub ignored: usize,
+    /// Every event processed, and those that were commits and applied.
+    pub seen_ids: Vec<EventId>,
+    pub commit_ids: Vec<EventId>,
     /// `created_at` of the newest event seen, and the ids of every event seen at that second.
     pub cursor: Option<(Timestamp, Vec<EventId>)>,
 }
 
 impl<S: MdkStorageProvider> GroupMember<S> {
-    /// Publishes a commit to every relay and merges it only once one relay accepted it.
-    /// If none did, the pending commit is cleared so the group stays at its epoch.
+    /// Publishes a commit to every relay and merges it only once one relay accepted it;
+    /// if none did, the pending commit is cleared so the group stays at its epoch.
+    ///
+    /// Merging goes through the relays (MIP-03 order): after publishing we wait until the
+    /// clock has passed the commit's second, fetch the group's events from `resume` on —
+    /// our own commit among them — and process them oldest first (`created_at`, then id).
+    /// If another commit for this epoch sorts first, it is applied and ours is dropped
+    /// (`merged: false`), exactly as every other member processing the same events does.
+    /// `resume` must be where the group's catching up stands now (nothing unprocessed
+    /// before it).
     pub async fn publish_then_merge(
         &self,
         group_id: &GroupId,
         commit: &Event,
-    ) -> Result<(), GroupError> {
-        match self.publish(commit).await {
-            Ok(_) => Ok(self.mdk.merge_pending_commit(group_id)?),
-            Err(e) => {
-                self.mdk.clear_pending_commit(group_id)?;
-                Err(GroupError::CommitNotAccepted(e.to_string()))
-            }
+        resume: Resume,
+    ) -> Result<CommitOutcome, GroupError> {
+        if let Err(e) = self.publish(commit).await {
+            self.mdk.clear_pending_commit(group_id)?;
+            return Err(GroupError::CommitNotAccepted(e.to_string()));
         }
+        // A competitor stamped with the same second has had that second to reach a relay.
+        let settle_until = commit.created_at.as_secs() + 1;
+        while Timestamp::now().as_secs() < settle_until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let group = self
+            .mdk
+            .get_group(group_id)?
+            .ok_or(GroupError::GroupNotFound)?;
+        let (since, seen) = match resume {
+            Some((t, ids)) => (Some(t), ids),
+            None => (None, Vec::new()),
+        };
+        let sync = self.sync_group(&group, since, &seen).await?;
+        // `resume` is current, so the first commit applied now is the one for our epoch.
+        // (MDK reports our own commit as a commit even when it no longer applies.)
+        let merged = if sync.commit_ids.first() == Some(&commit.id) {
+            true
+        } else if sync.seen_ids.contains(&commit.id) {
+            // Another commit for this epoch sorts first and was applied; ours is void.
+            let _ = self.mdk.clear_pending_commit(group_id);
+            false
+        } else {
+            // The relays did not return it (yet); nothing competes that we can see.
+            tracing::warn!(id = %commit.id, "own commit not returned by the relays; merging it");
+            self.mdk.merge_pending_commit(group_id)?;
+            true
+        };
+        Ok(CommitOutcome { merged, sync })
     }
 
     /// Every group in local state.
@@ -64,14 +120,19 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         &self,
         group_id: &GroupId,
         invitees: &[PublicKey],
-    ) -> Result<(), GroupError> {
+        resume: Resume,
+    ) -> Result<CommitOutcome, GroupError> {
         let mut kps = Vec::with_capacity(invitees.len());
         for pk in invitees {
             kps.push(self.fetch_key_package(*pk).await?);
         }
         let update = self.mdk.add_members(group_id, &kps)?;
-        self.publish_then_merge(group_id, &update.evolution_event)
+        let outcome = self
+            .publish_then_merge(group_id, &update.evolution_event, resume)
             .await?;
+        if !outcome.merged {
+            return Ok(outcome);
+        }
         // welcome_rumors[i] answers kps[i].
         for (rumor, kp) in update
             .welcome_rumors
@@ -84,7 +145,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
                 .map_err(|e| GroupError::GiftWrap(e.to_string()))?;
             self.publish(&wrap).await?;
         }
-        Ok(())
+        Ok(outcome)
     }
 
     /// Removes members (admins only): publish the commit, then merge it.
@@ -92,29 +153,39 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         &self,
         group_id: &GroupId,
         members: &[PublicKey],
-    ) -> Result<(), GroupError> {
+        resume: Resume,
+    ) -> Result<CommitOutcome, GroupError> {
         let update = self.mdk.remove_members(group_id, members)?;
-        self.publish_then_merge(group_id, &update.evolution_event)
+        self.publish_then_merge(group_id, &update.evolution_event, resume)
             .await
     }
 
     /// Asks to leave: an admin first gives up admin rights (a commit, MIP-03), then a
-    /// self-remove proposal is published for an admin to commit. Returns whether we were
-    /// an admin.
-    pub async fn leave(&self, group_id: &GroupId) -> Result<bool, GroupError> {
+    /// self-remove proposal is published for an admin to commit. Returns the outcome of
+    /// the demotion commit if we were an admin (the proposal is sent only if it merged).
+    pub async fn leave(
+        &self,
+        group_id: &GroupId,
+        resume: Resume,
+    ) -> Result<Option<CommitOutcome>, GroupError> {
         let group = self
             .mdk
             .get_group(group_id)?
             .ok_or(GroupError::GroupNotFound)?;
-        let was_admin = group.admin_pubkeys.contains(&self.keys.public_key());
-        if was_admin {
+        let mut demotion = None;
+        if group.admin_pubkeys.contains(&self.keys.public_key()) {
             let demote = self.mdk.self_demote(group_id)?;
-            self.publish_then_merge(group_id, &demote.evolution_event)
+            let outcome = self
+                .publish_then_merge(group_id, &demote.evolution_event, resume)
                 .await?;
+            if !outcome.merged {
+                return Ok(Some(outcome));
+            }
+            demotion = Some(outcome);
         }
         let proposal = self.mdk.leave_group(group_id)?;
         self.publish(&proposal.evolution_event).await?;
-        Ok(was_admin)
+        Ok(demotion)
     }
 
     /// Fetches gift wraps addressed to us (NIP-59 back-dates them up to 2 days), stores
@@ -178,10 +249,15 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             ..Default::default()
         };
         for event in &events {
+            out.seen_ids.push(event.id);
             match self.process_group_event(&h, event).await {
                 GroupEventOutcome::Message(r) => out.messages.push(r),
-                GroupEventOutcome::Commit => out.commits += 1,
+                GroupEventOutcome::Commit => {
+                    out.commits += 1;
+                    out.commit_ids.push(event.id);
+                }
                 GroupEventOutcome::CommittedProposal => out.committed_proposals += 1,
+                GroupEventOutcome::PendingProposal => out.pending_proposals += 1,
                 GroupEventOutcome::Ignored(why) => {
                     tracing::warn!(id = %event.id, "ignoring group event: {why}");
                     out.ignored += 1;
@@ -225,14 +301,41 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             }),
             MessageProcessingResult::Commit { .. } => GroupEventOutcome::Commit,
             MessageProcessingResult::Proposal(update) => {
-                match self
-                    .publish_then_merge(&update.mls_group_id, &update.evolution_event)
-                    .await
-                {
-                    Ok(()) => GroupEventOutcome::CommittedProposal,
-                    Err(e) => GroupEventOutcome::Ignored(format!("committing a proposal: {e}")),
+                // MDK commits a leave proposal at once; only admins publish that commit
+                // (MIP-03), others drop it and keep the proposal for an admin's commit.
+                let group_id = update.mls_group_id;
+                let is_admin = self
+                    .mdk
+                    .get_group(&group_id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|g| g.admin_pubkeys.contains(&self.keys.public_key()));
+                if !is_admin {
+                    if let Err(e) = self.mdk.clear_pending_commit(&group_id) {
+                        tracing::warn!("dropping a proposal commit: {e}");
+                    }
+                    return GroupEventOutcome::PendingProposal;
+                }
+                let commit = update.evolution_event;
+                if let Err(e) = self.publish(&commit).await {
+                    let _ = self.mdk.clear_pending_commit(&group_id);
+                    return GroupEventOutcome::Ignored(format!(
+                        "no relay accepted our commit of a proposal (cleared): {e}"
+                    ));
+                }
+                match self.mdk.process_message(&commit) {
+                    Ok(MessageProcessingResult::Commit { .. }) => {
+                        GroupEventOutcome::CommittedProposal
+                    }
+                    _ => match self.mdk.merge_pending_commit(&group_id) {
+                        Ok(()) => GroupEventOutcome::CommittedProposal,
+                        Err(e) => {
+                            GroupEventOutcome::Ignored(format!("merging a proposal commit: {e}"))
+                        }
+                    },
                 }
             }
+            MessageProcessingResult::PendingProposal { .. } => GroupEventOutcome::PendingProposal,
             other => GroupEventOutcome::Ignored(format!("{other:?}")),
         }
     }

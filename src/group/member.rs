@@ -170,6 +170,17 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         name: &str,
         invitees: &[PublicKey],
     ) -> Result<GroupRef, GroupError> {
+        self.create_group_with_admins(name, invitees, &[]).await
+    }
+
+    /// Like [`Self::create_group`], with `admins` (who must be among the invitees) as
+    /// admins besides ourselves.
+    pub async fn create_group_with_admins(
+        &self,
+        name: &str,
+        invitees: &[PublicKey],
+        admins: &[PublicKey],
+    ) -> Result<GroupRef, GroupError> {
         let mut kps = Vec::with_capacity(invitees.len());
         for pk in invitees {
             kps.push(self.fetch_key_package(*pk).await?);
@@ -181,7 +192,9 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             None,
             None,
             self.relays.clone(),
-            vec![self.keys.public_key()],
+            std::iter::once(self.keys.public_key())
+                .chain(admins.iter().copied())
+                .collect(),
         );
         let res = self
             .mdk

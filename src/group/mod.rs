@@ -6,7 +6,7 @@ mod manage;
 mod member;
 
 pub use home::{parse_secret_key, Home, HomeError, SyncCursor, SECRET_FILES};
-pub use manage::{GroupEventOutcome, SyncOutcome, DEFAULT_TIMEOUT};
+pub use manage::{CommitOutcome, GroupEventOutcome, Resume, SyncOutcome, DEFAULT_TIMEOUT};
 pub use mdk_sqlite_storage::MdkSqliteStorage;
 pub use mdk_storage_traits::groups::types::Group;
 pub use mdk_storage_traits::welcomes::types::Welcome;
