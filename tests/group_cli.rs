@@ -473,6 +473,7 @@ async fn a_member_leaves_and_an_admin_commits_it_on_sync() {
     let a_sync = a.ok(&["sync"]).await;
     assert_eq!(a_sync["groups"][0]["committed_proposals"], 1, "{a_sync}");
     let c_sync = c.ok(&["sync"]).await;
+    assert_eq!(c_sync["groups"][0]["pending_proposals"], 1, "{c_sync}");
     assert_eq!(c_sync["groups"][0]["commits"], 1, "{c_sync}");
     let (ma, ea) = a.members("band").await;
     let (mc, ec) = c.members("band").await;

@@ -116,12 +116,12 @@ mod tests {
         };
         assert_eq!(
             args.resolve().unwrap().nostr_relays[0].as_str(),
-            "ws://file:1"
+            "ws://file:1/"
         );
         args.nostr_relays = vec![Url::parse("ws://flag:2").unwrap()];
         assert_eq!(
             args.resolve().unwrap().nostr_relays[0].as_str(),
-            "ws://flag:2"
+            "ws://flag:2/"
         );
         std::fs::remove_dir_all(dir).unwrap();
     }

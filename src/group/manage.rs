@@ -73,6 +73,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         commit: &Event,
         resume: Resume,
     ) -> Result<CommitOutcome, GroupError> {
+        let commit = &stamp_after(commit, resume.as_ref().map(|(t, _)| *t)).await?;
         if let Err(e) = self.publish(commit).await {
             self.mdk.clear_pending_commit(group_id)?;
             return Err(GroupError::CommitNotAccepted(e.to_string()));
@@ -195,7 +196,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             .kind(Kind::GiftWrap)
             .pubkey(self.keys.public_key())
             .since(Timestamp::now() - GIFT_WRAP_LOOKBACK);
-        for wrap in self.client.fetch_events(filter, self.timeout).await? {
+        for wrap in self.fetch(filter).await? {
             let unwrapped = match UnwrappedGift::from_gift_wrap(&self.keys, &wrap).await {
                 Ok(u) => u,
                 Err(e) => {
@@ -235,8 +236,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             filter = filter.since(since);
         }
         let mut events: Vec<Event> = self
-            .client
-            .fetch_events(filter, self.timeout)
+            .fetch(filter)
             .await?
             .into_iter()
             .filter(|e| !seen.contains(&e.id))
@@ -316,7 +316,14 @@ impl<S: MdkStorageProvider> GroupMember<S> {
                     }
                     return GroupEventOutcome::PendingProposal;
                 }
-                let commit = update.evolution_event;
+                let commit =
+                    match stamp_after(&update.evolution_event, Some(event.created_at)).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = self.mdk.clear_pending_commit(&group_id);
+                            return GroupEventOutcome::Ignored(format!("stamping a commit: {e}"));
+                        }
+                    };
                 if let Err(e) = self.publish(&commit).await {
                     let _ = self.mdk.clear_pending_commit(&group_id);
                     return GroupEventOutcome::Ignored(format!(
@@ -339,6 +346,26 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             other => GroupEventOutcome::Ignored(format!("{other:?}")),
         }
     }
+}
+
+/// `commit`, or if it is not stamped later than `after`, the same content and tags
+/// re-signed by a fresh ephemeral key once the clock has passed `after`. Receivers order a
+/// group's events by `created_at`, then id: a commit stamped in the same second as an event
+/// it depends on (the proposal it commits, a commit it builds on) could sort before it.
+async fn stamp_after(commit: &Event, after: Option<Timestamp>) -> Result<Event, GroupError> {
+    let Some(after) = after else {
+        return Ok(commit.clone());
+    };
+    if commit.created_at > after {
+        return Ok(commit.clone());
+    }
+    while Timestamp::now() <= after {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(EventBuilder::new(commit.kind, commit.content.clone())
+        .tags(commit.tags.iter().cloned())
+        .custom_created_at(Timestamp::now())
+        .sign_with_keys(&Keys::generate())?)
 }
 
 /// How long a command waits for relays by default.

@@ -94,7 +94,25 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             client.add_relay(url.clone()).await?;
         }
         client.connect().await;
-        client.wait_for_connection(Duration::from_secs(5)).await;
+        // Wait for every relay, but once one is up give the rest only a moment: a relay
+        // that is down must not hold up every command.
+        let started = tokio::time::Instant::now();
+        loop {
+            let states: Vec<bool> = client
+                .relays()
+                .await
+                .values()
+                .map(|r| r.is_connected())
+                .collect();
+            let waited = started.elapsed();
+            if states.iter().all(|c| *c)
+                || (states.iter().any(|c| *c) && waited >= Duration::from_millis(500))
+                || waited >= Duration::from_secs(5)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         Ok(Self {
             keys,
             mdk: MDK::new(storage),
@@ -123,7 +141,10 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     }
 
     pub(super) async fn publish(&self, event: &Event) -> Result<EventId, GroupError> {
-        let out = self.client.send_event(event).await?;
+        let out = self
+            .client
+            .send_event_to(self.connected_relays().await?, event)
+            .await?;
         if out.success.is_empty() {
             let why: Vec<String> = out
                 .failed
@@ -133,6 +154,38 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             return Err(GroupError::NotAccepted(why.join("; ")));
         }
         Ok(out.val)
+    }
+
+    /// Fetches from the relays that are connected now (a relay that is down would make
+    /// every query wait for the whole timeout). Publishing does the same.
+    pub(super) async fn fetch(&self, filter: Filter) -> Result<Events, GroupError> {
+        Ok(self
+            .client
+            .fetch_events_from(self.connected_relays().await?, filter, self.timeout)
+            .await?)
+    }
+
+    /// The configured relays that are connected now; an error if none is.
+    async fn connected_relays(&self) -> Result<Vec<RelayUrl>, GroupError> {
+        let connected: Vec<RelayUrl> = self
+            .client
+            .relays()
+            .await
+            .into_iter()
+            .filter(|(_, r)| r.is_connected())
+            .map(|(u, _)| u)
+            .collect();
+        if connected.is_empty() {
+            return Err(GroupError::NotAccepted(format!(
+                "none of the relays is reachable: {}",
+                self.relays
+                    .iter()
+                    .map(|u| u.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(connected)
     }
 
     /// Publishes one fresh key package as kind 30443 and, for older peers, kind 443.
@@ -155,7 +208,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         let filter = Filter::new()
             .kinds([KIND_KEY_PACKAGE, Kind::MlsKeyPackage])
             .author(author);
-        let events = self.client.fetch_events(filter, self.timeout).await?;
+        let events = self.fetch(filter).await?;
         events
             .into_iter()
             .max_by_key(|e| (e.kind == KIND_KEY_PACKAGE, e.created_at))
@@ -222,7 +275,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
                 .pubkey(self.keys.public_key())
                 .since(Timestamp::now() - GIFT_WRAP_LOOKBACK);
             let mut joined = Vec::new();
-            for wrap in self.client.fetch_events(filter, self.timeout).await? {
+            for wrap in self.fetch(filter).await? {
                 let unwrapped = match UnwrappedGift::from_gift_wrap(&self.keys, &wrap).await {
                     Ok(u) => u,
                     Err(e) => {
