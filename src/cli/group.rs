@@ -25,6 +25,7 @@ pub enum KeysCommand {
 pub enum GroupCommand {
     /// Create a group with you as admin, optionally inviting people right away.
     Create {
+        /// Name shown to members (need not be unique).
         name: String,
         /// npub (or hex) of someone to invite; repeat for several.
         #[arg(long = "invite", value_name = "NPUB")]
@@ -35,6 +36,7 @@ pub enum GroupCommand {
     },
     /// Add people to a group (admins only).
     Invite {
+        /// Group name or a unique prefix of its id.
         group: String,
         #[arg(required = true, value_name = "NPUB")]
         npubs: Vec<String>,
@@ -49,15 +51,22 @@ pub enum GroupCommand {
     /// List your groups.
     List,
     /// Catch up on the group, then list its members.
-    Members { group: String },
+    Members {
+        /// Group name or a unique prefix of its id.
+        group: String,
+    },
     /// Remove members from a group (admins only).
     Remove {
+        /// Group name or a unique prefix of its id.
         group: String,
         #[arg(required = true, value_name = "NPUB")]
         npubs: Vec<String>,
     },
     /// Ask to leave a group; an admin's client commits it on its next sync.
-    Leave { group: String },
+    Leave {
+        /// Group name or a unique prefix of its id.
+        group: String,
+    },
 }
 
 async fn connect(settings: &Settings) -> anyhow::Result<(Home, Member)> {
