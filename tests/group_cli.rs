@@ -588,3 +588,37 @@ async fn two_admins_committing_in_one_epoch_converge() {
     assert_eq!(sa.secret, sb.secret);
     assert_eq!(sa.secret, se.secret);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_no_relay_accepts_is_cleared_and_the_epoch_stays() {
+    let relay = TestRelay::start().await;
+    let (a, b) = (
+        User::new("na", &[&relay.nostr_url]),
+        User::new("nb", &[&relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    create_and_join("lonely", &a, &[(&b, &b_npub)]).await;
+    let (_home, admin) = a.open_member(&relay.nostr_url).await;
+    let group = group_ref(&admin, "lonely");
+    let epoch = admin.groups().unwrap()[0].epoch;
+    drop(relay);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let b_pk = PublicKey::parse(&b_npub).unwrap();
+    let err = admin
+        .remove(&group.mls_group_id, &[b_pk], None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, call::group::GroupError::CommitNotAccepted(_)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("pending commit cleared"), "{err}");
+    // Nothing was merged, and no commit is left pending: the group can commit again.
+    assert_eq!(admin.groups().unwrap()[0].epoch, epoch);
+    assert_eq!(admin.leaf_map(&group).unwrap().len(), 2);
+    assert!(admin
+        .mdk()
+        .remove_members(&group.mls_group_id, &[b_pk])
+        .is_ok());
+}
