@@ -622,3 +622,51 @@ async fn a_commit_no_relay_accepts_is_cleared_and_the_epoch_stays() {
         .remove_members(&group.mls_group_id, &[b_pk])
         .is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_killed_mid_way_leaves_the_home_usable_and_blocks_others_while_alive() {
+    let relay = TestRelay::start().await;
+    let a = User::new("kill", &[&relay.nostr_url]);
+    a.new_identity().await;
+    let created = a.ok(&["group", "create", "kept"]).await;
+
+    // A relay that accepts TCP but never answers keeps `call sync` busy connecting.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("ws://{}", silent.local_addr().unwrap());
+    let mut stuck = a.command();
+    stuck
+        .env("CALL_NOSTR_RELAYS", &silent_url)
+        .env("CALL_LOG", "nostr_relay_pool=debug")
+        .arg("sync");
+    stuck.stdout(std::process::Stdio::null());
+    stuck.stderr(std::process::Stdio::piped());
+    let mut child = stuck.spawn().unwrap();
+    // It connects to relays only after it locked the home.
+    let stderr = child.stderr.take().unwrap();
+    tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        while let Some(Ok(line)) = lines.next() {
+            if line.contains("Connecting to") {
+                // Keep draining so the child never blocks on a full pipe.
+                std::thread::spawn(move || for _ in lines {});
+                return;
+            }
+        }
+        panic!("the stuck process never tried to connect");
+    })
+    .await
+    .unwrap();
+    let busy = a.run(&["group", "list"]).await;
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("busy"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // The lock died with the process; the state is intact.
+    let list = a.ok(&["group", "list"]).await;
+    assert_eq!(list["groups"][0]["id"], created["id"]);
+    assert_eq!(list["groups"][0]["epoch"], created["epoch"]);
+    a.ok(&["sync"]).await;
+    drop(silent);
+}
