@@ -472,6 +472,9 @@ async fn a_member_leaves_and_an_admin_commits_it_on_sync() {
     assert_eq!(left["was_admin"], false);
     let a_sync = a.ok(&["sync"]).await;
     assert_eq!(a_sync["groups"][0]["committed_proposals"], 1, "{a_sync}");
+    // A's own commit is not fetched and processed again.
+    let a_again = a.ok(&["sync"]).await;
+    assert_eq!(a_again["groups"][0]["fetched"], 0, "{a_again}");
     let c_sync = c.ok(&["sync"]).await;
     assert_eq!(c_sync["groups"][0]["pending_proposals"], 1, "{c_sync}");
     assert_eq!(c_sync["groups"][0]["commits"], 1, "{c_sync}");

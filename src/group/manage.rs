@@ -18,8 +18,9 @@ pub enum GroupEventOutcome {
     Message(Rumor),
     /// A commit, merged: the group moved to a new epoch.
     Commit,
-    /// A leave proposal that we (an admin) committed, published and merged.
-    CommittedProposal,
+    /// A leave proposal that we (an admin) committed, published and merged; the id and
+    /// stamp of that commit event.
+    CommittedProposal(EventId, Timestamp),
     /// A proposal left for an admin to commit.
     PendingProposal,
     /// Not usable; the reason is logged.
@@ -256,17 +257,18 @@ impl<S: MdkStorageProvider> GroupMember<S> {
                     out.commits += 1;
                     out.commit_ids.push(event.id);
                 }
-                GroupEventOutcome::CommittedProposal => out.committed_proposals += 1,
+                GroupEventOutcome::CommittedProposal(id, at) => {
+                    out.committed_proposals += 1;
+                    // Our own commit comes back on the next fetch: count it as seen.
+                    advance(&mut out.cursor, at, id);
+                }
                 GroupEventOutcome::PendingProposal => out.pending_proposals += 1,
                 GroupEventOutcome::Ignored(why) => {
                     tracing::warn!(id = %event.id, "ignoring group event: {why}");
                     out.ignored += 1;
                 }
             }
-            match &mut out.cursor {
-                Some((at, ids)) if *at == event.created_at => ids.push(event.id),
-                cursor => *cursor = Some((event.created_at, vec![event.id])),
-            }
+            advance(&mut out.cursor, event.created_at, event.id);
         }
         Ok(out)
     }
@@ -330,12 +332,11 @@ impl<S: MdkStorageProvider> GroupMember<S> {
                         "no relay accepted our commit of a proposal (cleared): {e}"
                     ));
                 }
+                let done = GroupEventOutcome::CommittedProposal(commit.id, commit.created_at);
                 match self.mdk.process_message(&commit) {
-                    Ok(MessageProcessingResult::Commit { .. }) => {
-                        GroupEventOutcome::CommittedProposal
-                    }
+                    Ok(MessageProcessingResult::Commit { .. }) => done,
                     _ => match self.mdk.merge_pending_commit(&group_id) {
-                        Ok(()) => GroupEventOutcome::CommittedProposal,
+                        Ok(()) => done,
                         Err(e) => {
                             GroupEventOutcome::Ignored(format!("merging a proposal commit: {e}"))
                         }
@@ -345,6 +346,19 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             MessageProcessingResult::PendingProposal { .. } => GroupEventOutcome::PendingProposal,
             other => GroupEventOutcome::Ignored(format!("{other:?}")),
         }
+    }
+}
+
+/// Moves a cursor to (`at`, `id`) if that is not older than where it stands.
+fn advance(cursor: &mut Option<(Timestamp, Vec<EventId>)>, at: Timestamp, id: EventId) {
+    match cursor {
+        Some((t, ids)) if *t == at => {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        Some((t, _)) if *t > at => {}
+        _ => *cursor = Some((at, vec![id])),
     }
 }
 
@@ -370,3 +384,26 @@ async fn stamp_after(commit: &Event, after: Option<Timestamp>) -> Result<Event, 
 
 /// How long a command waits for relays by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_only_moves_forward_and_collects_ids_of_its_second() {
+        let (a, b, c) = (
+            EventId::all_zeros(),
+            EventId::from_byte_array([1; 32]),
+            EventId::from_byte_array([2; 32]),
+        );
+        let mut cursor = None;
+        advance(&mut cursor, Timestamp::from(10), a);
+        advance(&mut cursor, Timestamp::from(10), b);
+        advance(&mut cursor, Timestamp::from(10), b);
+        assert_eq!(cursor, Some((Timestamp::from(10), vec![a, b])));
+        advance(&mut cursor, Timestamp::from(9), c);
+        assert_eq!(cursor, Some((Timestamp::from(10), vec![a, b])));
+        advance(&mut cursor, Timestamp::from(11), c);
+        assert_eq!(cursor, Some((Timestamp::from(11), vec![c])));
+    }
+}
