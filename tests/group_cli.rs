@@ -673,3 +673,50 @@ async fn a_process_killed_mid_way_leaves_the_home_usable_and_blocks_others_while
     a.ok(&["sync"]).await;
     drop(silent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_leaves_by_giving_up_admin_rights_first() {
+    let relay = TestRelay::start().await;
+    let (a, b, c) = (
+        User::new("xa", &[&relay.nostr_url]),
+        User::new("xb", &[&relay.nostr_url]),
+        User::new("xc", &[&relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    let c_npub = c.new_identity().await;
+    for u in [&b, &c] {
+        u.ok(&["keys", "publish"]).await;
+    }
+    a.ok(&[
+        "group", "create", "duo", "--invite", &b_npub, "--invite", &c_npub, "--admin", &b_npub,
+    ])
+    .await;
+    b.ok(&["group", "accept", "all"]).await;
+    c.ok(&["group", "accept", "all"]).await;
+    let left = a.ok(&["group", "leave", "duo"]).await;
+    assert_eq!(left["was_admin"], true);
+    let b_sync = b.ok(&["sync"]).await;
+    let g = &b_sync["groups"][0];
+    assert_eq!(
+        (&g["commits"], &g["committed_proposals"]),
+        (&1.into(), &1.into()),
+        "{b_sync}"
+    );
+    c.ok(&["sync"]).await;
+    let (mb, eb) = b.members("duo").await;
+    let (mc, ec) = c.members("duo").await;
+    assert_eq!((&mb, eb), (&mc, ec));
+    let a_hex = a.ok(&["id", "show"]).await["hex"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(mb.len(), 2);
+    assert!(!mb.contains(&a_hex));
+    let b_view = b.ok(&["group", "list"]).await;
+    assert_eq!(
+        b_view["groups"][0]["admins"].as_array().unwrap().len(),
+        1,
+        "{b_view}"
+    );
+}
