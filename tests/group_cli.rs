@@ -223,6 +223,23 @@ async fn identity_files_are_private_state_survives_restarts_and_a_second_process
     let nsec = keys.secret_key().to_bech32().unwrap();
     let imported = bob.ok(&["id", "import", &nsec]).await;
     assert_eq!(imported["hex"], keys.public_key().to_hex());
+    // From stdin, so the key stays out of the process list.
+    let dave = User::new("stdin", &[&relay.nostr_url]);
+    let dave_keys = Keys::generate();
+    let mut cmd = dave.command();
+    cmd.args(["id", "import", "-", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{}", dave_keys.secret_key().to_bech32().unwrap()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["hex"], dave_keys.public_key().to_hex());
     let carol = User::new("badimport", &[&relay.nostr_url]);
     let bad = carol.run(&["id", "import", "nsec1notakey"]).await;
     assert_eq!(bad.status.code(), Some(1));

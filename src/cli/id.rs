@@ -19,8 +19,25 @@ pub enum IdCommand {
     /// out of the shell history and the process list.
     Import {
         #[arg(value_name = "NSEC")]
-        secret: String,
+        secret: SecretArg,
     },
+}
+
+/// A secret given on the command line; `Debug` does not show it.
+#[derive(Clone)]
+pub struct SecretArg(String);
+
+impl std::str::FromStr for SecretArg {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretArg([redacted])")
+    }
 }
 
 pub fn run(settings: &Settings, cmd: &IdCommand) -> anyhow::Result<u8> {
@@ -32,14 +49,14 @@ pub fn run(settings: &Settings, cmd: &IdCommand) -> anyhow::Result<u8> {
             keys
         }
         IdCommand::Import { secret } => {
-            let text = if secret == "-" {
+            let text = if secret.0 == "-" {
                 let mut s = String::new();
                 std::io::stdin()
                     .read_to_string(&mut s)
                     .context("reading the secret key from stdin")?;
                 s
             } else {
-                secret.clone()
+                secret.0.clone()
             };
             let keys = parse_secret_key(text.trim())?;
             home.set_identity(&keys)?;
@@ -58,4 +75,17 @@ pub fn run(settings: &Settings, cmd: &IdCommand) -> anyhow::Result<u8> {
         println!("npub {npub}\nhex  {}", pk.to_hex());
     }
     Ok(super::exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_an_import_hides_the_key() {
+        let cmd = IdCommand::Import {
+            secret: "nsec1secretsecret".parse().unwrap(),
+        };
+        assert!(!format!("{cmd:?}").contains("secretsecret"));
+    }
 }
