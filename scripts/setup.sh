@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the build needs: cmake (libopus is built from source by the
-# opus crate), ALSA headers (cpal) and pkg-config. Safe to run again.
+# opus crate), ALSA headers (cpal), pkg-config and OpenSSL headers (SQLCipher in mdk-sqlite-storage). Safe to run again.
 set -euo pipefail
 
-packages=(cmake libasound2-dev pkg-config)
+packages=(cmake libasound2-dev pkg-config libssl-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,7 +1,10 @@
 //! Command line: parses flags (each with a `CALL_*` environment variable) and runs commands.
 
+pub mod config;
 mod demo;
 mod devices;
+pub mod group;
+mod id;
 
 use std::process::ExitCode;
 
@@ -24,7 +27,7 @@ pub mod exit {
     name = "call",
     version,
     about = "End-to-end encrypted group voice calls: Marmot (MLS over Nostr) + SFrame + MoQ",
-    after_help = "Examples:\n  call demo                      3 participants, 5 s, embedded relays\n  call demo -n 5 -s 10 --json    5 participants, JSON report on stdout\n  call demo --moq-relay moqt://127.0.0.1:4443 --moq-fingerprint <hex> \\\n            --nostr-relay ws://127.0.0.1:7777\n  call devices --json            audio devices for scripts"
+    after_help = "Examples:\n  call id new && call keys publish --nostr-relay ws://127.0.0.1:7777\n  call group create friends --invite npub1…\n  call demo                      3 participants, 5 s, embedded relays\n  call demo -n 5 -s 10 --json    5 participants, JSON report on stdout\n  call demo --moq-relay moqt://127.0.0.1:4443 --moq-fingerprint <hex> \\\n            --nostr-relay ws://127.0.0.1:7777\n  call devices --json            audio devices for scripts"
 )]
 pub struct Cli {
     /// Log filter (tracing syntax), e.g. `info` or `call=debug`. moq-transport warns about
@@ -46,6 +49,40 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// List audio input and output devices (names usable with --input/--output).
     Devices(devices::DevicesArgs),
+    /// Your Nostr identity in $CALL_HOME.
+    #[command(
+        after_help = "Examples:\n  call id new\n  call id show --json\n  call id import - < my.nsec"
+    )]
+    Id {
+        #[command(flatten)]
+        common: config::CommonArgs,
+        #[command(subcommand)]
+        command: id::IdCommand,
+    },
+    /// Key packages that let others invite you.
+    #[command(after_help = "Examples:\n  call keys publish --nostr-relay wss://relay.example")]
+    Keys {
+        #[command(flatten)]
+        common: config::CommonArgs,
+        #[command(subcommand)]
+        command: group::KeysCommand,
+    },
+    /// Marmot groups: create, invite, accept, list, members, remove, leave.
+    #[command(
+        after_help = "Examples:\n  call group create friends --invite npub1…\n  call group pending\n  call group accept all\n  call group members friends\n  call group remove 3fa2 npub1…"
+    )]
+    Group {
+        #[command(flatten)]
+        common: config::CommonArgs,
+        #[command(subcommand)]
+        command: group::GroupCommand,
+    },
+    /// Fetch and process everything missed while offline: welcomes and group events.
+    #[command(after_help = "Examples:\n  call sync\n  call sync --json")]
+    Sync {
+        #[command(flatten)]
+        common: config::CommonArgs,
+    },
 }
 
 /// Entry point of the `call` binary.
@@ -71,6 +108,14 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Devices(args) => devices::run(args),
+            Command::Id { common, command } => id::run(&common.resolve()?, &command),
+            Command::Keys { common, command } => {
+                group::run_keys(&common.resolve()?, &command).await
+            }
+            Command::Group { common, command } => {
+                group::run_group(&common.resolve()?, &command).await
+            }
+            Command::Sync { common } => group::run_sync(&common.resolve()?).await,
         }
     });
     match result {

@@ -9,7 +9,7 @@ use openmls::prelude::OpenMlsProvider;
 /// Kind of the addressable key package event (MIP-00); nostr 0.44 has no variant for it.
 pub const KIND_KEY_PACKAGE: Kind = Kind::Custom(30443);
 /// How far back gift wraps may be dated (NIP-59 randomises `created_at` up to 2 days).
-const GIFT_WRAP_LOOKBACK: Duration = Duration::from_secs(2 * 24 * 3600 + 3600);
+pub(super) const GIFT_WRAP_LOOKBACK: Duration = Duration::from_secs(2 * 24 * 3600 + 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GroupError {
@@ -31,6 +31,8 @@ pub enum GroupError {
     Mls(String),
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    #[error("no relay accepted the commit, so it was not applied (pending commit cleared): {0}")]
+    CommitNotAccepted(String),
 }
 
 /// The two ids of a Marmot group.
@@ -68,11 +70,11 @@ pub struct CallSecretExport {
 
 /// One user's membership in Marmot groups: keys, MLS state and relay connections.
 pub struct GroupMember<S: MdkStorageProvider> {
-    keys: Keys,
-    mdk: MDK<S>,
-    client: Client,
-    relays: Vec<RelayUrl>,
-    timeout: Duration,
+    pub(super) keys: Keys,
+    pub(super) mdk: MDK<S>,
+    pub(super) client: Client,
+    pub(super) relays: Vec<RelayUrl>,
+    pub(super) timeout: Duration,
 }
 
 impl<S: MdkStorageProvider> std::fmt::Debug for GroupMember<S> {
@@ -92,7 +94,25 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             client.add_relay(url.clone()).await?;
         }
         client.connect().await;
-        client.wait_for_connection(Duration::from_secs(5)).await;
+        // Wait for every relay, but once one is up give the rest only a moment: a relay
+        // that is down must not hold up every command.
+        let started = tokio::time::Instant::now();
+        loop {
+            let states: Vec<bool> = client
+                .relays()
+                .await
+                .values()
+                .map(|r| r.is_connected())
+                .collect();
+            let waited = started.elapsed();
+            if states.iter().all(|c| *c)
+                || (states.iter().any(|c| *c) && waited >= Duration::from_millis(500))
+                || waited >= Duration::from_secs(5)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         Ok(Self {
             keys,
             mdk: MDK::new(storage),
@@ -100,6 +120,16 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             relays: relays.to_vec(),
             timeout: Duration::from_secs(10),
         })
+    }
+
+    /// How long relay queries wait for answers (default 10 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn relays(&self) -> &[RelayUrl] {
+        &self.relays
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -110,8 +140,11 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         &self.mdk
     }
 
-    async fn publish(&self, event: &Event) -> Result<EventId, GroupError> {
-        let out = self.client.send_event(event).await?;
+    pub(super) async fn publish(&self, event: &Event) -> Result<EventId, GroupError> {
+        let out = self
+            .client
+            .send_event_to(self.connected_relays().await?, event)
+            .await?;
         if out.success.is_empty() {
             let why: Vec<String> = out
                 .failed
@@ -121,6 +154,38 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             return Err(GroupError::NotAccepted(why.join("; ")));
         }
         Ok(out.val)
+    }
+
+    /// Fetches from the relays that are connected now (a relay that is down would make
+    /// every query wait for the whole timeout). Publishing does the same.
+    pub(super) async fn fetch(&self, filter: Filter) -> Result<Events, GroupError> {
+        Ok(self
+            .client
+            .fetch_events_from(self.connected_relays().await?, filter, self.timeout)
+            .await?)
+    }
+
+    /// The configured relays that are connected now; an error if none is.
+    async fn connected_relays(&self) -> Result<Vec<RelayUrl>, GroupError> {
+        let connected: Vec<RelayUrl> = self
+            .client
+            .relays()
+            .await
+            .into_iter()
+            .filter(|(_, r)| r.is_connected())
+            .map(|(u, _)| u)
+            .collect();
+        if connected.is_empty() {
+            return Err(GroupError::NotAccepted(format!(
+                "none of the relays is reachable: {}",
+                self.relays
+                    .iter()
+                    .map(|u| u.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(connected)
     }
 
     /// Publishes one fresh key package as kind 30443 and, for older peers, kind 443.
@@ -139,11 +204,11 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     }
 
     /// The newest key package `author` published, preferring kind 30443.
-    async fn fetch_key_package(&self, author: PublicKey) -> Result<Event, GroupError> {
+    pub(super) async fn fetch_key_package(&self, author: PublicKey) -> Result<Event, GroupError> {
         let filter = Filter::new()
             .kinds([KIND_KEY_PACKAGE, Kind::MlsKeyPackage])
             .author(author);
-        let events = self.client.fetch_events(filter, self.timeout).await?;
+        let events = self.fetch(filter).await?;
         events
             .into_iter()
             .max_by_key(|e| (e.kind == KIND_KEY_PACKAGE, e.created_at))
@@ -158,6 +223,17 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         name: &str,
         invitees: &[PublicKey],
     ) -> Result<GroupRef, GroupError> {
+        self.create_group_with_admins(name, invitees, &[]).await
+    }
+
+    /// Like [`Self::create_group`], with `admins` (who must be among the invitees) as
+    /// admins besides ourselves.
+    pub async fn create_group_with_admins(
+        &self,
+        name: &str,
+        invitees: &[PublicKey],
+        admins: &[PublicKey],
+    ) -> Result<GroupRef, GroupError> {
         let mut kps = Vec::with_capacity(invitees.len());
         for pk in invitees {
             kps.push(self.fetch_key_package(*pk).await?);
@@ -169,7 +245,9 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             None,
             None,
             self.relays.clone(),
-            vec![self.keys.public_key()],
+            std::iter::once(self.keys.public_key())
+                .chain(admins.iter().copied())
+                .collect(),
         );
         let res = self
             .mdk
@@ -197,7 +275,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
                 .pubkey(self.keys.public_key())
                 .since(Timestamp::now() - GIFT_WRAP_LOOKBACK);
             let mut joined = Vec::new();
-            for wrap in self.client.fetch_events(filter, self.timeout).await? {
+            for wrap in self.fetch(filter).await? {
                 let unwrapped = match UnwrappedGift::from_gift_wrap(&self.keys, &wrap).await {
                     Ok(u) => u,
                     Err(e) => {

@@ -179,24 +179,25 @@ impl WavSource {
         };
         let mut reader = hound::WavReader::open(path).map_err(wav_err)?;
         let spec = reader.spec();
-        let interleaved: Vec<f32> =
-            match (spec.sample_format, spec.bits_per_sample) {
-                (hound::SampleFormat::Int, 16) => reader
-                    .samples::<i16>()
-                    .map(|s| s.map(|v| f32::from(v) / f32::from(i16::MAX)))
-                    .collect::<Result<_, _>>()
-                    .map_err(wav_err)?,
-                (hound::SampleFormat::Float, 32) => reader
-                    .samples::<f32>()
-                    .collect::<Result<_, _>>()
-                    .map_err(wav_err)?,
-                (fmt, bits) => return Err(AudioError::WavFormat {
+        let interleaved: Vec<f32> = match (spec.sample_format, spec.bits_per_sample) {
+            (hound::SampleFormat::Int, 16) => reader
+                .samples::<i16>()
+                .map(|s| s.map(|v| f32::from(v) / f32::from(i16::MAX)))
+                .collect::<Result<_, _>>()
+                .map_err(wav_err)?,
+            (hound::SampleFormat::Float, 32) => reader
+                .samples::<f32>()
+                .collect::<Result<_, _>>()
+                .map_err(wav_err)?,
+            (fmt, bits) => {
+                return Err(AudioError::WavFormat {
                     path: p,
                     why: format!(
                         "{bits}-bit {fmt:?} samples are not supported (16-bit int or 32-bit float)"
                     ),
-                }),
-            };
+                })
+            }
+        };
         let mut mono = Vec::new();
         downmix_to_f32(&interleaved, usize::from(spec.channels), &mut mono);
         Ok(Self {

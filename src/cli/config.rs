@@ -1,0 +1,128 @@
+//! Where a user's state lives and which relays to use: flags override environment variables
+//! (clap does both), which override `$CALL_HOME/config.toml`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use url::Url;
+
+/// Flags shared by the identity, key and group commands.
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Directory holding identity, MLS state and config.toml [default: the platform data
+    /// dir, e.g. ~/.local/share/call].
+    #[arg(long, env = "CALL_HOME", global = true)]
+    pub home: Option<PathBuf>,
+    /// Nostr relay(s), comma-separated (ws:// or wss://). Falls back to `nostr_relays` in
+    /// config.toml.
+    #[arg(
+        long = "nostr-relay",
+        env = "CALL_NOSTR_RELAYS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub nostr_relays: Vec<Url>,
+    /// MoQ relay for calls. Falls back to `moq_relay` in config.toml.
+    #[arg(long, env = "CALL_MOQ_RELAY", global = true)]
+    pub moq_relay: Option<Url>,
+    /// Seconds to wait for relays to answer a query.
+    #[arg(long, env = "CALL_NOSTR_TIMEOUT", default_value_t = 10, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub timeout: u64,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `$CALL_HOME/config.toml`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub nostr_relays: Vec<Url>,
+    pub moq_relay: Option<Url>,
+}
+
+/// Settings after flags, environment and file are combined.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub home: PathBuf,
+    pub nostr_relays: Vec<Url>,
+    pub moq_relay: Option<Url>,
+    pub timeout: Duration,
+    pub json: bool,
+}
+
+impl CommonArgs {
+    pub fn resolve(&self) -> anyhow::Result<Settings> {
+        let home = match &self.home {
+            Some(h) => h.clone(),
+            None => dirs::data_dir()
+                .context("no platform data directory; set CALL_HOME or --home")?
+                .join("call"),
+        };
+        let file = read_config(&home)?;
+        Ok(Settings {
+            nostr_relays: if self.nostr_relays.is_empty() {
+                file.nostr_relays
+            } else {
+                self.nostr_relays.clone()
+            },
+            moq_relay: self.moq_relay.clone().or(file.moq_relay),
+            timeout: Duration::from_secs(self.timeout),
+            json: self.json,
+            home,
+        })
+    }
+}
+
+fn read_config(home: &Path) -> anyhow::Result<ConfigFile> {
+    let path = home.join("config.toml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).with_context(|| format!("{}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConfigFile::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_parses_and_rejects_unknown_keys() {
+        let c: ConfigFile = toml::from_str(
+            "nostr_relays = [\"ws://a:1\", \"wss://b\"]\nmoq_relay = \"moqt://m:4443\"",
+        )
+        .unwrap();
+        assert_eq!(c.nostr_relays.len(), 2);
+        assert_eq!(c.moq_relay.unwrap().as_str(), "moqt://m:4443");
+        assert!(toml::from_str::<ConfigFile>("nostr_relay = []").is_err());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("call-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.toml"), "nostr_relays = [\"ws://file:1\"]").unwrap();
+        let mut args = CommonArgs {
+            home: Some(dir.clone()),
+            nostr_relays: vec![],
+            moq_relay: None,
+            timeout: 5,
+            json: false,
+        };
+        assert_eq!(
+            args.resolve().unwrap().nostr_relays[0].as_str(),
+            "ws://file:1/"
+        );
+        args.nostr_relays = vec![Url::parse("ws://flag:2").unwrap()];
+        assert_eq!(
+            args.resolve().unwrap().nostr_relays[0].as_str(),
+            "ws://flag:2/"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,556 @@
+//! `call keys publish`, `call group …` and `call sync`: Marmot groups kept in `$CALL_HOME`.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use nostr_sdk::prelude::*;
+use serde_json::json;
+
+use super::config::Settings;
+use crate::group::{
+    CommitOutcome, Group, GroupMember, Home, MdkSqliteStorage, Resume, SyncCursor, SyncOutcome,
+    Welcome,
+};
+
+type Member = GroupMember<MdkSqliteStorage>;
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Publish a fresh key package (kind 30443 and legacy 443) so others can invite you.
+    Publish,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Create a group with you as admin, optionally inviting people right away.
+    Create {
+        /// Name shown to members (need not be unique).
+        name: String,
+        /// npub (or hex) of someone to invite; repeat for several.
+        #[arg(long = "invite", value_name = "NPUB")]
+        invite: Vec<String>,
+        /// An invitee who is also admin (may invite and remove); repeat for several.
+        #[arg(long = "admin", value_name = "NPUB")]
+        admin: Vec<String>,
+    },
+    /// Add people to a group (admins only).
+    Invite {
+        /// Group name or a unique prefix of its id.
+        group: String,
+        #[arg(required = true, value_name = "NPUB")]
+        npubs: Vec<String>,
+    },
+    /// Fetch invitations (gift-wrapped welcomes) and list those not yet accepted.
+    Pending,
+    /// Join the group of a pending welcome (by id prefix, or `all`).
+    Accept {
+        #[arg(value_name = "WELCOME_ID|all")]
+        welcome: String,
+    },
+    /// List your groups.
+    List,
+    /// Catch up on the group, then list its members.
+    Members {
+        /// Group name or a unique prefix of its id.
+        group: String,
+    },
+    /// Remove members from a group (admins only).
+    Remove {
+        /// Group name or a unique prefix of its id.
+        group: String,
+        #[arg(required = true, value_name = "NPUB")]
+        npubs: Vec<String>,
+    },
+    /// Ask to leave a group; an admin's client commits it on its next sync.
+    Leave {
+        /// Group name or a unique prefix of its id.
+        group: String,
+    },
+}
+
+async fn connect(settings: &Settings) -> anyhow::Result<(Home, Member)> {
+    let home = Home::open(&settings.home)?;
+    let keys = home.keys()?;
+    if settings.nostr_relays.is_empty() {
+        bail!("no Nostr relays: pass --nostr-relay, set CALL_NOSTR_RELAYS or nostr_relays in config.toml");
+    }
+    let relays = settings
+        .nostr_relays
+        .iter()
+        .map(|u| RelayUrl::parse(u.as_str()).with_context(|| format!("relay {u}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let storage = home.storage()?;
+    let member = Member::connect(keys, storage, &relays)
+        .await?
+        .with_timeout(settings.timeout);
+    Ok((home, member))
+}
+
+fn parse_pubkeys(list: &[String]) -> anyhow::Result<Vec<PublicKey>> {
+    list.iter()
+        .map(|s| {
+            PublicKey::parse(s).with_context(|| format!("`{s}` is not an npub or hex public key"))
+        })
+        .collect()
+}
+
+fn npub(pk: &PublicKey) -> String {
+    pk.to_bech32().unwrap_or_else(|_| pk.to_hex())
+}
+
+fn group_id_hex(g: &Group) -> String {
+    hex::encode(g.mls_group_id.as_slice())
+}
+
+/// A group by exact name or unique prefix of its id (hex). Ambiguity lists the candidates.
+pub fn resolve_group(groups: &[Group], query: &str) -> anyhow::Result<Group> {
+    let by_name: Vec<&Group> = groups.iter().filter(|g| g.name == query).collect();
+    let matches = if by_name.is_empty() {
+        let q = query.to_ascii_lowercase();
+        groups
+            .iter()
+            .filter(|g| !q.is_empty() && group_id_hex(g).starts_with(&q))
+            .collect()
+    } else {
+        by_name
+    };
+    match matches.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => {
+            bail!("no group named `{query}` or with an id starting with it (see `call group list`)")
+        }
+        many => {
+            let list: Vec<String> = many
+                .iter()
+                .map(|g| format!("  {}  {}", group_id_hex(g), g.name))
+                .collect();
+            bail!(
+                "`{query}` is ambiguous; it matches:\n{}\nuse a longer id prefix",
+                list.join("\n")
+            )
+        }
+    }
+}
+
+fn welcome_id(w: &Welcome) -> String {
+    w.wrapper_event_id.to_hex()
+}
+
+/// Where catching up on `group` resumes.
+fn resume_of(home: &Home, group: &Group) -> anyhow::Result<Resume> {
+    Ok(home.sync_cursors()?.get(&group_id_hex(group)).map(|c| {
+        (
+            Timestamp::from(c.at),
+            c.seen
+                .iter()
+                .filter_map(|id| EventId::from_hex(id).ok())
+                .collect(),
+        )
+    }))
+}
+
+/// Advances `group`'s cursor past what `outcome` processed.
+fn save_outcome(home: &Home, group: &Group, outcome: &SyncOutcome) -> anyhow::Result<()> {
+    if let Some((at, ids)) = &outcome.cursor {
+        let mut cursors = home.sync_cursors()?;
+        cursors.insert(
+            group_id_hex(group),
+            SyncCursor {
+                at: at.as_secs(),
+                seen: ids.iter().map(|i| i.to_hex()).collect(),
+            },
+        );
+        home.save_sync_cursors(&cursors)?;
+    }
+    Ok(())
+}
+
+/// Catches up on `groups`, advancing and saving their cursors.
+async fn sync_groups(
+    home: &Home,
+    member: &Member,
+    groups: &[Group],
+) -> anyhow::Result<Vec<(Group, SyncOutcome)>> {
+    let mut out = Vec::new();
+    for group in groups {
+        let (since, seen) = resume_of(home, group)?.unzip();
+        let outcome = member
+            .sync_group(group, since, &seen.unwrap_or_default())
+            .await
+            .with_context(|| format!("catching up on group {}", group.name))?;
+        save_outcome(home, group, &outcome)?;
+        out.push((group.clone(), outcome));
+    }
+    Ok(out)
+}
+
+/// Saves what a commit processed; fails if another commit won the epoch.
+fn settle(home: &Home, group: &Group, outcome: &CommitOutcome) -> anyhow::Result<()> {
+    save_outcome(home, group, &outcome.sync)?;
+    if !outcome.merged {
+        bail!(
+            "another admin's commit for the same epoch of {} came first (MIP-03 order); \
+             yours was not applied. The group is up to date now: run the command again",
+            group.name
+        );
+    }
+    Ok(())
+}
+
+/// Starts a fresh group's cursor at `at`, so catching up skips what came before we joined.
+fn start_cursor(home: &Home, group: &Group, at: Timestamp) -> anyhow::Result<()> {
+    let mut cursors = home.sync_cursors()?;
+    cursors
+        .entry(group_id_hex(group))
+        .or_insert_with(|| SyncCursor {
+            at: at.as_secs(),
+            seen: vec![],
+        });
+    Ok(home.save_sync_cursors(&cursors)?)
+}
+
+fn group_json(g: &Group) -> serde_json::Value {
+    json!({
+        "id": group_id_hex(g),
+        "nostr_group_id": hex::encode(g.nostr_group_id),
+        "name": g.name,
+        "epoch": g.epoch,
+        "state": g.state.as_str(),
+        "admins": g.admin_pubkeys.iter().map(npub).collect::<Vec<_>>(),
+    })
+}
+
+fn sync_json(g: &Group, o: &SyncOutcome) -> serde_json::Value {
+    json!({
+        "group": group_id_hex(g),
+        "name": g.name,
+        "fetched": o.fetched,
+        "commits": o.commits,
+        "committed_proposals": o.committed_proposals,
+        "pending_proposals": o.pending_proposals,
+        "ignored": o.ignored,
+        "messages": o.messages.iter().map(|m| json!({
+            "sender": npub(&m.sender),
+            "kind": m.kind.as_u16(),
+            "content": m.content,
+            "epoch": m.epoch,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print(settings: &Settings, value: serde_json::Value, human: impl FnOnce() -> String) {
+    if settings.json {
+        println!("{value}");
+    } else {
+        println!("{}", human());
+    }
+}
+
+pub async fn run_keys(settings: &Settings, cmd: &KeysCommand) -> anyhow::Result<u8> {
+    let KeysCommand::Publish = cmd;
+    let (_home, member) = connect(settings).await?;
+    let id = member.publish_key_package().await?;
+    member.disconnect().await;
+    print(settings, json!({ "key_package": id.to_hex() }), || {
+        format!("published key package {id}")
+    });
+    Ok(super::exit::OK)
+}
+
+pub async fn run_sync(settings: &Settings) -> anyhow::Result<u8> {
+    let (home, member) = connect(settings).await?;
+    let welcomes = member.fetch_welcomes().await?;
+    let groups: Vec<Group> = member
+        .groups()?
+        .into_iter()
+        .filter(|g| g.state.as_str() == "active")
+        .collect();
+    let results = sync_groups(&home, &member, &groups).await?;
+    member.disconnect().await;
+    print(
+        settings,
+        json!({
+            "pending_welcomes": welcomes.len(),
+            "groups": results.iter().map(|(g, o)| sync_json(g, o)).collect::<Vec<_>>(),
+        }),
+        || {
+            let mut s = format!("{} pending welcome(s)", welcomes.len());
+            for (g, o) in &results {
+                s.push_str(&format!(
+                    "\n{}: {} event(s), {} commit(s), {} message(s), {} ignored",
+                    g.name,
+                    o.fetched,
+                    o.commits + o.committed_proposals,
+                    o.messages.len(),
+                    o.ignored
+                ));
+                for m in &o.messages {
+                    s.push_str(&format!("\n  {}: {}", npub(&m.sender), m.content));
+                }
+            }
+            s
+        },
+    );
+    Ok(super::exit::OK)
+}
+
+pub async fn run_group(settings: &Settings, cmd: &GroupCommand) -> anyhow::Result<u8> {
+    let (home, member) = connect(settings).await?;
+    let result = run_group_connected(settings, &home, &member, cmd).await;
+    member.disconnect().await;
+    result
+}
+
+async fn run_group_connected(
+    settings: &Settings,
+    home: &Home,
+    member: &Member,
+    cmd: &GroupCommand,
+) -> anyhow::Result<u8> {
+    let find = |query: &str| -> anyhow::Result<Group> { resolve_group(&member.groups()?, query) };
+    match cmd {
+        GroupCommand::Create {
+            name,
+            invite,
+            admin,
+        } => {
+            let invitees = parse_pubkeys(invite)?;
+            let admins = parse_pubkeys(admin)?;
+            if let Some(a) = admins.iter().find(|a| !invitees.contains(a)) {
+                bail!("admin {} must also be invited (--invite)", npub(a));
+            }
+            let started = Timestamp::now();
+            let group_ref = member
+                .create_group_with_admins(name, &invitees, &admins)
+                .await?;
+            let group = member
+                .mdk()
+                .get_group(&group_ref.mls_group_id)?
+                .context("the new group is missing from local state")?;
+            start_cursor(home, &group, started)?;
+            print(settings, group_json(&group), || {
+                format!(
+                    "created group {} ({}), {} invited",
+                    group.name,
+                    group_id_hex(&group),
+                    invitees.len()
+                )
+            });
+        }
+        GroupCommand::Invite { group, npubs } => {
+            let invitees = parse_pubkeys(npubs)?;
+            let group = find(group)?;
+            sync_groups(home, member, std::slice::from_ref(&group)).await?;
+            let outcome = member
+                .invite(&group.mls_group_id, &invitees, resume_of(home, &group)?)
+                .await?;
+            settle(home, &group, &outcome)?;
+            let group = find(&group_id_hex(&group))?;
+            print(settings, group_json(&group), || {
+                format!(
+                    "invited {} to {} (epoch {})",
+                    invitees.len(),
+                    group.name,
+                    group.epoch
+                )
+            });
+        }
+        GroupCommand::Pending => {
+            let welcomes = member.fetch_welcomes().await?;
+            let list: Vec<serde_json::Value> = welcomes
+                .iter()
+                .map(|w| {
+                    json!({
+                        "id": welcome_id(w),
+                        "group_name": w.group_name,
+                        "group_id": hex::encode(w.mls_group_id.as_slice()),
+                        "from": npub(&w.welcomer),
+                        "members": w.member_count,
+                    })
+                })
+                .collect();
+            print(settings, json!({ "pending": list }), || {
+                if welcomes.is_empty() {
+                    return "no pending welcomes".into();
+                }
+                welcomes
+                    .iter()
+                    .map(|w| {
+                        format!(
+                            "{}  {}  from {} ({} members)",
+                            welcome_id(w),
+                            w.group_name,
+                            npub(&w.welcomer),
+                            w.member_count
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        GroupCommand::Accept { welcome } => {
+            let pending = member.fetch_welcomes().await?;
+            let chosen: Vec<&Welcome> = if welcome == "all" {
+                pending.iter().collect()
+            } else {
+                let q = welcome.to_ascii_lowercase();
+                let m: Vec<&Welcome> = pending
+                    .iter()
+                    .filter(|w| welcome_id(w).starts_with(&q))
+                    .collect();
+                match m.len() {
+                    0 => bail!("no pending welcome with an id starting with `{welcome}` (see `call group pending`)"),
+                    1 => m,
+                    _ => bail!(
+                        "`{welcome}` is ambiguous; it matches:\n{}",
+                        m.iter()
+                            .map(|w| format!("  {}  {}", welcome_id(w), w.group_name))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    ),
+                }
+            };
+            if chosen.is_empty() {
+                bail!("no pending welcomes");
+            }
+            let mut joined = Vec::new();
+            for w in &chosen {
+                member.accept(w)?;
+                let group = member
+                    .mdk()
+                    .get_group(&w.mls_group_id)?
+                    .context("the joined group is missing from local state")?;
+                start_cursor(home, &group, w.event.created_at)?;
+                joined.push(group);
+            }
+            // The key package the welcome used is spent: publish a fresh one.
+            let replenished = member.publish_key_package().await;
+            if let Err(e) = &replenished {
+                tracing::warn!("could not publish a fresh key package: {e}");
+            }
+            print(
+                settings,
+                json!({
+                    "joined": joined.iter().map(group_json).collect::<Vec<_>>(),
+                    "key_package_replenished": replenished.is_ok(),
+                }),
+                || {
+                    joined
+                        .iter()
+                        .map(|g| format!("joined {} ({})", g.name, group_id_hex(g)))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+        }
+        GroupCommand::List => {
+            let groups = member.groups()?;
+            print(
+                settings,
+                json!({ "groups": groups.iter().map(group_json).collect::<Vec<_>>() }),
+                || {
+                    if groups.is_empty() {
+                        return "no groups".into();
+                    }
+                    groups
+                        .iter()
+                        .map(|g| {
+                            format!(
+                                "{}  {}  epoch {}  {}",
+                                group_id_hex(g),
+                                g.name,
+                                g.epoch,
+                                g.state.as_str()
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+        }
+        GroupCommand::Members { group } => {
+            let group = find(group)?;
+            if group.state.as_str() == "active" {
+                sync_groups(home, member, std::slice::from_ref(&group)).await?;
+            }
+            let group = find(&group_id_hex(&group))?;
+            let leaves: BTreeMap<u32, PublicKey> = member
+                .mdk()
+                .group_leaf_map(&group.mls_group_id)
+                .unwrap_or_default();
+            let list: Vec<serde_json::Value> = leaves
+                .iter()
+                .map(|(leaf, pk)| {
+                    json!({
+                        "npub": npub(pk),
+                        "hex": pk.to_hex(),
+                        "leaf": leaf,
+                        "admin": group.admin_pubkeys.contains(pk),
+                    })
+                })
+                .collect();
+            print(
+                settings,
+                json!({ "group": group_json(&group), "members": list }),
+                || {
+                    let mut s = format!("{} (epoch {})", group.name, group.epoch);
+                    for (leaf, pk) in &leaves {
+                        let admin = if group.admin_pubkeys.contains(pk) {
+                            "  admin"
+                        } else {
+                            ""
+                        };
+                        s.push_str(&format!("\n  leaf {leaf}  {}{admin}", npub(pk)));
+                    }
+                    s
+                },
+            );
+        }
+        GroupCommand::Remove { group, npubs } => {
+            let removed = parse_pubkeys(npubs)?;
+            let group = find(group)?;
+            sync_groups(home, member, std::slice::from_ref(&group)).await?;
+            let outcome = member
+                .remove(&group.mls_group_id, &removed, resume_of(home, &group)?)
+                .await?;
+            settle(home, &group, &outcome)?;
+            let group = find(&group_id_hex(&group))?;
+            print(settings, group_json(&group), || {
+                format!(
+                    "removed {} from {} (epoch {})",
+                    removed.len(),
+                    group.name,
+                    group.epoch
+                )
+            });
+        }
+        GroupCommand::Leave { group } => {
+            let group = find(group)?;
+            sync_groups(home, member, std::slice::from_ref(&group)).await?;
+            let demotion = member
+                .leave(&group.mls_group_id, resume_of(home, &group)?)
+                .await?;
+            if let Some(outcome) = &demotion {
+                settle(home, &group, outcome)?;
+            }
+            let was_admin = demotion.is_some();
+            print(
+                settings,
+                json!({ "group": group_id_hex(&group), "was_admin": was_admin, "proposal_published": true }),
+                || {
+                    format!(
+                        "asked to leave {}{}; an admin's client commits it on its next sync",
+                        group.name,
+                        if was_admin {
+                            " (gave up admin rights first)"
+                        } else {
+                            ""
+                        }
+                    )
+                },
+            );
+        }
+    }
+    Ok(super::exit::OK)
+}

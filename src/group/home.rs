@@ -1,0 +1,241 @@
+//! A user's home directory: the Nostr identity, the MLS state (MDK on encrypted SQLite) and
+//! the per-group sync cursors, guarded by an exclusive lock so two processes never share it.
+//!
+//! Layout of `$CALL_HOME`:
+//! - `lock`          advisory lock held for as long as a [`Home`] is open
+//! - `nostr.key`     the Nostr secret key (nsec, bech32), mode 0600
+//! - `storage.key`   the 32-byte SQLCipher key of `mdk.sqlite` (hex), mode 0600
+//! - `mdk.sqlite`    MDK state (groups, MLS epochs, welcomes), encrypted
+//! - `sync.json`     per group: `created_at` of the last group event processed
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use mdk_sqlite_storage::{EncryptionConfig, MdkSqliteStorage};
+use nostr_sdk::prelude::*;
+use rand::RngCore;
+
+const LOCK_FILE: &str = "lock";
+const NOSTR_KEY_FILE: &str = "nostr.key";
+const STORAGE_KEY_FILE: &str = "storage.key";
+const DATABASE_FILE: &str = "mdk.sqlite";
+const SYNC_FILE: &str = "sync.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("busy: another `call` process is using {0} (wait for it to finish)")]
+    Busy(PathBuf),
+    #[error("no identity in {0}: run `call id new` or `call id import <nsec>`")]
+    NoIdentity(PathBuf),
+    #[error("an identity already exists in {0} (its MLS state belongs to it); use another home")]
+    IdentityExists(PathBuf),
+    #[error("{path} is readable by others (mode {mode:o}); it holds a secret: chmod 600 it")]
+    InsecurePermissions { path: PathBuf, mode: u32 },
+    #[error("{path}: {reason}")]
+    BadSecret { path: PathBuf, reason: String },
+    #[error("not a valid nsec or hex secret key: {0}")]
+    BadKey(String),
+    #[error("MLS storage: {0}")]
+    Storage(#[from] mdk_sqlite_storage::error::Error),
+    #[error("{path}: corrupt sync state: {reason}")]
+    BadSyncState { path: PathBuf, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
+    move |source| HomeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where catching up on one group resumes: `created_at` of the newest group event
+/// processed, and the ids of the events processed at that second (fetched again, skipped).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SyncCursor {
+    pub at: u64,
+    pub seen: Vec<String>,
+}
+
+/// An open, locked home directory. The lock is released when this is dropped.
+pub struct Home {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Home {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Home").field("dir", &self.dir).finish()
+    }
+}
+
+impl Home {
+    /// Opens (creating it with mode 0700 if needed) and locks `dir`. Fails with
+    /// [`HomeError::Busy`] at once if another process holds the lock.
+    pub fn open(dir: &Path) -> Result<Self, HomeError> {
+        if !dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode_0700()
+                .create(dir)
+                .map_err(io_err(dir))?;
+        }
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(HomeError::Busy(dir.into())),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn has_identity(&self) -> bool {
+        self.dir.join(NOSTR_KEY_FILE).exists()
+    }
+
+    /// Stores `keys` as this home's identity. Refuses to replace an existing one: the MLS
+    /// state in this home belongs to that identity.
+    pub fn set_identity(&self, keys: &Keys) -> Result<(), HomeError> {
+        if self.has_identity() {
+            return Err(HomeError::IdentityExists(self.dir.clone()));
+        }
+        let nsec = keys
+            .secret_key()
+            .to_bech32()
+            .map_err(|e| HomeError::BadKey(e.to_string()))?;
+        write_secret(&self.dir.join(NOSTR_KEY_FILE), nsec.as_bytes())
+    }
+
+    /// The stored identity.
+    pub fn keys(&self) -> Result<Keys, HomeError> {
+        let path = self.dir.join(NOSTR_KEY_FILE);
+        if !path.exists() {
+            return Err(HomeError::NoIdentity(self.dir.clone()));
+        }
+        let text = read_secret(&path)?;
+        parse_secret_key(text.trim()).map_err(|_| HomeError::BadSecret {
+            path,
+            reason: "not a Nostr secret key".into(),
+        })
+    }
+
+    /// MDK storage in `mdk.sqlite`, encrypted with the key in `storage.key` (made on first
+    /// use, 32 random bytes).
+    pub fn storage(&self) -> Result<MdkSqliteStorage, HomeError> {
+        let key_path = self.dir.join(STORAGE_KEY_FILE);
+        let db_path = self.dir.join(DATABASE_FILE);
+        if !key_path.exists() {
+            if db_path.exists() {
+                return Err(HomeError::BadSecret {
+                    path: key_path,
+                    reason: format!("missing, but {} exists", db_path.display()),
+                });
+            }
+            let mut key = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut key);
+            write_secret(&key_path, hex::encode(key).as_bytes())?;
+        }
+        let text = read_secret(&key_path)?;
+        let key: [u8; 32] = hex::decode(text.trim())
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| HomeError::BadSecret {
+                path: key_path.clone(),
+                reason: "not 32 bytes of hex".into(),
+            })?;
+        Ok(MdkSqliteStorage::new_with_key(
+            &db_path,
+            EncryptionConfig::new(key),
+        )?)
+    }
+
+    /// Per group (MLS group id hex): where catching up resumes.
+    pub fn sync_cursors(&self) -> Result<BTreeMap<String, SyncCursor>, HomeError> {
+        let path = self.dir.join(SYNC_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| HomeError::BadSyncState {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Replaces the sync cursors atomically (write to a temporary file, then rename).
+    pub fn save_sync_cursors(
+        &self,
+        cursors: &BTreeMap<String, SyncCursor>,
+    ) -> Result<(), HomeError> {
+        let path = self.dir.join(SYNC_FILE);
+        let tmp = self.dir.join(format!("{SYNC_FILE}.tmp"));
+        let bytes = serde_json::to_vec_pretty(cursors).expect("cursors serialize");
+        fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+}
+
+/// Accepts `nsec1…` or 64 hex digits.
+pub fn parse_secret_key(text: &str) -> Result<Keys, HomeError> {
+    Keys::parse(text).map_err(|_| HomeError::BadKey("expected nsec1… or 64 hex digits".into()))
+}
+
+trait DirBuilderExt2 {
+    fn mode_0700(&mut self) -> &mut Self;
+}
+
+impl DirBuilderExt2 for fs::DirBuilder {
+    fn mode_0700(&mut self) -> &mut Self {
+        use std::os::unix::fs::DirBuilderExt;
+        self.mode(0o700)
+    }
+}
+
+/// Creates `path` with mode 0600 from the start (never briefly world-readable).
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), HomeError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    file.write_all(bytes).map_err(io_err(path))?;
+    file.sync_all().map_err(io_err(path))
+}
+
+/// Reads a secret file, refusing it if group or others may read it.
+fn read_secret(path: &Path) -> Result<String, HomeError> {
+    let meta = fs::metadata(path).map_err(io_err(path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(HomeError::InsecurePermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    fs::read_to_string(path).map_err(io_err(path))
+}
+
+/// Names of the files in a home that hold secrets (for checks and tests).
+pub const SECRET_FILES: [&str; 3] = [NOSTR_KEY_FILE, STORAGE_KEY_FILE, DATABASE_FILE];
