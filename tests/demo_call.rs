@@ -41,6 +41,9 @@ async fn three_party_call_every_peer_hears_every_other() {
                 peer.from
             );
             assert_eq!(peer.decrypt_failed, 0);
+            assert_eq!(peer.rejects.total(), 0);
+            // Every frame that arrived was played out through the jitter buffer.
+            assert!(peer.jitter.played >= peer.received, "{:?}", peer.jitter);
             let heard = peer.heard_hz.expect("some audio decoded");
             assert!(
                 (heard - demo::tone_of(peer.from)).abs() <= MAX_FREQ_ERROR_HZ,

@@ -20,8 +20,10 @@ use super::signaling::{
 use super::CallError;
 use crate::group::{GroupMember, GroupRef};
 use crate::media::keys::{KidLayout, MediaType};
-use crate::media::opus::{CodecConfig, OpusDecoder, OpusEncoder, SAMPLE_RATE};
-use crate::media::sframe::{ReceiverKeys, SenderKeys};
+use crate::media::jitter::JitterStats;
+use crate::media::keyring::{Received, ReceiverKeyring, RejectCounts, SenderKeyring};
+use crate::media::opus::{CodecConfig, OpusEncoder, SAMPLE_RATE};
+use crate::media::playout::{PlayoutDecoder, SlotKind};
 use crate::media::tone::{dominant_frequency, ToneSource};
 use crate::transport::{call_namespace, CertVerification, MoqConnection, TrackSubscriber};
 
@@ -49,7 +51,11 @@ pub struct PeerReport {
     pub from: usize,
     pub expected: u64,
     pub received: u64,
+    /// Frames refused by SFrame (sum of `rejects`).
     pub decrypt_failed: u64,
+    pub rejects: RejectCounts,
+    /// The receiver's jitter buffer: target delay, late, concealed, FEC recoveries, ….
+    pub jitter: JitterStats,
     pub received_pct: f64,
     pub tone_hz: f64,
     pub heard_hz: Option<f64>,
@@ -346,14 +352,15 @@ async fn participant(
     let export = member.export_call_secret(group, &offer.call_id)?;
     let layout =
         KidLayout::new(offer.sender_bits).map_err(crate::media::sframe::FrameError::from)?;
-    let mut sender_keys = SenderKeys::new(
-        &export.secret,
+    let mut sender_keys = SenderKeyring::new(
         layout,
         MediaType::Audio,
         my_track.leaf_index,
         export.epoch,
-        0,
-    )?;
+        &export.secret,
+        None,
+    )
+    .map_err(|e| CallError::Protocol(e.to_string()))?;
 
     let (mut conn, driver) = MoqConnection::connect(&offer.moq_url, &cfg.verification).await?;
     let driver = tokio::spawn(driver);
@@ -369,13 +376,12 @@ async fn participant(
         let sub = conn
             .subscribe(namespace.clone(), &track.name_hex(), SIGNALING_TIMEOUT)
             .await?;
-        let mut keys = ReceiverKeys::new();
-        keys.add_sender(
-            &export.secret,
-            layout,
-            MediaType::Audio,
-            track.leaf_index,
+        let mut keys = ReceiverKeyring::new(layout, MediaType::Audio);
+        keys.install_epoch(
             export.epoch,
+            &export.secret,
+            [track.leaf_index],
+            Instant::now(),
         )?;
         inputs.push((*pk, track.name, sub, keys));
     }
@@ -433,7 +439,9 @@ async fn participant(
             from,
             expected,
             received: h.received,
-            decrypt_failed: h.decrypt_failed,
+            decrypt_failed: h.rejects.total(),
+            rejects: h.rejects,
+            jitter: h.jitter,
             received_pct,
             tone_hz: tone,
             heard_hz,
@@ -464,7 +472,7 @@ async fn participant(
 /// Encodes, encrypts and publishes `frames` frames of a tone, paced like a microphone.
 async fn send_tone(
     publisher: &mut crate::transport::TrackPublisher,
-    keys: &mut SenderKeys,
+    keys: &mut SenderKeyring,
     track: [u8; 8],
     codec: CodecConfig,
     tone_hz: f64,
@@ -484,7 +492,9 @@ async fn send_tone(
             .lock()
             .expect("log lock")
             .insert((track, seq), Instant::now());
-        let frame = keys.encrypt(packet)?;
+        let frame = keys
+            .encrypt(packet)
+            .map_err(|e| CallError::Protocol(e.to_string()))?;
         publisher.send(seq, Bytes::copy_from_slice(frame))?;
     }
     log.sent_count
@@ -498,65 +508,76 @@ struct Heard {
     pubkey: PublicKey,
     track: [u8; 8],
     received: u64,
-    decrypt_failed: u64,
+    rejects: RejectCounts,
+    jitter: JitterStats,
     pcm: Vec<i16>,
     latencies_ms: Vec<f64>,
 }
 
-/// Reads one peer's track until told to stop: decrypts, decodes and keeps the audio.
+/// Reads one peer's track until told to stop: decrypts frames as they arrive into a jitter
+/// buffer, and plays it out on a frame-rate clock (decode, FEC or concealment).
 async fn receive(
     mut sub: TrackSubscriber,
-    mut keys: ReceiverKeys,
+    mut keys: ReceiverKeyring,
     track: [u8; 8],
     codec: CodecConfig,
     log: &SendLog,
     mut stop: watch::Receiver<bool>,
     pubkey: PublicKey,
 ) -> Result<Heard, CallError> {
-    let mut decoder = OpusDecoder::new(codec)?;
-    let mut heard = Heard {
-        pubkey,
-        track,
-        received: 0,
-        decrypt_failed: 0,
-        pcm: Vec::with_capacity(SAMPLE_RATE as usize * 10),
-        latencies_ms: Vec::new(),
-    };
-    let mut frame_pcm = Vec::new();
+    let mut player = PlayoutDecoder::new(codec)?;
+    let mut pcm = Vec::with_capacity(SAMPLE_RATE as usize * 10);
+    // Audio up to the last slot that held a real frame; what follows is concealment of a
+    // stream that ended, not something the peer sent.
+    let mut pcm_through_last_frame = 0;
+    let mut received = 0;
+    let mut latencies_ms = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(u64::from(codec.frame_ms)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut track_open = true;
     loop {
-        let next = tokio::select! {
+        tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
-            next = sub.next() => next,
-        };
-        let Some((seq, payload)) = (match next {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!("track {} ended: {e}", hex::encode(track));
-                break;
-            }
-        }) else {
-            break;
-        };
-        match keys.decrypt(&payload) {
-            Ok((_, opus)) => {
-                let sent_at = log
-                    .sent_at
-                    .lock()
-                    .expect("log lock")
-                    .get(&(track, seq))
-                    .copied();
-                if let Some(t) = sent_at {
-                    heard.latencies_ms.push(ms(t.elapsed()));
+            _ = tick.tick() => {
+                if let Some((kind, frame)) = player.next(Instant::now()) {
+                    pcm.extend_from_slice(frame);
+                    if matches!(kind, SlotKind::Decoded { .. } | SlotKind::Fec { .. }) {
+                        pcm_through_last_frame = pcm.len();
+                    }
                 }
-                decoder.decode(opus, &mut frame_pcm)?;
-                heard.pcm.extend_from_slice(&frame_pcm);
-                heard.received += 1;
             }
-            Err(e) => {
-                tracing::debug!("frame {seq} from {}: {e}", hex::encode(track));
-                heard.decrypt_failed += 1;
-            }
+            next = sub.next(), if track_open => match next {
+                Ok(Some((seq, payload))) => {
+                    let now = Instant::now();
+                    match keys.decrypt(&payload, now) {
+                        Ok(Received::Frame(d)) => {
+                            let sent_at = log.sent_at.lock().expect("log lock").get(&(track, seq)).copied();
+                            if let Some(t) = sent_at {
+                                latencies_ms.push(ms(t.elapsed()));
+                            }
+                            received += 1;
+                            player.push(seq, d.payload, now);
+                        }
+                        Ok(Received::Held) => {}
+                        Err(e) => tracing::debug!("frame {seq} from {}: {e}", hex::encode(track)),
+                    }
+                }
+                Ok(None) => track_open = false,
+                Err(e) => {
+                    tracing::warn!("track {} ended: {e}", hex::encode(track));
+                    track_open = false;
+                }
+            },
         }
     }
-    Ok(heard)
+    pcm.truncate(pcm_through_last_frame);
+    Ok(Heard {
+        pubkey,
+        track,
+        received,
+        rejects: keys.rejects(),
+        jitter: player.stats(),
+        pcm,
+        latencies_ms,
+    })
 }

@@ -139,7 +139,7 @@ fn print_human(out: &mut impl Write, r: &DemoReport) -> std::io::Result<()> {
         for peer in &p.peers {
             writeln!(
                 out,
-                "  from {}: {}/{} frames ({:.1}%), {} failed to decrypt, heard {} Hz (sent {:.0}), latency p50 {} ms p99 {} ms  {}",
+                "  from {}: {}/{} frames ({:.1}%), {} failed to decrypt, heard {} Hz (sent {:.0}), latency p50 {} ms p99 {} ms, jitter buffer {:.0} ms with {} concealed / {} FEC  {}",
                 peer.from,
                 peer.received,
                 peer.expected,
@@ -149,6 +149,9 @@ fn print_human(out: &mut impl Write, r: &DemoReport) -> std::io::Result<()> {
                 peer.tone_hz,
                 fmt_ms(peer.latency_p50_ms),
                 fmt_ms(peer.latency_p99_ms),
+                peer.jitter.target_delay_ms,
+                peer.jitter.concealed,
+                peer.jitter.fec_recovered,
                 if peer.ok { "ok" } else { "FAIL" }
             )?;
         }
