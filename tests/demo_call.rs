@@ -4,6 +4,7 @@
 mod common;
 
 use call::call::demo::{self, DemoConfig, MAX_FREQ_ERROR_HZ, MIN_RECEIVED};
+use call::call::signaling::Privacy;
 use call::transport::CertVerification;
 use common::TestRelay;
 
@@ -17,6 +18,7 @@ async fn three_party_call_every_peer_hears_every_other() {
         moq_relay: relay.moq_url.clone(),
         nostr_relays: vec![relay.nostr_url.clone()],
         verification: CertVerification::fingerprint(&relay.fingerprint).unwrap(),
+        privacy: Privacy::Standard,
     };
     let report = demo::run(config, &|_| {}).await.expect("demo runs");
 
@@ -73,7 +75,50 @@ async fn a_relay_certificate_that_does_not_match_the_pin_is_refused() {
         moq_relay: relay.moq_url.clone(),
         nostr_relays: vec![relay.nostr_url.clone()],
         verification: CertVerification::Fingerprint([0x42; 32]),
+        privacy: Privacy::Standard,
     };
     let err = demo::run(config, &|_| {}).await.expect_err("pin mismatch");
     assert!(err.to_string().contains("connecting to"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enhanced_privacy_sends_payloads_of_one_size() {
+    let relay = TestRelay::start().await;
+    let config = DemoConfig {
+        participants: 2,
+        seconds: 1,
+        frame_ms: 20,
+        moq_relay: relay.moq_url.clone(),
+        nostr_relays: vec![relay.nostr_url.clone()],
+        verification: CertVerification::fingerprint(&relay.fingerprint).unwrap(),
+        privacy: Privacy::Enhanced,
+    };
+    let report = demo::run(config, &|_| {}).await.expect("demo runs");
+    assert!(report.ok);
+    for p in &report.reports {
+        assert_eq!(
+            p.peers[0].distinct_payload_sizes, 1,
+            "participant {}",
+            p.index
+        );
+    }
+    // The same call in standard mode varies its sizes (VBR).
+    let config = DemoConfig {
+        privacy: Privacy::Standard,
+        ..demo_config(&relay)
+    };
+    let report = demo::run(config, &|_| {}).await.expect("demo runs");
+    assert!(report.reports[0].peers[0].distinct_payload_sizes > 1);
+}
+
+fn demo_config(relay: &TestRelay) -> DemoConfig {
+    DemoConfig {
+        participants: 2,
+        seconds: 1,
+        frame_ms: 20,
+        moq_relay: relay.moq_url.clone(),
+        nostr_relays: vec![relay.nostr_url.clone()],
+        verification: CertVerification::fingerprint(&relay.fingerprint).unwrap(),
+        privacy: Privacy::Standard,
+    }
 }

@@ -19,9 +19,9 @@ use super::signaling::{
 };
 use super::CallError;
 use crate::group::{GroupMember, GroupRef};
-use crate::media::keys::{KidLayout, MediaType};
 use crate::media::jitter::JitterStats;
 use crate::media::keyring::{Received, ReceiverKeyring, RejectCounts, SenderKeyring};
+use crate::media::keys::{KidLayout, MediaType};
 use crate::media::opus::{CodecConfig, OpusEncoder, SAMPLE_RATE};
 use crate::media::playout::{PlayoutDecoder, SlotKind};
 use crate::media::tone::{dominant_frequency, ToneSource};
@@ -43,6 +43,8 @@ pub struct DemoConfig {
     pub moq_relay: Url,
     pub nostr_relays: Vec<Url>,
     pub verification: CertVerification,
+    /// `enhanced`: constant bit rate and one packet size (PROTOCOL.md §5).
+    pub privacy: Privacy,
 }
 
 /// What one participant heard from one peer.
@@ -57,6 +59,9 @@ pub struct PeerReport {
     /// The receiver's jitter buffer: target delay, late, concealed, FEC recoveries, ….
     pub jitter: JitterStats,
     pub received_pct: f64,
+    /// How many different SFrame plaintext (Opus packet) lengths arrived: 1 with `privacy
+    /// enhanced`. The ciphertext adds only the header, whose length follows the counter.
+    pub distinct_payload_sizes: usize,
     pub tone_hz: f64,
     pub heard_hz: Option<f64>,
     pub latency_p50_ms: Option<f64>,
@@ -292,7 +297,7 @@ async fn signal(
             track: my_track.clone(),
             frame_ms: stage.config.frame_ms,
             sender_bits: KidLayout::for_max_leaf(max_leaf).sender_bits(),
-            privacy: Privacy::Standard,
+            privacy: stage.config.privacy,
         };
         member.send_rumor(group, o.to_rumor()).await?;
         offer = Some(o);
@@ -388,9 +393,12 @@ async fn participant(
     stage.barrier.wait().await; // every subscription is in place
     let media_ready = Instant::now();
 
-    let codec = CodecConfig {
-        frame_ms: offer.frame_ms,
-        ..CodecConfig::default()
+    let codec = match offer.privacy {
+        Privacy::Enhanced => CodecConfig::enhanced(offer.frame_ms),
+        Privacy::Standard => CodecConfig {
+            frame_ms: offer.frame_ms,
+            ..CodecConfig::default()
+        },
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let receivers = futures::future::join_all(inputs.into_iter().map(|(pk, name, sub, keys)| {
@@ -440,6 +448,7 @@ async fn participant(
             expected,
             received: h.received,
             decrypt_failed: h.rejects.total(),
+            distinct_payload_sizes: h.payload_sizes.len(),
             rejects: h.rejects,
             jitter: h.jitter,
             received_pct,
@@ -510,6 +519,7 @@ struct Heard {
     received: u64,
     rejects: RejectCounts,
     jitter: JitterStats,
+    payload_sizes: std::collections::BTreeSet<usize>,
     pcm: Vec<i16>,
     latencies_ms: Vec<f64>,
 }
@@ -532,6 +542,7 @@ async fn receive(
     let mut pcm_through_last_frame = 0;
     let mut received = 0;
     let mut latencies_ms = Vec::new();
+    let mut payload_sizes = std::collections::BTreeSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(u64::from(codec.frame_ms)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut track_open = true;
@@ -556,6 +567,7 @@ async fn receive(
                                 latencies_ms.push(ms(t.elapsed()));
                             }
                             received += 1;
+                            payload_sizes.insert(d.payload.len());
                             player.push(seq, d.payload, now);
                         }
                         Ok(Received::Held) => {}
@@ -577,6 +589,7 @@ async fn receive(
         received,
         rejects: keys.rejects(),
         jitter: player.stats(),
+        payload_sizes,
         pcm,
         latencies_ms,
     })

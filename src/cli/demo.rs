@@ -5,6 +5,7 @@ use clap::Args;
 use url::Url;
 
 use crate::call::demo::{self, DemoConfig, DemoReport};
+use crate::call::signaling::Privacy;
 use crate::transport::CertVerification;
 
 #[derive(Args, Debug)]
@@ -21,6 +22,9 @@ pub struct DemoArgs {
     #[arg(long, env = "CALL_FRAME_MS", default_value_t = 20,
           value_parser = parse_frame_ms)]
     pub frame_ms: u32,
+    /// `enhanced`: constant bit rate and one packet size, so sizes leak no speech pattern.
+    #[arg(long, env = "CALL_PRIVACY", default_value = "standard", value_parser = parse_privacy)]
+    pub privacy: Privacy,
     /// Print exactly one JSON object on stdout instead of the human report.
     #[arg(long)]
     pub json: bool,
@@ -36,6 +40,14 @@ pub struct DemoArgs {
     /// Accept any MoQ relay certificate. For development only.
     #[arg(long, env = "CALL_MOQ_INSECURE")]
     pub moq_insecure: bool,
+}
+
+fn parse_privacy(s: &str) -> Result<Privacy, String> {
+    match s {
+        "standard" => Ok(Privacy::Standard),
+        "enhanced" => Ok(Privacy::Enhanced),
+        _ => Err(format!("`{s}` is not standard or enhanced")),
+    }
 }
 
 fn parse_frame_ms(s: &str) -> Result<u32, String> {
@@ -95,6 +107,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
         moq_relay,
         nostr_relays,
         verification,
+        privacy: args.privacy,
     };
     let result = demo::run(config, &progress).await;
     if let Some(t) = relay_task {
