@@ -81,3 +81,54 @@ fn help_shows_examples() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Examples:") && text.contains("call demo"));
 }
+
+#[test]
+fn loopback_carries_a_tone_through_the_media_path_into_a_wav_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("out.wav");
+    let out = call()
+        .args([
+            "loopback", "--source", "tone:523", "--loss", "10", "-s", "2", "--json",
+        ])
+        .arg("--sink")
+        .arg(format!("wav:{}", wav.display()))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["frames_sent"], 100);
+    let lost = v["frames_lost"].as_u64().unwrap();
+    assert!(lost > 0, "10 % loss with seed 1 drops something");
+    let jitter = &v["jitter"];
+    let recovered =
+        jitter["fec_recovered"].as_u64().unwrap() + jitter["concealed"].as_u64().unwrap();
+    assert!(
+        recovered >= lost,
+        "every lost frame is recovered or concealed: {v}"
+    );
+    assert!((v["heard_hz"].as_f64().unwrap() - 523.0).abs() < 2.0, "{v}");
+
+    let reader = hound::WavReader::open(&wav).unwrap();
+    assert_eq!(reader.spec().sample_rate, 48_000);
+    assert_eq!(reader.spec().channels, 1);
+    let samples: Vec<i16> = reader.into_samples::<i16>().map(Result::unwrap).collect();
+    assert!(samples.len() >= 99 * 960, "{} samples", samples.len());
+    let f = call::media::tone::dominant_frequency(&samples, 100.0, 2000.0).unwrap();
+    assert!((f - 523.0).abs() < 2.0, "{f}");
+}
+
+#[test]
+fn loopback_reports_a_missing_wav_with_its_path() {
+    let out = call()
+        .args(["loopback", "--source", "wav:/definitely/missing.wav"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/definitely/missing.wav"));
+    let out = call()
+        .args(["loopback", "--sink", "speaker"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

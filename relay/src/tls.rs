@@ -23,10 +23,10 @@ impl std::fmt::Debug for ServerCert {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {err}")]
     Pem {
         path: String,
-        source: rustls::pki_types::pem::Error,
+        err: rustls::pki_types::pem::Error,
     },
     #[error("{0} holds no certificate")]
     NoCertificate(String),
@@ -57,7 +57,7 @@ impl ServerCert {
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let pem_err = |p: &Path| {
             let path = p.display().to_string();
-            move |source| TlsError::Pem { path, source }
+            move |err| TlsError::Pem { path, err }
         };
         let chain = CertificateDer::pem_file_iter(cert)
             .map_err(pem_err(cert))?

@@ -1,6 +1,7 @@
 //! The call engine: signaling over the group, and the media path from tone to MoQ and back.
 
 pub mod demo;
+pub mod loopback;
 pub mod signaling;
 
 use crate::group::GroupError;
@@ -20,6 +21,8 @@ pub enum CallError {
     Codec(#[from] CodecError),
     #[error("signaling: {0}")]
     Signal(#[from] signaling::SignalError),
+    #[error(transparent)]
+    Audio(#[from] crate::media::audio::AudioError),
     #[error("{0}")]
     Protocol(String),
 }

@@ -5,6 +5,7 @@ mod demo;
 mod devices;
 pub mod group;
 mod id;
+mod loopback;
 
 use std::process::ExitCode;
 
@@ -47,8 +48,14 @@ pub struct Cli {
 pub enum Command {
     /// Run a complete encrypted group call between headless participants in this process.
     Demo(demo::DemoArgs),
-    /// List audio input and output devices (names usable with --input/--output).
+    /// List audio input and output devices (ids usable as `device:ID`).
     Devices(devices::DevicesArgs),
+    /// Send audio through the whole media path and back: a microphone check, or a
+    /// headless self-test with tone/WAV.
+    #[command(
+        after_help = "Examples:\n  call loopback --source device --sink device      hear yourself through Opus+SFrame\n  call loopback --source wav:in.wav --sink wav:out.wav --loss 10\n  call loopback --source tone:523 --json"
+    )]
+    Loopback(loopback::LoopbackArgs),
     /// Your Nostr identity in $CALL_HOME.
     #[command(
         after_help = "Examples:\n  call id new\n  call id show --json\n  call id import - < my.nsec"
@@ -108,6 +115,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Devices(args) => devices::run(args),
+            Command::Loopback(args) => loopback::run(args).await,
             Command::Id { common, command } => id::run(&common.resolve()?, &command),
             Command::Keys { common, command } => {
                 group::run_keys(&common.resolve()?, &command).await

@@ -16,8 +16,8 @@ use super::tone::ToneSource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AudioError {
-    #[error("wav {path}: {source}")]
-    Wav { path: String, source: hound::Error },
+    #[error("wav {path}: {err}")]
+    Wav { path: String, err: hound::Error },
     #[error("wav {path}: {why}")]
     WavFormat { path: String, why: String },
     #[error("resampler: {0}")]
@@ -173,9 +173,9 @@ pub struct WavSource {
 impl WavSource {
     pub fn open(path: &Path) -> Result<Self, AudioError> {
         let p = path.display().to_string();
-        let wav_err = |source| AudioError::Wav {
+        let wav_err = |err| AudioError::Wav {
             path: p.clone(),
-            source,
+            err,
         };
         let mut reader = hound::WavReader::open(path).map_err(wav_err)?;
         let spec = reader.spec();
@@ -241,9 +241,9 @@ impl WavSink {
             sample_format: hound::SampleFormat::Int,
         };
         let p = path.display().to_string();
-        let writer = hound::WavWriter::create(path, spec).map_err(|source| AudioError::Wav {
+        let writer = hound::WavWriter::create(path, spec).map_err(|err| AudioError::Wav {
             path: p.clone(),
-            source,
+            err,
         })?;
         Ok(Self {
             writer: Some(writer),
@@ -258,9 +258,9 @@ impl AudioSink for WavSink {
             return Ok(());
         };
         for &s in pcm {
-            w.write_sample(s).map_err(|source| AudioError::Wav {
+            w.write_sample(s).map_err(|err| AudioError::Wav {
                 path: self.path.clone(),
-                source,
+                err,
             })?;
         }
         Ok(())
@@ -268,9 +268,9 @@ impl AudioSink for WavSink {
 
     fn finish(&mut self) -> Result<(), AudioError> {
         if let Some(w) = self.writer.take() {
-            w.finalize().map_err(|source| AudioError::Wav {
+            w.finalize().map_err(|err| AudioError::Wav {
                 path: self.path.clone(),
-                source,
+                err,
             })?;
         }
         Ok(())
