@@ -14,6 +14,7 @@ use moq_transport::coding::TrackNamespace;
 use moq_transport::serve::{
     ServeError, Subgroup, SubgroupsReader, SubgroupsWriter, Track, TrackReaderMode, Tracks,
 };
+use moq_transport::setup::AuthorizationToken;
 use moq_transport::session::{
     transport as wt, PublishNamespace, Publisher, Session, SessionError, Subscribe, Subscriber,
 };
@@ -38,6 +39,10 @@ pub enum TransportError {
     Namespace(String),
     #[error("tls: {0}")]
     Tls(String),
+    #[error("the relay refused the request: wrong or missing relay token")]
+    Unauthorized,
+    #[error("the relay refused the announce: {0}")]
+    AnnounceRefused(String),
     #[error("track {0} was not found on the relay before the deadline")]
     NotFound(String),
 }
@@ -58,10 +63,28 @@ pub struct MoqConnection {
     subscriber: Subscriber,
 }
 
+/// Token type sent in SETUP's AUTHORIZATION TOKEN option. Type 0 is reserved for a type
+/// agreed out of band (draft-18 §10.3.1.4): here, the call's 32 random relay-token bytes.
+pub const RELAY_TOKEN_TYPE: u64 = 0;
+
+/// Request error code a relay uses for a refused token (draft-18 UNAUTHORIZED).
+const UNAUTHORIZED: u64 = 0x1;
+
 impl MoqConnection {
+    /// Connects without presenting a relay token (for relays in open mode).
     pub async fn connect(
         url: &Url,
         verify: &CertVerification,
+    ) -> Result<(Self, impl Future<Output = Result<(), SessionError>> + Send), TransportError> {
+        Self::connect_with_token(url, verify, None).await
+    }
+
+    /// Connects, presenting `token` (the call's relay token) in SETUP as an
+    /// AUTHORIZATION TOKEN; the bundled relay binds each namespace to its SHA-256.
+    pub async fn connect_with_token(
+        url: &Url,
+        verify: &CertVerification,
+        token: Option<&[u8]>,
     ) -> Result<(Self, impl Future<Output = Result<(), SessionError>> + Send), TransportError> {
         if !matches!(url.scheme(), "moqt" | "https") {
             return Err(TransportError::Scheme(url.clone()));
@@ -92,8 +115,11 @@ impl MoqConnection {
             .connect(url, None)
             .await
             .map_err(|e| connect_err(format!("{e:#}")))?;
+        let tokens = token
+            .map(|t| vec![AuthorizationToken::new(RELAY_TOKEN_TYPE, t.to_vec())])
+            .unwrap_or_default();
         let (session, publisher, subscriber) =
-            Session::connect(transport.clone(), None, kind).await?;
+            Session::connect_with_tokens(transport.clone(), None, kind, tokens).await?;
         Ok((
             Self {
                 _endpoint: endpoint,
@@ -119,7 +145,11 @@ impl MoqConnection {
             .ok_or_else(|| TransportError::Namespace("track set already closed".into()))?;
         let subgroups = track_writer.subgroups()?;
         let announce = self.publisher.publish_namespace_start(namespace).await?;
-        announce.ok().await?;
+        match announce.ok().await {
+            Ok(()) => {}
+            Err(ServeError::Closed(UNAUTHORIZED)) => return Err(TransportError::Unauthorized),
+            Err(e) => return Err(TransportError::AnnounceRefused(e.to_string())),
+        }
         let serve = serve_announce(announce, reader);
         Ok((
             TrackPublisher {
@@ -158,6 +188,7 @@ impl MoqConnection {
                 Err(ServeError::NotFound | ServeError::NotFoundWithId(..)) => {
                     return Err(TransportError::NotFound(track.to_string()))
                 }
+                Err(ServeError::Closed(UNAUTHORIZED)) => return Err(TransportError::Unauthorized),
                 Err(e) => return Err(e.into()),
             }
         }

@@ -9,6 +9,7 @@ pub struct TestRelay {
     pub moq_url: Url,
     pub nostr_url: Url,
     pub fingerprint: String,
+    stats: Box<dyn Fn() -> call_relay::RelayStats + Send + Sync>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -18,12 +19,20 @@ impl TestRelay {
         let relay = Relay::bind(&RelayConfig::ephemeral())
             .await
             .expect("relay binds");
+        let stats = relay.stats_handle();
         Self {
+            stats: Box::new(move || stats.get()),
             moq_url: relay.moq_url(),
             nostr_url: relay.nostr_url(),
             fingerprint: relay.fingerprint().to_string(),
             task: tokio::spawn(relay.run()),
         }
+    }
+}
+
+impl TestRelay {
+    pub fn stats(&self) -> call_relay::RelayStats {
+        (self.stats)()
     }
 }
 
