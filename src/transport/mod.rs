@@ -1,6 +1,7 @@
 //! MoQ client (moq-transport draft-18): one connection to a relay, publishing the local
 //! track and subscribing to peers' tracks (PROTOCOL.md §4).
 
+mod client;
 mod tls;
 
 use std::future::Future;
@@ -20,6 +21,7 @@ use moq_transport::session::{
 };
 use url::Url;
 
+pub use client::{ClientConfig, LocalTrack, MoqClient, RemoteTrack, TrackStats};
 pub use tls::CertVerification;
 
 /// Audio is the most urgent thing on the connection (lower value = more urgent).
@@ -43,6 +45,8 @@ pub enum TransportError {
     Unauthorized,
     #[error("the relay refused the announce: {0}")]
     AnnounceRefused(String),
+    #[error("the MoQ client was shut down")]
+    Closed,
     #[error("track {0} was not found on the relay before the deadline")]
     NotFound(String),
 }
@@ -68,7 +72,7 @@ pub struct MoqConnection {
 pub const RELAY_TOKEN_TYPE: u64 = 0;
 
 /// Request error code a relay uses for a refused token (draft-18 UNAUTHORIZED).
-const UNAUTHORIZED: u64 = 0x1;
+pub(crate) const UNAUTHORIZED: u64 = 0x1;
 
 impl MoqConnection {
     /// Connects without presenting a relay token (for relays in open mode).
@@ -138,26 +142,7 @@ impl MoqConnection {
         namespace: TrackNamespace,
         track: &str,
     ) -> Result<(TrackPublisher, impl Future<Output = ()> + Send), TransportError> {
-        // The request half is dropped: subscribes for other names are answered NOT_FOUND.
-        let (mut writer, _request, reader) = Tracks::new(namespace.clone()).produce();
-        let track_writer = writer
-            .create(track)
-            .ok_or_else(|| TransportError::Namespace("track set already closed".into()))?;
-        let subgroups = track_writer.subgroups()?;
-        let announce = self.publisher.publish_namespace_start(namespace).await?;
-        match announce.ok().await {
-            Ok(()) => {}
-            Err(ServeError::Closed(UNAUTHORIZED)) => return Err(TransportError::Unauthorized),
-            Err(e) => return Err(TransportError::AnnounceRefused(e.to_string())),
-        }
-        let serve = serve_announce(announce, reader);
-        Ok((
-            TrackPublisher {
-                subgroups,
-                _tracks: writer,
-            },
-            serve,
-        ))
+        publish_on(&mut self.publisher, namespace, track).await
     }
 
     /// Subscribes to `track` in `namespace`, retrying while the relay does not know it yet
@@ -171,14 +156,8 @@ impl MoqConnection {
         let deadline = tokio::time::Instant::now() + wait;
         let mut backoff = Duration::from_millis(20);
         loop {
-            let (writer, reader) = Track::new(namespace.clone(), track).produce();
-            match self.subscriber.subscribe_open(writer).await {
-                Ok(subscription) => {
-                    return Ok(TrackSubscriber {
-                        _subscription: subscription,
-                        reader: PendingMode::Track(reader),
-                    })
-                }
+            match subscribe_on(&mut self.subscriber, namespace.clone(), track).await {
+                Ok(subscriber) => return Ok(subscriber),
                 Err(ServeError::NotFound | ServeError::NotFoundWithId(..))
                     if tokio::time::Instant::now() + backoff < deadline =>
                 {
@@ -198,6 +177,48 @@ impl MoqConnection {
     pub fn close(&self) {
         self.transport.close(0, "bye");
     }
+}
+
+/// Announces `namespace` on `publisher` with one track in it (see [`MoqConnection::publish`]).
+pub(crate) async fn publish_on(
+    publisher: &mut Publisher,
+    namespace: TrackNamespace,
+    track: &str,
+) -> Result<(TrackPublisher, impl Future<Output = ()> + Send), TransportError> {
+    // The request half is dropped: subscribes for other names are answered NOT_FOUND.
+    let (mut writer, _request, reader) = Tracks::new(namespace.clone()).produce();
+    let track_writer = writer
+        .create(track)
+        .ok_or_else(|| TransportError::Namespace("track set already closed".into()))?;
+    let subgroups = track_writer.subgroups()?;
+    let announce = publisher.publish_namespace_start(namespace).await?;
+    match announce.ok().await {
+        Ok(()) => {}
+        Err(ServeError::Closed(UNAUTHORIZED)) => return Err(TransportError::Unauthorized),
+        Err(e) => return Err(TransportError::AnnounceRefused(e.to_string())),
+    }
+    let serve = serve_announce(announce, reader);
+    Ok((
+        TrackPublisher {
+            subgroups,
+            _tracks: writer,
+        },
+        serve,
+    ))
+}
+
+/// One SUBSCRIBE attempt on `subscriber`.
+pub(crate) async fn subscribe_on(
+    subscriber: &mut Subscriber,
+    namespace: TrackNamespace,
+    track: &str,
+) -> Result<TrackSubscriber, ServeError> {
+    let (writer, reader) = Track::new(namespace, track).produce();
+    let subscription = subscriber.subscribe_open(writer).await?;
+    Ok(TrackSubscriber {
+        _subscription: subscription,
+        reader: PendingMode::Track(reader),
+    })
 }
 
 async fn serve_announce(announce: PublishNamespace, tracks: moq_transport::serve::TracksReader) {
