@@ -29,6 +29,11 @@ use super::{
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest wait between reconnect attempts: audio calls want the relay back fast.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// First limit on one connection attempt; doubles per failed attempt up to
+/// [`MAX_CONNECT_TIMEOUT`]. A QUIC handshake sent while the relay was down is otherwise only
+/// retransmitted after about a second, so a fresh attempt is faster once it is back.
+const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// First wait before re-subscribing to a track the relay does not know (yet).
 const MIN_RESUBSCRIBE: Duration = Duration::from_millis(20);
 /// Frames buffered per remote track before the oldest arrivals are dropped.
@@ -327,15 +332,25 @@ async fn drive(
     let mut locals: Vec<Arc<LocalReg>> = Vec::new();
     let mut remotes: Vec<Arc<RemoteReg>> = Vec::new();
     let mut backoff = MIN_BACKOFF;
+    let mut connect_timeout = MIN_CONNECT_TIMEOUT;
     loop {
         while let Ok(cmd) = commands.try_recv() {
             register(cmd, &mut locals, &mut remotes);
         }
-        let attempt = MoqConnection::connect_with_token(
-            &config.url,
-            &config.verify,
-            config.token.as_deref(),
-        );
+        let attempt = async {
+            let connect = MoqConnection::connect_with_token(
+                &config.url,
+                &config.verify,
+                config.token.as_deref(),
+            );
+            match tokio::time::timeout(connect_timeout, connect).await {
+                Ok(res) => res,
+                Err(_) => Err(TransportError::Connect {
+                    url: config.url.clone(),
+                    reason: format!("no handshake within {connect_timeout:?}"),
+                }),
+            }
+        };
         let connected = tokio::select! {
             res = attempt => res,
             cmd = commands.recv() => match cmd {
@@ -349,6 +364,7 @@ async fn drive(
         match connected {
             Ok((conn, session)) => {
                 backoff = MIN_BACKOFF;
+                connect_timeout = MIN_CONNECT_TIMEOUT;
                 shared.connects.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(url = %config.url, "connected to the relay");
                 let open = run_connection(conn, session, &mut commands, &mut locals, &mut remotes)
@@ -362,6 +378,7 @@ async fn drive(
                 tracing::debug!(url = %config.url, "reconnect failed: {e}");
                 let sleep = tokio::time::sleep(backoff);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
+                connect_timeout = (connect_timeout * 2).min(MAX_CONNECT_TIMEOUT);
                 let mut sleep = pin!(sleep);
                 loop {
                     tokio::select! {

@@ -30,7 +30,7 @@ impl TestRelay {
 
     pub async fn start_with(config: RelayConfig) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         let relay = loop {
             match Relay::bind(&config).await {
                 Ok(relay) => break relay,
