@@ -100,7 +100,10 @@ async fn frames_flow_again_to_every_subscriber_within_2s_of_a_relay_restart() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         let waited = resumed.0.saturating_duration_since(restarted);
-        eprintln!("subscriber {i} heard frame {} {waited:?} after the restart", resumed.1);
+        eprintln!(
+            "subscriber {i} heard frame {} {waited:?} after the restart",
+            resumed.1
+        );
         assert!(
             waited <= Duration::from_secs(2),
             "subscriber {i} resumed {waited:?} after the restart"

@@ -139,7 +139,10 @@ async fn one_publisher_fans_out_every_frame_to_ten_subscribers() {
     let relay = TestRelay::start().await;
     let ns = call_namespace("0123456789abcdef0123456789abcdef").unwrap();
     let mut publisher = connect(&relay).await;
-    let (mut track, serve) = publisher.publish(ns.clone(), "1111111111111111").await.unwrap();
+    let (mut track, serve) = publisher
+        .publish(ns.clone(), "1111111111111111")
+        .await
+        .unwrap();
     tokio::spawn(serve);
 
     const FRAMES: u64 = 100;
@@ -177,7 +180,10 @@ async fn a_late_joiner_gets_the_newest_frame_within_two_frame_intervals() {
     let relay = TestRelay::start().await;
     let ns = call_namespace("fedcba9876543210fedcba9876543210").unwrap();
     let mut publisher = connect(&relay).await;
-    let (mut track, serve) = publisher.publish(ns.clone(), "2222222222222222").await.unwrap();
+    let (mut track, serve) = publisher
+        .publish(ns.clone(), "2222222222222222")
+        .await
+        .unwrap();
     tokio::spawn(serve);
     // An early subscriber keeps the upstream track live, as in a call.
     let mut early = connect(&relay).await;

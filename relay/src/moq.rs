@@ -21,7 +21,7 @@ use moq_transport::serve::{
     FullTrackName, ServeError, Subgroup, SubgroupReader, SubgroupWriter, SubgroupsWriter, Track,
     TrackReaderMode,
 };
-use moq_transport::session::{Publisher, PublishedNamespace, Session, Subscribed, Subscriber};
+use moq_transport::session::{PublishedNamespace, Publisher, Session, Subscribed, Subscriber};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -296,7 +296,7 @@ impl Routes {
                 (n < max).then_some(n + 1)
             })
             .map(|_| ())
-            .map_err(|n| Refusal::TooManyTracks(n))
+            .map_err(Refusal::TooManyTracks)
     }
 
     /// The shared upstream for `key`, starting one if none is live.
@@ -477,7 +477,8 @@ impl Routes {
             .and_then(|v| v.clone());
         match ready {
             Some(Ok(hub)) => {
-                let (writer, reader) = Track::new(key.namespace.clone(), key.name.clone()).produce();
+                let (writer, reader) =
+                    Track::new(key.namespace.clone(), key.name.clone()).produce();
                 let attached = writer
                     .subgroups()
                     .is_ok_and(|subgroups| hub.attach(subgroups, &self.stats));
@@ -488,8 +489,7 @@ impl Routes {
                             .fetch_add(1, Ordering::Relaxed);
                         // No largest location: everything written to this subscriber's own
                         // track (starting with the newest cached group) is for it.
-                        if let Err(e) = subscribed.serve_with_largest_location(reader, None).await
-                        {
+                        if let Err(e) = subscribed.serve_with_largest_location(reader, None).await {
                             tracing::debug!(track = %key.name, "downstream ended: {e}");
                         }
                         self.stats
@@ -537,7 +537,10 @@ impl Routes {
     ) {
         if sessions > self.policy.max_sessions {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(limit = self.policy.max_sessions, "session refused: relay full");
+            tracing::warn!(
+                limit = self.policy.max_sessions,
+                "session refused: relay full"
+            );
             transport.close(REFUSED_SESSION, "relay session limit reached");
             return;
         }
@@ -549,8 +552,7 @@ impl Routes {
                     return;
                 }
             };
-        let token_hashes = match moq_transport::setup::decode_setup_tokens(session.setup_params())
-        {
+        let token_hashes = match moq_transport::setup::decode_setup_tokens(session.setup_params()) {
             Ok(tokens) => tokens.iter().map(|t| sha256(t.value)).collect(),
             Err(e) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -586,7 +588,11 @@ impl Routes {
         self.release_bindings(&ctx);
     }
 
-    fn admit_announce(&self, ctx: &SessionCtx, announce: &PublishedNamespace) -> Result<(), Refusal> {
+    fn admit_announce(
+        &self,
+        ctx: &SessionCtx,
+        announce: &PublishedNamespace,
+    ) -> Result<(), Refusal> {
         self.authorize(ctx, &announce.namespace)?;
         self.take_track_slot(ctx)
     }

@@ -355,7 +355,8 @@ async fn participant(
         0,
     )?;
 
-    let (mut conn, driver) = MoqConnection::connect_with_token(&offer.moq_url, &cfg.verification, Some(&offer.token))
+    let (mut conn, driver) =
+        MoqConnection::connect_with_token(&offer.moq_url, &cfg.verification, Some(&offer.token))
             .await?;
     let driver = tokio::spawn(driver);
     let namespace = call_namespace(&offer.namespace_hex())?;

@@ -367,8 +367,8 @@ async fn drive(
                 connect_timeout = MIN_CONNECT_TIMEOUT;
                 shared.connects.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(url = %config.url, "connected to the relay");
-                let open = run_connection(conn, session, &mut commands, &mut locals, &mut remotes)
-                    .await;
+                let open =
+                    run_connection(conn, session, &mut commands, &mut locals, &mut remotes).await;
                 if !open {
                     return;
                 }

@@ -15,10 +15,10 @@ use moq_transport::coding::TrackNamespace;
 use moq_transport::serve::{
     ServeError, Subgroup, SubgroupsReader, SubgroupsWriter, Track, TrackReaderMode, Tracks,
 };
-use moq_transport::setup::AuthorizationToken;
 use moq_transport::session::{
     transport as wt, PublishNamespace, Publisher, Session, SessionError, Subscribe, Subscriber,
 };
+use moq_transport::setup::AuthorizationToken;
 use url::Url;
 
 pub use client::{ClientConfig, LocalTrack, MoqClient, RemoteTrack, TrackStats};
@@ -269,6 +269,9 @@ enum PendingMode {
 }
 
 /// A remote track: frames in arrival order with their group id (= frame sequence).
+///
+/// Read it continuously from the moment it is created: until its first read, moq-transport
+/// keeps only the newest 8 groups for it. [`MoqClient`] does that for its callers.
 pub struct TrackSubscriber {
     // Dropping the subscription sends UNSUBSCRIBE.
     _subscription: Subscribe,
