@@ -128,8 +128,10 @@ impl Refusal {
     }
 }
 
-/// One upstream track's fan-out: the downstream subscribers' track writers and the newest
-/// complete group, replayed to whoever attaches next.
+/// One upstream track's fan-out: the downstream subscribers' track writers, the groups
+/// being copied right now, and the newest complete group. A subscriber that attaches gets
+/// the groups in flight (objects so far, then the rest live) or, when none is, the newest
+/// complete group.
 pub(crate) struct Hub {
     state: Mutex<HubState>,
 }
@@ -137,6 +139,7 @@ pub(crate) struct Hub {
 #[derive(Default)]
 struct HubState {
     downstream: Vec<SubgroupsWriter>,
+    inflight: Vec<Arc<Mutex<GroupCopy>>>,
     latest: Option<CachedGroup>,
     closed: bool,
 }
@@ -144,6 +147,27 @@ struct HubState {
 struct CachedGroup {
     subgroup: Subgroup,
     objects: Vec<Bytes>,
+}
+
+/// One upstream subgroup being copied to every subscriber.
+struct GroupCopy {
+    subgroup: Subgroup,
+    objects: Vec<Bytes>,
+    outs: Vec<SubgroupWriter>,
+    done: bool,
+}
+
+fn replay(
+    writer: &mut SubgroupsWriter,
+    group: &CachedGroup,
+    stats: &Stats,
+) -> Option<SubgroupWriter> {
+    let mut out = writer.create(group.subgroup.clone()).ok()?;
+    for object in &group.objects {
+        out.write(object.clone()).ok()?;
+        stats.objects_out.fetch_add(1, Ordering::Relaxed);
+    }
+    Some(out)
 }
 
 impl Hub {
@@ -157,19 +181,33 @@ impl Hub {
         self.state.lock().expect("hub lock").closed
     }
 
-    /// Adds a subscriber, first handing it the newest complete group (if any).
+    /// Adds a subscriber, first handing it what is in flight or the newest complete group.
     fn attach(&self, mut writer: SubgroupsWriter, stats: &Stats) -> bool {
         let mut state = self.state.lock().expect("hub lock");
         if state.closed {
             return false;
         }
-        if let Some(cached) = &state.latest {
-            if let Ok(mut out) = writer.create(cached.subgroup.clone()) {
-                for object in &cached.objects {
-                    if out.write(object.clone()).is_ok() {
-                        stats.objects_out.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+        let mut joined_inflight = false;
+        for group in &state.inflight {
+            let mut group = group.lock().expect("group lock");
+            if group.done {
+                continue;
+            }
+            let so_far = CachedGroup {
+                subgroup: group.subgroup.clone(),
+                objects: group.objects.clone(),
+            };
+            if let Some(out) = replay(&mut writer, &so_far, stats) {
+                group.outs.push(out);
+                joined_inflight = true;
+            }
+        }
+        if !joined_inflight {
+            if let Some(out) = state
+                .latest
+                .as_ref()
+                .and_then(|cached| replay(&mut writer, cached, stats))
+            {
                 let _ = out.finish();
             }
         }
@@ -178,7 +216,7 @@ impl Hub {
     }
 
     /// Opens `subgroup` on every live subscriber, dropping subscribers that are gone.
-    fn open(&self, subgroup: &Subgroup) -> Vec<SubgroupWriter> {
+    fn open(&self, subgroup: &Subgroup) -> Arc<Mutex<GroupCopy>> {
         let mut state = self.state.lock().expect("hub lock");
         let mut outs = Vec::with_capacity(state.downstream.len());
         state
@@ -191,17 +229,33 @@ impl Hub {
                 // The subscriber's reader is gone (unsubscribed or session ended).
                 Err(_) => false,
             });
-        outs
+        let copy = Arc::new(Mutex::new(GroupCopy {
+            subgroup: subgroup.clone(),
+            objects: Vec::new(),
+            outs,
+            done: false,
+        }));
+        state.inflight.push(copy.clone());
+        copy
     }
 
-    fn remember(&self, group: CachedGroup) {
+    /// Moves a finished group out of flight and keeps it if it is the newest.
+    fn finished(&self, copy: &Arc<Mutex<GroupCopy>>) {
         let mut state = self.state.lock().expect("hub lock");
+        state.inflight.retain(|g| !Arc::ptr_eq(g, copy));
+        let mut group = copy.lock().expect("group lock");
+        if group.objects.is_empty() {
+            return;
+        }
         let newer = state
             .latest
             .as_ref()
             .is_none_or(|l| group.subgroup.group_id >= l.subgroup.group_id);
         if newer {
-            state.latest = Some(group);
+            state.latest = Some(CachedGroup {
+                subgroup: group.subgroup.clone(),
+                objects: std::mem::take(&mut group.objects),
+            });
         }
     }
 
@@ -210,6 +264,7 @@ impl Hub {
         let mut state = self.state.lock().expect("hub lock");
         state.closed = true;
         state.downstream.clear();
+        state.inflight.clear();
     }
 }
 
@@ -390,8 +445,8 @@ impl Routes {
                             subgroup_id: group.subgroup_id,
                             priority: group.priority,
                         };
-                        let outs = hub.open(&subgroup);
-                        copies.push(self.copy_group(subgroup, group, outs, hub));
+                        let copy = hub.open(&subgroup);
+                        copies.push(self.copy_group(group, copy, hub));
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -408,16 +463,15 @@ impl Routes {
     /// Copies one upstream subgroup's objects to the subscribers' subgroups as they arrive.
     async fn copy_group(
         &self,
-        subgroup: Subgroup,
         mut upstream: SubgroupReader,
-        mut outs: Vec<SubgroupWriter>,
+        copy: Arc<Mutex<GroupCopy>>,
         hub: &Hub,
     ) {
-        let mut objects = Vec::new();
         loop {
             match upstream.read_next().await {
                 Ok(Some(object)) => {
                     self.stats.objects_in.fetch_add(1, Ordering::Relaxed);
+                    let mut group = copy.lock().expect("group lock");
                     if object.len() > self.policy.max_object_bytes {
                         // Not forwarded: one oversized object would cost every subscriber.
                         tracing::debug!(
@@ -427,32 +481,37 @@ impl Routes {
                         );
                         self.stats
                             .drops
-                            .fetch_add(outs.len() as u64 + 1, Ordering::Relaxed);
+                            .fetch_add(group.outs.len() as u64 + 1, Ordering::Relaxed);
                         continue;
                     }
-                    let before = outs.len();
-                    outs.retain_mut(|out| out.write(object.clone()).is_ok());
+                    let before = group.outs.len();
+                    group
+                        .outs
+                        .retain_mut(|out| out.write(object.clone()).is_ok());
+                    let after = group.outs.len();
                     self.stats
                         .objects_out
-                        .fetch_add(outs.len() as u64, Ordering::Relaxed);
+                        .fetch_add(after as u64, Ordering::Relaxed);
                     self.stats
                         .drops
-                        .fetch_add((before - outs.len()) as u64, Ordering::Relaxed);
-                    objects.push(object);
+                        .fetch_add((before - after) as u64, Ordering::Relaxed);
+                    group.objects.push(object);
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::debug!(group = subgroup.group_id, "upstream group failed: {e}");
+                    tracing::debug!("upstream group failed: {e}");
                     break;
                 }
             }
         }
-        for out in outs {
-            let _ = out.finish();
+        {
+            let mut group = copy.lock().expect("group lock");
+            group.done = true;
+            for out in group.outs.drain(..) {
+                let _ = out.finish();
+            }
         }
-        if !objects.is_empty() {
-            hub.remember(CachedGroup { subgroup, objects });
-        }
+        hub.finished(&copy);
     }
 
     async fn serve(self: Arc<Self>, ctx: Arc<SessionCtx>, subscribed: Subscribed) {
