@@ -23,7 +23,9 @@ use crate::media::keys::{KidLayout, MediaType};
 use crate::media::opus::{CodecConfig, OpusDecoder, OpusEncoder, SAMPLE_RATE};
 use crate::media::sframe::{ReceiverKeys, SenderKeys};
 use crate::media::tone::{dominant_frequency, ToneSource};
-use crate::transport::{call_namespace, CertVerification, MoqConnection, TrackSubscriber};
+use crate::transport::{
+    call_namespace, CertVerification, ClientConfig, MoqClient, RemoteTrack, TransportError,
+};
 
 type Member = GroupMember<MdkMemoryStorage>;
 
@@ -355,22 +357,22 @@ async fn participant(
         0,
     )?;
 
-    let (mut conn, driver) =
-        MoqConnection::connect_with_token(&offer.moq_url, &cfg.verification, Some(&offer.token))
-            .await?;
+    let (client, driver) = MoqClient::new(ClientConfig::new(
+        offer.moq_url.clone(),
+        cfg.verification.clone(),
+        Some(offer.token.to_vec()),
+    ));
     let driver = tokio::spawn(driver);
     let namespace = call_namespace(&offer.namespace_hex())?;
-    let (mut publisher, serve) = conn
-        .publish(namespace.clone(), &my_track.name_hex())
-        .await?;
-    let serve = tokio::spawn(serve);
+    let mut publisher = client.publish(namespace.clone(), &my_track.name_hex());
+    tokio::time::timeout(SIGNALING_TIMEOUT, publisher.announced())
+        .await
+        .map_err(|_| TransportError::NotFound(my_track.name_hex()))??;
     stage.barrier.wait().await; // every track is announced
 
     let mut inputs = Vec::new();
     for (pk, track) in &peers {
-        let sub = conn
-            .subscribe(namespace.clone(), &track.name_hex(), SIGNALING_TIMEOUT)
-            .await?;
+        let sub = client.subscribe(namespace.clone(), &track.name_hex());
         let mut keys = ReceiverKeys::new();
         keys.add_sender(
             &export.secret,
@@ -411,9 +413,8 @@ async fn participant(
         sent
     };
     let (sent, heard) = tokio::join!(sender, receivers);
-    conn.close();
-    serve.abort();
-    driver.abort();
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(1), driver).await;
     let sent = sent?;
 
     let sent_counts = stage.log.sent_count.lock().expect("log lock").clone();
@@ -465,7 +466,7 @@ async fn participant(
 
 /// Encodes, encrypts and publishes `frames` frames of a tone, paced like a microphone.
 async fn send_tone(
-    publisher: &mut crate::transport::TrackPublisher,
+    publisher: &mut crate::transport::LocalTrack,
     keys: &mut SenderKeys,
     track: [u8; 8],
     codec: CodecConfig,
@@ -487,7 +488,9 @@ async fn send_tone(
             .expect("log lock")
             .insert((track, seq), Instant::now());
         let frame = keys.encrypt(packet)?;
-        publisher.send(seq, Bytes::copy_from_slice(frame))?;
+        // A frame sent while the relay is unreachable is dropped (counted in the track's
+        // stats): late audio is worth nothing.
+        publisher.send(seq, Bytes::copy_from_slice(frame));
     }
     log.sent_count
         .lock()
@@ -507,7 +510,7 @@ struct Heard {
 
 /// Reads one peer's track until told to stop: decrypts, decodes and keeps the audio.
 async fn receive(
-    mut sub: TrackSubscriber,
+    mut sub: RemoteTrack,
     mut keys: ReceiverKeys,
     track: [u8; 8],
     codec: CodecConfig,
@@ -530,14 +533,12 @@ async fn receive(
             _ = stop.wait_for(|s| *s) => break,
             next = sub.next() => next,
         };
-        let Some((seq, payload)) = (match next {
+        let (seq, payload) = match next {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!("track {} ended: {e}", hex::encode(track));
                 break;
             }
-        }) else {
-            break;
         };
         match keys.decrypt(&payload) {
             Ok((_, opus)) => {

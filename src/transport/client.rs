@@ -154,9 +154,11 @@ impl Inbox {
 }
 
 /// The connection state shared with handles.
-#[derive(Default)]
 struct Shared {
     connects: AtomicU64,
+    /// Set when the very first connection failed: that is a configuration problem (address,
+    /// certificate, ALPN), not an outage, so the client gives up and says why.
+    fatal: watch::Sender<Option<String>>,
 }
 
 /// A reconnecting MoQ client. The future returned by [`MoqClient::new`] drives every
@@ -170,7 +172,10 @@ pub struct MoqClient {
 impl MoqClient {
     pub fn new(config: ClientConfig) -> (Self, impl Future<Output = ()> + Send) {
         let (commands, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            connects: AtomicU64::new(0),
+            fatal: watch::channel(None).0,
+        });
         let playout_deadline = config.playout_deadline;
         let driver = drive(config, rx, shared.clone());
         (
@@ -199,6 +204,7 @@ impl MoqClient {
         });
         let _ = self.commands.send(Command::Publish(reg.clone()));
         LocalTrack {
+            fatal: self.shared.fatal.subscribe(),
             announced: reg.announced.subscribe(),
             refused: reg.refused.subscribe(),
             reg,
@@ -215,6 +221,9 @@ impl MoqClient {
             notify: Notify::new(),
             stats: stats.clone(),
         });
+        if let Some(reason) = self.shared.fatal.borrow().clone() {
+            inbox.fail(TransportError::Unreachable(reason));
+        }
         let _ = self.commands.send(Command::Subscribe(Arc::new(RemoteReg {
             namespace,
             name: track.to_string(),
@@ -234,6 +243,7 @@ pub struct LocalTrack {
     reg: Arc<LocalReg>,
     announced: watch::Receiver<u64>,
     refused: watch::Receiver<Option<String>>,
+    fatal: watch::Receiver<Option<String>>,
     stats: Arc<TrackStats>,
 }
 
@@ -274,6 +284,10 @@ impl LocalTrack {
                 Ok(reason) => Err(TransportError::AnnounceRefused(
                     reason.clone().unwrap_or_default(),
                 )),
+                Err(_) => Err(TransportError::Closed),
+            },
+            res = self.fatal.wait_for(Option::is_some) => match res {
+                Ok(reason) => Err(TransportError::Unreachable(reason.clone().unwrap_or_default())),
                 Err(_) => Err(TransportError::Closed),
             },
         }
@@ -332,7 +346,8 @@ async fn drive(
     let mut locals: Vec<Arc<LocalReg>> = Vec::new();
     let mut remotes: Vec<Arc<RemoteReg>> = Vec::new();
     let mut backoff = MIN_BACKOFF;
-    let mut connect_timeout = MIN_CONNECT_TIMEOUT;
+    // The first connection gets the long limit: failing it is final.
+    let mut connect_timeout = MAX_CONNECT_TIMEOUT;
     loop {
         while let Ok(cmd) = commands.try_recv() {
             register(cmd, &mut locals, &mut remotes);
@@ -373,6 +388,15 @@ async fn drive(
                     return;
                 }
                 tracing::info!(url = %config.url, "lost the relay; reconnecting");
+            }
+            Err(e) if shared.connects.load(Ordering::Relaxed) == 0 => {
+                tracing::warn!(url = %config.url, "could not connect: {e}");
+                let reason = e.to_string();
+                for reg in &remotes {
+                    reg.inbox.fail(TransportError::Unreachable(reason.clone()));
+                }
+                shared.fatal.send_replace(Some(reason));
+                return;
             }
             Err(e) => {
                 tracing::debug!(url = %config.url, "reconnect failed: {e}");

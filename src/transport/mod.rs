@@ -45,6 +45,8 @@ pub enum TransportError {
     Unauthorized,
     #[error("the relay refused the announce: {0}")]
     AnnounceRefused(String),
+    #[error("relay unreachable, gave up: {0}")]
+    Unreachable(String),
     #[error("the MoQ client was shut down")]
     Closed,
     #[error("track {0} was not found on the relay before the deadline")]
