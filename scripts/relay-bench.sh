@@ -13,7 +13,9 @@ P="${1:-10}"; S="${2:-100}"; SECS="${3:-10}"
 RATE=50; SIZE=80
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${CALL_INTEROP_CACHE:-$HOME/.cache/call-interop}"
-"$root/scripts/interop.sh" --install-only >/dev/null
+mkdir -p "$cache"
+[ -x "$cache/bin/moq-relay-ietf" ] ||
+  cargo install --locked --root "$cache" moq-relay-ietf@0.8.0   # as scripts/interop.sh does
 [ -f "$cache/cert.pem" ] || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
   -nodes -days 365 -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
   -keyout "$cache/key.pem" -out "$cache/cert.pem" 2>/dev/null
@@ -35,7 +37,9 @@ bench() {
     --rate "$RATE" --size "$SIZE" --seconds "$SECS")
   t1=$(date +%s.%N); c1=$(cpu_ticks $pid)
   local rss; rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
-  kill -INT $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
+  # moq-relay-ietf ignores SIGINT; call-relay shuts down on it.
+  kill -INT $pid 2>/dev/null || true; sleep 0.5
+  kill -KILL $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
   local cpu; cpu=$(echo "($c1 - $c0) / $tick / ($t1 - $t0) * 100" | bc -l)
   printf '%s %s cpu_pct=%.1f peak_rss_kib=%s\n' "$name" "$out" "$cpu" "$rss"
 }
