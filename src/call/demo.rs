@@ -24,7 +24,7 @@ use crate::media::opus::{CodecConfig, OpusDecoder, OpusEncoder, SAMPLE_RATE};
 use crate::media::sframe::{ReceiverKeys, SenderKeys};
 use crate::media::tone::{dominant_frequency, ToneSource};
 use crate::transport::{
-    call_namespace, CertVerification, ClientConfig, MoqClient, RemoteTrack, TransportError,
+    participant_namespace, CertVerification, ClientConfig, MoqClient, RemoteTrack, TransportError,
 };
 
 type Member = GroupMember<MdkMemoryStorage>;
@@ -363,8 +363,11 @@ async fn participant(
         Some(offer.token.to_vec()),
     ));
     let driver = tokio::spawn(driver);
-    let namespace = call_namespace(&offer.namespace_hex())?;
-    let mut publisher = client.publish(namespace.clone(), &my_track.name_hex());
+    let namespace = offer.namespace_hex();
+    let mut publisher = client.publish(
+        participant_namespace(&namespace, &my_track.name_hex())?,
+        &my_track.name_hex(),
+    );
     tokio::time::timeout(SIGNALING_TIMEOUT, publisher.announced())
         .await
         .map_err(|_| TransportError::NotFound(my_track.name_hex()))??;
@@ -372,7 +375,10 @@ async fn participant(
 
     let mut inputs = Vec::new();
     for (pk, track) in &peers {
-        let sub = client.subscribe(namespace.clone(), &track.name_hex());
+        let sub = client.subscribe(
+            participant_namespace(&namespace, &track.name_hex())?,
+            &track.name_hex(),
+        );
         let mut keys = ReceiverKeys::new();
         keys.add_sender(
             &export.secret,

@@ -59,6 +59,17 @@ pub fn call_namespace(namespace_hex: &str) -> Result<TrackNamespace, TransportEr
         .map_err(|e| TransportError::Namespace(e.to_string()))
 }
 
+/// The namespace one participant announces: the call's namespace plus its track name,
+/// `("call", <namespace hex>, <track hex>)`. Relays that allow only one announcer per
+/// namespace (moq-relay-ietf) need it; see docs/protocol.md §4.
+pub fn participant_namespace(
+    namespace_hex: &str,
+    track_hex: &str,
+) -> Result<TrackNamespace, TransportError> {
+    TrackNamespace::try_from(vec!["call", namespace_hex, track_hex])
+        .map_err(|e| TransportError::Namespace(e.to_string()))
+}
+
 /// A session with a MoQ relay. The future returned beside it by [`MoqConnection::connect`]
 /// drives the session and must be polled for anything to move.
 pub struct MoqConnection {
