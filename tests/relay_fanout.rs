@@ -278,3 +278,35 @@ async fn a_wrong_or_missing_relay_token_is_refused() {
         .unwrap();
     assert_eq!((seq, payload), (0, Bytes::from_static(b"f0")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_urls_work_like_raw_quic() {
+    let relay = TestRelay::start().await;
+    let url = url::Url::parse(&format!("https://localhost:{}/", relay.moq_addr().port())).unwrap();
+    let verify = CertVerification::fingerprint(&relay.fingerprint).unwrap();
+    let (mut publisher, driver) = MoqConnection::connect_with_token(&url, &verify, Some(TOKEN))
+        .await
+        .expect("WebTransport connect");
+    tokio::spawn(driver);
+    let ns = call_namespace("4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d").unwrap();
+    let (mut track, serve) = publisher
+        .publish(ns.clone(), "4d4d4d4d4d4d4d4d")
+        .await
+        .unwrap();
+    tokio::spawn(serve);
+    let (mut subscriber, driver) = MoqConnection::connect_with_token(&url, &verify, Some(TOKEN))
+        .await
+        .expect("WebTransport connect");
+    tokio::spawn(driver);
+    let sub = subscriber
+        .subscribe(ns, "4d4d4d4d4d4d4d4d", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let reading = tokio::spawn(read_until(sub, 9));
+    for seq in 0..10 {
+        track.send(seq, Bytes::from(format!("f{seq}"))).unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seen = reading.await.unwrap();
+    assert_eq!(seen.len(), 10, "{seen:?}");
+}

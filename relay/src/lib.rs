@@ -21,7 +21,12 @@ pub use tls::ServerCert;
 /// Configuration of both relays. Every flag has a `CALL_RELAY_*` environment variable.
 #[derive(Parser, Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields, default)]
-#[command(name = "call-relay", version, about = "MoQ + Nostr relay for `call`")]
+#[command(
+    name = "call-relay",
+    version,
+    about = "MoQ + Nostr relay for `call`",
+    after_help = "Examples:\n  call-relay                                   # loopback, self-signed, token auth\n  call-relay --moq-bind 0.0.0.0:4443 --tls-cert cert.pem --tls-key key.pem\n  CALL_RELAY_AUTH=open call-relay              # no tokens, for interop tests"
+)]
 pub struct RelayConfig {
     /// UDP address of the MoQ (QUIC) listener.
     #[arg(long, env = "CALL_RELAY_MOQ_BIND", default_value = "127.0.0.1:4443")]
