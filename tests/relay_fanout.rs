@@ -9,9 +9,15 @@ use bytes::Bytes;
 use call::transport::{call_namespace, CertVerification, MoqConnection, TransportError};
 use common::TestRelay;
 
+const TOKEN: &[u8] = &[7; 32];
+
 async fn connect(relay: &TestRelay) -> MoqConnection {
+    connect_with(relay, Some(TOKEN)).await
+}
+
+async fn connect_with(relay: &TestRelay, token: Option<&[u8]>) -> MoqConnection {
     let verify = CertVerification::fingerprint(&relay.fingerprint).unwrap();
-    let (conn, driver) = MoqConnection::connect(&relay.moq_url, &verify)
+    let (conn, driver) = MoqConnection::connect_with_token(&relay.moq_url, &verify, token)
         .await
         .expect("connects");
     tokio::spawn(driver);
@@ -66,9 +72,7 @@ async fn two_publishers_in_one_namespace_fan_out_to_four_subscribers() {
 
     for r in readers {
         let (prefix, seen) = r.await.unwrap();
-        // Known gap (docs/protocol.md §4): a subscriber can miss a track's very first
-        // object; every later one must arrive, in full, at every subscriber.
-        let missing: Vec<u64> = (1..FRAMES).filter(|s| !seen.contains(s)).collect();
+        let missing: Vec<u64> = (0..FRAMES).filter(|s| !seen.contains(s)).collect();
         assert!(missing.is_empty(), "{prefix}: missing {missing:?}");
     }
 }
@@ -109,4 +113,200 @@ async fn urls_other_than_moqt_or_https_are_refused() {
     .err()
     .unwrap();
     assert!(matches!(err, TransportError::Scheme(_)));
+}
+
+/// Reads `sub` until frame `last` or a 2 s silence; returns the sequence numbers seen.
+async fn read_until(
+    mut sub: call::transport::TrackSubscriber,
+    last: u64,
+) -> std::collections::BTreeSet<u64> {
+    let mut seen = std::collections::BTreeSet::new();
+    while let Ok(next) = tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
+        let Some((seq, payload)) = next.expect("track readable") else {
+            break;
+        };
+        assert_eq!(payload, Bytes::from(format!("f{seq}")));
+        seen.insert(seq);
+        if seq == last {
+            break;
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_publisher_fans_out_every_frame_to_ten_subscribers() {
+    let relay = TestRelay::start().await;
+    let ns = call_namespace("0123456789abcdef0123456789abcdef").unwrap();
+    let mut publisher = connect(&relay).await;
+    let (mut track, serve) = publisher
+        .publish(ns.clone(), "1111111111111111")
+        .await
+        .unwrap();
+    tokio::spawn(serve);
+
+    const FRAMES: u64 = 100;
+    let mut readers = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let mut conn = connect(&relay).await;
+        let sub = conn
+            .subscribe(ns.clone(), "1111111111111111", Duration::from_secs(5))
+            .await
+            .unwrap();
+        readers.push(tokio::spawn(read_until(sub, FRAMES - 1)));
+        conns.push(conn);
+    }
+    // Audio pacing: one 20 ms frame at a time.
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for seq in 0..FRAMES {
+        tick.tick().await;
+        track.send(seq, Bytes::from(format!("f{seq}"))).unwrap();
+    }
+    for (i, r) in readers.into_iter().enumerate() {
+        let seen = r.await.unwrap();
+        let missing: Vec<u64> = (0..FRAMES).filter(|s| !seen.contains(s)).collect();
+        assert!(missing.is_empty(), "subscriber {i} missed {missing:?}");
+    }
+    // One upstream subscription serves all ten.
+    let stats = relay.stats();
+    assert_eq!(stats.upstream_tracks, 1, "{stats:?}");
+    assert_eq!(stats.objects_in, FRAMES, "{stats:?}");
+    assert_eq!(stats.objects_out, 10 * FRAMES, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_gets_the_newest_frame_within_two_frame_intervals() {
+    let relay = TestRelay::start().await;
+    let ns = call_namespace("fedcba9876543210fedcba9876543210").unwrap();
+    let mut publisher = connect(&relay).await;
+    let (mut track, serve) = publisher
+        .publish(ns.clone(), "2222222222222222")
+        .await
+        .unwrap();
+    tokio::spawn(serve);
+    // An early subscriber keeps the upstream track live, as in a call.
+    let mut early = connect(&relay).await;
+    let mut early_sub = early
+        .subscribe(ns.clone(), "2222222222222222", Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    let sending = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for seq in 0..150u64 {
+            tick.tick().await;
+            track.send(seq, Bytes::from(format!("f{seq}"))).unwrap();
+        }
+        track
+    });
+    // Let the call run for a second, then join.
+    let mut newest = 0;
+    while newest < 50 {
+        newest = early_sub.next().await.unwrap().unwrap().0;
+    }
+    let mut late = connect(&relay).await;
+    let joined = tokio::time::Instant::now();
+    let mut sub = late
+        .subscribe(ns.clone(), "2222222222222222", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (seq, payload) = sub.next().await.unwrap().unwrap();
+    let waited = joined.elapsed();
+    assert_eq!(payload, Bytes::from(format!("f{seq}")));
+    assert!(
+        waited <= Duration::from_millis(40),
+        "first frame after {waited:?}"
+    );
+    // It starts at the newest frame, not at the start of the track.
+    assert!(seq >= newest, "started at {seq}, newest was {newest}");
+    let (next, _) = sub.next().await.unwrap().unwrap();
+    assert!(next > seq);
+    sending.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_missing_relay_token_is_refused() {
+    let relay = TestRelay::start().await;
+    let ns = call_namespace("aaaabbbbccccddddeeeeffff00001111").unwrap();
+    let mut owner = connect(&relay).await;
+    let (mut track, serve) = owner.publish(ns.clone(), "3333333333333333").await.unwrap();
+    tokio::spawn(serve);
+
+    // Missing token: neither announce nor subscribe.
+    let mut anonymous = connect_with(&relay, None).await;
+    let err = anonymous
+        .subscribe(ns.clone(), "3333333333333333", Duration::from_secs(1))
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, TransportError::Unauthorized), "{err}");
+    let err = anonymous
+        .publish(ns.clone(), "4444444444444444")
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, TransportError::Unauthorized), "{err}");
+
+    // Wrong token: same.
+    let mut intruder = connect_with(&relay, Some(&[8; 32])).await;
+    let err = intruder
+        .subscribe(ns.clone(), "3333333333333333", Duration::from_secs(1))
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, TransportError::Unauthorized), "{err}");
+    let err = intruder
+        .publish(ns.clone(), "5555555555555555")
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, TransportError::Unauthorized), "{err}");
+    assert!(relay.stats().refused >= 4);
+
+    // The right token works, and the refusals cost the owner nothing.
+    let mut member = connect(&relay).await;
+    let mut sub = member
+        .subscribe(ns.clone(), "3333333333333333", Duration::from_secs(2))
+        .await
+        .unwrap();
+    track.send(0, Bytes::from_static(b"f0")).unwrap();
+    let (seq, payload) = tokio::time::timeout(Duration::from_secs(2), sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((seq, payload), (0, Bytes::from_static(b"f0")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_urls_work_like_raw_quic() {
+    let relay = TestRelay::start().await;
+    let url = url::Url::parse(&format!("https://localhost:{}/", relay.moq_addr().port())).unwrap();
+    let verify = CertVerification::fingerprint(&relay.fingerprint).unwrap();
+    let (mut publisher, driver) = MoqConnection::connect_with_token(&url, &verify, Some(TOKEN))
+        .await
+        .expect("WebTransport connect");
+    tokio::spawn(driver);
+    let ns = call_namespace("4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d").unwrap();
+    let (mut track, serve) = publisher
+        .publish(ns.clone(), "4d4d4d4d4d4d4d4d")
+        .await
+        .unwrap();
+    tokio::spawn(serve);
+    let (mut subscriber, driver) = MoqConnection::connect_with_token(&url, &verify, Some(TOKEN))
+        .await
+        .expect("WebTransport connect");
+    tokio::spawn(driver);
+    let sub = subscriber
+        .subscribe(ns, "4d4d4d4d4d4d4d4d", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let reading = tokio::spawn(read_until(sub, 9));
+    for seq in 0..10 {
+        track.send(seq, Bytes::from(format!("f{seq}"))).unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seen = reading.await.unwrap();
+    assert_eq!(seen.len(), 10, "{seen:?}");
 }

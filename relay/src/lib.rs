@@ -21,7 +21,12 @@ pub use tls::ServerCert;
 /// Configuration of both relays. Every flag has a `CALL_RELAY_*` environment variable.
 #[derive(Parser, Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields, default)]
-#[command(name = "call-relay", version, about = "MoQ + Nostr relay for `call`")]
+#[command(
+    name = "call-relay",
+    version,
+    about = "MoQ + Nostr relay for `call`",
+    after_help = "Examples:\n  call-relay                                   # loopback, self-signed, token auth\n  call-relay --moq-bind 0.0.0.0:4443 --tls-cert cert.pem --tls-key key.pem\n  CALL_RELAY_AUTH=open call-relay              # no tokens, for interop tests"
+)]
 pub struct RelayConfig {
     /// UDP address of the MoQ (QUIC) listener.
     #[arg(long, env = "CALL_RELAY_MOQ_BIND", default_value = "127.0.0.1:4443")]
@@ -50,6 +55,32 @@ pub struct RelayConfig {
         default_value_t = 6000
     )]
     pub nostr_events_per_minute: u32,
+    /// MoQ access control: `token` binds each namespace to the SHA-256 of the first
+    /// AUTHORIZATION TOKEN used in it; `open` lets anyone publish and subscribe (interop).
+    #[arg(long, env = "CALL_RELAY_AUTH", value_enum, default_value_t = AuthMode::Token)]
+    pub auth: AuthMode,
+    /// Concurrent MoQ sessions; further connections are closed with a reason.
+    #[arg(long, env = "CALL_RELAY_MAX_SESSIONS", default_value_t = 4096)]
+    pub max_sessions: u64,
+    /// Announced namespaces plus subscriptions one MoQ session may hold at once.
+    #[arg(long, env = "CALL_RELAY_MAX_TRACKS_PER_SESSION", default_value_t = 256)]
+    pub max_tracks_per_session: usize,
+    /// Largest object forwarded, in bytes; larger objects are dropped and counted.
+    #[arg(long, env = "CALL_RELAY_MAX_OBJECT_BYTES", default_value_t = 65536)]
+    pub max_object_bytes: usize,
+    /// Seconds between one-line MoQ stats logs (0 = never).
+    #[arg(long, env = "CALL_RELAY_STATS_INTERVAL", default_value_t = 10)]
+    pub stats_interval: u64,
+}
+
+/// MoQ access control mode.
+#[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Namespaces are bound to SHA-256(token) on first use.
+    Token,
+    /// No token checks (for interop with clients that send none).
+    Open,
 }
 
 impl Default for RelayConfig {
@@ -77,6 +108,7 @@ pub struct Relay {
     nostr_url: Url,
     fingerprint: String,
     routes: Arc<moq::Routes>,
+    stats_interval: std::time::Duration,
 }
 
 impl std::fmt::Debug for Relay {
@@ -142,7 +174,8 @@ impl Relay {
             nostr,
             nostr_url,
             fingerprint: cert.fingerprint,
-            routes: Arc::default(),
+            routes: Arc::new(moq::Routes::new(moq::Policy::from(config))),
+            stats_interval: std::time::Duration::from_secs(config.stats_interval),
         })
     }
 
@@ -164,10 +197,61 @@ impl Relay {
         self.routes.stats()
     }
 
+    /// A handle reading the MoQ counters while [`Relay::run`] owns the relay.
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(self.routes.clone())
+    }
+
     /// Serves MoQ sessions until dropped; the Nostr relay stops with it.
     pub async fn run(self) {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Serves until `shutdown` resolves (or this future is dropped), then closes every MoQ
+    /// session with a reason and stops the Nostr relay.
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) {
         let _nostr = NostrGuard(self.nostr);
-        moq::accept_loop(self.server, self.routes).await;
+        let _sessions = SessionsGuard(self.routes.clone());
+        let stats_log = log_stats(self.routes.clone(), self.stats_interval);
+        tokio::select! {
+            () = moq::accept_loop(self.server, self.routes.clone()) => {}
+            () = shutdown => tracing::info!("shutting down"),
+            () = stats_log => {}
+        }
+    }
+}
+
+/// Closes every MoQ session when the relay stops, however it stops.
+struct SessionsGuard(Arc<moq::Routes>);
+
+impl Drop for SessionsGuard {
+    fn drop(&mut self) {
+        self.0.close_all("relay shutting down");
+    }
+}
+
+async fn log_stats(routes: Arc<moq::Routes>, every: std::time::Duration) {
+    if every.is_zero() {
+        return std::future::pending().await;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let mut last = routes.stats();
+    loop {
+        tick.tick().await;
+        let now = routes.stats();
+        let secs = every.as_secs_f64();
+        tracing::info!(
+            "moq sessions={} tracks={} subscriptions={} objects_in/s={:.0} objects_out/s={:.0} drops={} refused={}",
+            now.sessions,
+            now.upstream_tracks,
+            now.downstream_subscriptions,
+            (now.objects_in - last.objects_in) as f64 / secs,
+            (now.objects_out - last.objects_out) as f64 / secs,
+            now.drops - last.drops,
+            now.refused - last.refused,
+        );
+        last = now;
     }
 }
 
@@ -179,12 +263,30 @@ impl Drop for NostrGuard {
     }
 }
 
+/// Reads the MoQ counters of a running relay.
+#[derive(Clone)]
+pub struct StatsHandle(Arc<moq::Routes>);
+
+impl StatsHandle {
+    pub fn get(&self) -> RelayStats {
+        self.0.stats()
+    }
+}
+
 /// MoQ relay counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RelayStats {
     pub sessions: u64,
     pub upstream_tracks: u64,
     pub downstream_subscriptions: u64,
+    /// Objects received from publishers since start.
+    pub objects_in: u64,
+    /// Object copies handed to subscribers since start.
+    pub objects_out: u64,
+    /// Object copies not delivered (subscriber gone, object too large) since start.
+    pub drops: u64,
+    /// Sessions, announces and subscribes refused (token, limits) since start.
+    pub refused: u64,
 }
 
 impl moq::Routes {
@@ -193,6 +295,10 @@ impl moq::Routes {
             sessions: self.stats.sessions.load(Ordering::Relaxed),
             upstream_tracks: self.stats.upstream_tracks.load(Ordering::Relaxed),
             downstream_subscriptions: self.stats.downstream_subscriptions.load(Ordering::Relaxed),
+            objects_in: self.stats.objects_in.load(Ordering::Relaxed),
+            objects_out: self.stats.objects_out.load(Ordering::Relaxed),
+            drops: self.stats.drops.load(Ordering::Relaxed),
+            refused: self.stats.refused.load(Ordering::Relaxed),
         }
     }
 }

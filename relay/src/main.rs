@@ -15,9 +15,11 @@ async fn main() -> anyhow::Result<()> {
     println!("moq   {}", relay.moq_url());
     println!("nostr {}", relay.nostr_url());
     println!("fingerprint {}", relay.fingerprint());
-    tokio::select! {
-        () = relay.run() => {}
-        _ = tokio::signal::ctrl_c() => eprintln!("shutting down"),
-    }
+    // Ctrl-C closes every MoQ session with a reason before the process exits.
+    relay
+        .run_until(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
     Ok(())
 }

@@ -1,30 +1,79 @@
-//! The MoQ side: accepts sessions, records which sessions announced which namespaces, and
-//! serves each SUBSCRIBE from one shared upstream subscription per track.
+//! The MoQ side: accepts sessions, binds namespaces to relay tokens, records which sessions
+//! announced which namespaces, and fans each track out from one upstream subscription.
+//!
+//! Fan-out is done here rather than by handing one shared `TrackReader` to every
+//! downstream `Subscribed::serve`: moq-transport 0.17 gives clones of a track's reader made
+//! after the first one started reading a cursor at "now", so subscribers that attached
+//! while the first object was in flight lost it. Each downstream subscriber gets its own
+//! track, written by the upstream task, which also keeps the newest complete group so a
+//! late subscriber starts from it at once.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use moq_native_ietf::quic;
 use moq_transport::coding::TrackNamespace;
-use moq_transport::serve::{FullTrackName, ServeError, Track, TrackReader};
-use moq_transport::session::{Publisher, Session, Subscribed, Subscriber};
+use moq_transport::message::RequestErrorCode;
+use moq_transport::serve::{
+    FullTrackName, ServeError, Subgroup, SubgroupReader, SubgroupWriter, SubgroupsWriter, Track,
+    TrackReaderMode,
+};
+use moq_transport::session::{PublishedNamespace, Publisher, Session, Subscribed, Subscriber};
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-type Upstream = watch::Receiver<Option<Result<TrackReader, ServeError>>>;
+use crate::{AuthMode, RelayConfig};
+
+type Upstream = watch::Receiver<Option<Result<Arc<Hub>, ServeError>>>;
+
+/// QUIC close code for a session the relay refuses outright (limits, bad SETUP tokens).
+const REFUSED_SESSION: u32 = 0x1;
 
 struct TrackEntry {
     generation: u64,
     upstream: Upstream,
 }
 
+/// Limits and policy taken from [`RelayConfig`].
+#[derive(Debug, Clone)]
+pub(crate) struct Policy {
+    pub auth: AuthMode,
+    pub max_sessions: u64,
+    pub max_tracks_per_session: usize,
+    pub max_object_bytes: usize,
+}
+
+impl From<&RelayConfig> for Policy {
+    fn from(c: &RelayConfig) -> Self {
+        Self {
+            auth: c.auth,
+            max_sessions: c.max_sessions,
+            max_tracks_per_session: c.max_tracks_per_session,
+            max_object_bytes: c.max_object_bytes,
+        }
+    }
+}
+
+/// A namespace's token binding: SHA-256 of the token that first used it, and how many live
+/// sessions use it (the binding is forgotten with the last one).
+struct Binding {
+    token_hash: [u8; 32],
+    sessions: usize,
+}
+
 /// Routing state shared by every session.
-#[derive(Default)]
 pub(crate) struct Routes {
+    policy: Policy,
     /// Sessions that announced each namespace, oldest first. Several participants of one
     /// call announce the same namespace, each with its own track in it.
     namespaces: Mutex<HashMap<TrackNamespace, Vec<(u64, Subscriber)>>>,
+    bindings: Mutex<HashMap<TrackNamespace, Binding>>,
     tracks: Mutex<HashMap<FullTrackName, TrackEntry>>,
+    /// Every live session's transport, so shutdown can close them all with a reason.
+    live: Mutex<HashMap<u64, moq_transport::session::transport::Session>>,
     next_id: AtomicU64,
     pub(crate) stats: Stats,
 }
@@ -34,9 +83,215 @@ pub(crate) struct Stats {
     pub sessions: AtomicU64,
     pub upstream_tracks: AtomicU64,
     pub downstream_subscriptions: AtomicU64,
+    /// Objects received from publishers.
+    pub objects_in: AtomicU64,
+    /// Object copies handed to subscribers' sessions.
+    pub objects_out: AtomicU64,
+    /// Object copies not delivered: a subscriber's track was gone or an object too large.
+    pub drops: AtomicU64,
+    /// Sessions, announces and subscribes refused (tokens, limits).
+    pub refused: AtomicU64,
+}
+
+/// What one session presented and holds.
+struct SessionCtx {
+    id: u64,
+    /// SHA-256 of every AUTHORIZATION TOKEN the session presented in SETUP, in order.
+    token_hashes: Vec<[u8; 32]>,
+    /// Namespaces this session has used (so their bindings can be released).
+    used: Mutex<HashSet<TrackNamespace>>,
+    /// Announces plus downstream subscriptions currently open.
+    tracks: AtomicUsize,
+}
+
+#[derive(Debug)]
+enum Refusal {
+    MissingToken,
+    WrongToken,
+    TooManyTracks(usize),
+}
+
+impl Refusal {
+    fn code(&self) -> u64 {
+        match self {
+            Self::MissingToken | Self::WrongToken => RequestErrorCode::Unauthorized as u64,
+            Self::TooManyTracks(_) => RequestErrorCode::ExcessiveLoad as u64,
+        }
+    }
+
+    fn reason(&self) -> String {
+        match self {
+            Self::MissingToken => "no relay token presented in SETUP".into(),
+            Self::WrongToken => "namespace is bound to another relay token".into(),
+            Self::TooManyTracks(n) => format!("session already has {n} tracks (limit)"),
+        }
+    }
+}
+
+/// One upstream track's fan-out: the downstream subscribers' track writers, the groups
+/// being copied right now, and the newest complete group. A subscriber that attaches gets
+/// the groups in flight (objects so far, then the rest live) or, when none is, the newest
+/// complete group.
+pub(crate) struct Hub {
+    state: Mutex<HubState>,
+}
+
+#[derive(Default)]
+struct HubState {
+    downstream: Vec<SubgroupsWriter>,
+    inflight: Vec<Arc<Mutex<GroupCopy>>>,
+    latest: Option<CachedGroup>,
+    closed: bool,
+}
+
+struct CachedGroup {
+    subgroup: Subgroup,
+    objects: Vec<Bytes>,
+}
+
+/// One upstream subgroup being copied to every subscriber.
+struct GroupCopy {
+    subgroup: Subgroup,
+    objects: Vec<Bytes>,
+    outs: Vec<SubgroupWriter>,
+    done: bool,
+}
+
+fn replay(
+    writer: &mut SubgroupsWriter,
+    group: &CachedGroup,
+    stats: &Stats,
+) -> Option<SubgroupWriter> {
+    let mut out = writer.create(group.subgroup.clone()).ok()?;
+    for object in &group.objects {
+        out.write(object.clone()).ok()?;
+        stats.objects_out.fetch_add(1, Ordering::Relaxed);
+    }
+    Some(out)
+}
+
+impl Hub {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(HubState::default()),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.state.lock().expect("hub lock").closed
+    }
+
+    /// Adds a subscriber, first handing it what is in flight or the newest complete group.
+    fn attach(&self, mut writer: SubgroupsWriter, stats: &Stats) -> bool {
+        let mut state = self.state.lock().expect("hub lock");
+        if state.closed {
+            return false;
+        }
+        let mut joined_inflight = false;
+        for group in &state.inflight {
+            let mut group = group.lock().expect("group lock");
+            if group.done {
+                continue;
+            }
+            let so_far = CachedGroup {
+                subgroup: group.subgroup.clone(),
+                objects: group.objects.clone(),
+            };
+            if let Some(out) = replay(&mut writer, &so_far, stats) {
+                group.outs.push(out);
+                joined_inflight = true;
+            }
+        }
+        if !joined_inflight {
+            if let Some(out) = state
+                .latest
+                .as_ref()
+                .and_then(|cached| replay(&mut writer, cached, stats))
+            {
+                let _ = out.finish();
+            }
+        }
+        state.downstream.push(writer);
+        true
+    }
+
+    /// Opens `subgroup` on every live subscriber, dropping subscribers that are gone.
+    fn open(&self, subgroup: &Subgroup) -> Arc<Mutex<GroupCopy>> {
+        let mut state = self.state.lock().expect("hub lock");
+        let mut outs = Vec::with_capacity(state.downstream.len());
+        state
+            .downstream
+            .retain_mut(|writer| match writer.create(subgroup.clone()) {
+                Ok(out) => {
+                    outs.push(out);
+                    true
+                }
+                // The subscriber's reader is gone (unsubscribed or session ended).
+                Err(_) => false,
+            });
+        let copy = Arc::new(Mutex::new(GroupCopy {
+            subgroup: subgroup.clone(),
+            objects: Vec::new(),
+            outs,
+            done: false,
+        }));
+        state.inflight.push(copy.clone());
+        copy
+    }
+
+    /// Moves a finished group out of flight and keeps it if it is the newest.
+    fn finished(&self, copy: &Arc<Mutex<GroupCopy>>) {
+        let mut state = self.state.lock().expect("hub lock");
+        state.inflight.retain(|g| !Arc::ptr_eq(g, copy));
+        let mut group = copy.lock().expect("group lock");
+        if group.objects.is_empty() {
+            return;
+        }
+        let newer = state
+            .latest
+            .as_ref()
+            .is_none_or(|l| group.subgroup.group_id >= l.subgroup.group_id);
+        if newer {
+            state.latest = Some(CachedGroup {
+                subgroup: group.subgroup.clone(),
+                objects: std::mem::take(&mut group.objects),
+            });
+        }
+    }
+
+    /// Ends every subscriber's track (they see the track end and may re-subscribe).
+    fn close(&self) {
+        let mut state = self.state.lock().expect("hub lock");
+        state.closed = true;
+        state.downstream.clear();
+        state.inflight.clear();
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
 impl Routes {
+    pub(crate) fn new(policy: Policy) -> Self {
+        Self {
+            policy,
+            namespaces: Mutex::default(),
+            bindings: Mutex::default(),
+            tracks: Mutex::default(),
+            live: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Closes every session (relay shutdown).
+    pub(crate) fn close_all(&self, reason: &str) {
+        for (_, transport) in self.live.lock().expect("live lock").drain() {
+            transport.close(0, reason);
+        }
+    }
+
     fn announcers(&self, ns: &TrackNamespace) -> Vec<Subscriber> {
         let map = self.namespaces.lock().expect("routes lock");
         // Newest first: a re-joining participant is the likeliest owner of a fresh track.
@@ -45,13 +300,67 @@ impl Routes {
             .unwrap_or_default()
     }
 
+    /// Token check for one use of `ns` by `ctx`; binds the namespace on first use.
+    fn authorize(&self, ctx: &SessionCtx, ns: &TrackNamespace) -> Result<(), Refusal> {
+        if self.policy.auth == AuthMode::Open {
+            return Ok(());
+        }
+        let mut bindings = self.bindings.lock().expect("bindings lock");
+        let mut used = ctx.used.lock().expect("session lock");
+        match bindings.get_mut(ns) {
+            Some(binding) => {
+                if !ctx.token_hashes.contains(&binding.token_hash) {
+                    return Err(Refusal::WrongToken);
+                }
+                if used.insert(ns.clone()) {
+                    binding.sessions += 1;
+                }
+            }
+            None => {
+                // First use: the namespace belongs to the session's first token from now on.
+                let token_hash = *ctx.token_hashes.first().ok_or(Refusal::MissingToken)?;
+                bindings.insert(
+                    ns.clone(),
+                    Binding {
+                        token_hash,
+                        sessions: 1,
+                    },
+                );
+                used.insert(ns.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn release_bindings(&self, ctx: &SessionCtx) {
+        let mut bindings = self.bindings.lock().expect("bindings lock");
+        for ns in ctx.used.lock().expect("session lock").drain() {
+            if let Some(b) = bindings.get_mut(&ns) {
+                b.sessions = b.sessions.saturating_sub(1);
+                if b.sessions == 0 {
+                    bindings.remove(&ns);
+                }
+            }
+        }
+    }
+
+    fn take_track_slot(&self, ctx: &SessionCtx) -> Result<(), Refusal> {
+        let max = self.policy.max_tracks_per_session;
+        ctx.tracks
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map(|_| ())
+            .map_err(Refusal::TooManyTracks)
+    }
+
     /// The shared upstream for `key`, starting one if none is live.
     fn upstream(self: &Arc<Self>, key: &FullTrackName) -> Upstream {
         let mut tracks = self.tracks.lock().expect("routes lock");
         if let Some(entry) = tracks.get(key) {
             let alive = match &*entry.upstream.borrow() {
                 None => true,
-                Some(Ok(reader)) => !reader.is_closed(),
+                Some(Ok(hub)) => !hub.is_closed(),
                 Some(Err(_)) => false,
             };
             if alive {
@@ -81,19 +390,24 @@ impl Routes {
     }
 
     /// Asks each session that announced the namespace for the track until one has it, then
-    /// holds that subscription while anyone may read it.
+    /// forwards its objects to every attached subscriber until the publisher ends it.
     async fn run_upstream(
         &self,
         key: FullTrackName,
-        tx: watch::Sender<Option<Result<TrackReader, ServeError>>>,
+        tx: watch::Sender<Option<Result<Arc<Hub>, ServeError>>>,
     ) {
         for mut announcer in self.announcers(&key.namespace) {
             let (writer, reader) = Track::new(key.namespace.clone(), key.name.clone()).produce();
             match announcer.subscribe_open(writer).await {
                 Ok(subscription) => {
                     self.stats.upstream_tracks.fetch_add(1, Ordering::Relaxed);
-                    let _ = tx.send(Some(Ok(reader)));
-                    let _ = subscription.closed().await;
+                    let hub = Arc::new(Hub::new());
+                    let _ = tx.send(Some(Ok(hub.clone())));
+                    tokio::select! {
+                        () = self.forward(&key, &reader, &hub) => {}
+                        _ = subscription.closed() => {}
+                    }
+                    hub.close();
                     self.stats.upstream_tracks.fetch_sub(1, Ordering::Relaxed);
                     return;
                 }
@@ -104,11 +418,116 @@ impl Routes {
         let _ = tx.send(Some(Err(ServeError::NotFound)));
     }
 
-    async fn serve(self: Arc<Self>, subscribed: Subscribed) {
+    async fn forward(
+        &self,
+        key: &FullTrackName,
+        reader: &moq_transport::serve::TrackReader,
+        hub: &Hub,
+    ) {
+        let mut groups = match reader.mode().await {
+            Ok(TrackReaderMode::Subgroups(groups)) => groups,
+            Ok(_) => {
+                tracing::debug!(track = %key.name, "upstream track is not in subgroup mode");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(track = %key.name, "upstream track ended: {e}");
+                return;
+            }
+        };
+        let mut copies = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                next = groups.next() => match next {
+                    Ok(Some(group)) => {
+                        let subgroup = Subgroup {
+                            group_id: group.group_id,
+                            subgroup_id: group.subgroup_id,
+                            priority: group.priority,
+                        };
+                        let copy = hub.open(&subgroup);
+                        copies.push(self.copy_group(group, copy, hub));
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(track = %key.name, "upstream track failed: {e}");
+                        break;
+                    }
+                },
+                Some(()) = copies.next(), if !copies.is_empty() => {}
+            }
+        }
+        while copies.next().await.is_some() {}
+    }
+
+    /// Copies one upstream subgroup's objects to the subscribers' subgroups as they arrive.
+    async fn copy_group(
+        &self,
+        mut upstream: SubgroupReader,
+        copy: Arc<Mutex<GroupCopy>>,
+        hub: &Hub,
+    ) {
+        loop {
+            match upstream.read_next().await {
+                Ok(Some(object)) => {
+                    self.stats.objects_in.fetch_add(1, Ordering::Relaxed);
+                    let mut group = copy.lock().expect("group lock");
+                    if object.len() > self.policy.max_object_bytes {
+                        // Not forwarded: one oversized object would cost every subscriber.
+                        tracing::debug!(
+                            size = object.len(),
+                            limit = self.policy.max_object_bytes,
+                            "object over the size limit dropped"
+                        );
+                        self.stats
+                            .drops
+                            .fetch_add(group.outs.len() as u64 + 1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let before = group.outs.len();
+                    group
+                        .outs
+                        .retain_mut(|out| out.write(object.clone()).is_ok());
+                    let after = group.outs.len();
+                    self.stats
+                        .objects_out
+                        .fetch_add(after as u64, Ordering::Relaxed);
+                    self.stats
+                        .drops
+                        .fetch_add((before - after) as u64, Ordering::Relaxed);
+                    group.objects.push(object);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!("upstream group failed: {e}");
+                    break;
+                }
+            }
+        }
+        {
+            let mut group = copy.lock().expect("group lock");
+            group.done = true;
+            for out in group.outs.drain(..) {
+                let _ = out.finish();
+            }
+        }
+        hub.finished(&copy);
+    }
+
+    async fn serve(self: Arc<Self>, ctx: Arc<SessionCtx>, subscribed: Subscribed) {
         let key = FullTrackName {
             namespace: subscribed.info.track_namespace.clone(),
             name: subscribed.info.track_name.clone(),
         };
+        if let Err(refusal) = self
+            .authorize(&ctx, &key.namespace)
+            .and_then(|()| self.take_track_slot(&ctx))
+        {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(session = ctx.id, "subscribe refused: {}", refusal.reason());
+            let _ = subscribed.close(ServeError::Closed(refusal.code()));
+            return;
+        }
         let mut upstream = self.upstream(&key);
         let ready = upstream
             .wait_for(Option::is_some)
@@ -116,16 +535,30 @@ impl Routes {
             .ok()
             .and_then(|v| v.clone());
         match ready {
-            Some(Ok(reader)) => {
-                self.stats
-                    .downstream_subscriptions
-                    .fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = subscribed.serve(reader).await {
-                    tracing::debug!(track = %key.name, "downstream ended: {e}");
+            Some(Ok(hub)) => {
+                let (writer, reader) =
+                    Track::new(key.namespace.clone(), key.name.clone()).produce();
+                let attached = writer
+                    .subgroups()
+                    .is_ok_and(|subgroups| hub.attach(subgroups, &self.stats));
+                match attached {
+                    true => {
+                        self.stats
+                            .downstream_subscriptions
+                            .fetch_add(1, Ordering::Relaxed);
+                        // No largest location: everything written to this subscriber's own
+                        // track (starting with the newest cached group) is for it.
+                        if let Err(e) = subscribed.serve_with_largest_location(reader, None).await {
+                            tracing::debug!(track = %key.name, "downstream ended: {e}");
+                        }
+                        self.stats
+                            .downstream_subscriptions
+                            .fetch_sub(1, Ordering::Relaxed);
+                    }
+                    false => {
+                        let _ = subscribed.close(ServeError::NotFound);
+                    }
                 }
-                self.stats
-                    .downstream_subscriptions
-                    .fetch_sub(1, Ordering::Relaxed);
             }
             Some(Err(e)) => {
                 let _ = subscribed.close(e);
@@ -134,6 +567,7 @@ impl Routes {
                 let _ = subscribed.close(ServeError::Cancel);
             }
         }
+        ctx.tracks.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Runs one client session until it ends.
@@ -142,55 +576,114 @@ impl Routes {
         transport: moq_transport::session::transport::Session,
         kind: moq_transport::session::Transport,
     ) {
-        let (session, publisher, subscriber) = match Session::accept(transport, None, kind).await {
-            Ok(s) => s,
+        let sessions = self.stats.sessions.fetch_add(1, Ordering::AcqRel) + 1;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.live
+            .lock()
+            .expect("live lock")
+            .insert(id, transport.clone());
+        self.session_inner(id, transport, kind, sessions).await;
+        self.live.lock().expect("live lock").remove(&id);
+        self.stats.sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    async fn session_inner(
+        self: &Arc<Self>,
+        id: u64,
+        transport: moq_transport::session::transport::Session,
+        kind: moq_transport::session::Transport,
+        sessions: u64,
+    ) {
+        if sessions > self.policy.max_sessions {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                limit = self.policy.max_sessions,
+                "session refused: relay full"
+            );
+            transport.close(REFUSED_SESSION, "relay session limit reached");
+            return;
+        }
+        let (session, publisher, subscriber) =
+            match Session::accept(transport.clone(), None, kind).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!("moq setup failed: {e}");
+                    return;
+                }
+            };
+        let token_hashes = match moq_transport::setup::decode_setup_tokens(session.setup_params()) {
+            Ok(tokens) => tokens.iter().map(|t| sha256(t.value)).collect(),
             Err(e) => {
-                tracing::debug!("moq setup failed: {e}");
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("session refused: bad AUTHORIZATION TOKEN: {e}");
+                transport.close(REFUSED_SESSION, "malformed authorization token");
                 return;
             }
         };
         let (Some(publisher), Some(subscriber)) = (publisher, subscriber) else {
             return;
         };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        let ctx = Arc::new(SessionCtx {
+            id,
+            token_hashes,
+            used: Mutex::default(),
+            tracks: AtomicUsize::new(0),
+        });
         tokio::select! {
             res = session.run() => {
                 if let Err(e) = res {
                     if !e.is_graceful_close() {
-                        tracing::debug!(session = id, "session ended: {e}");
+                        tracing::debug!(session = ctx.id, "session ended: {e}");
                     }
                 }
             }
-            () = self.clone().accept_announces(id, subscriber) => {}
-            () = self.clone().accept_subscribes(publisher) => {}
+            () = self.clone().accept_announces(ctx.clone(), subscriber) => {}
+            () = self.clone().accept_subscribes(ctx.clone(), publisher) => {}
         }
         self.namespaces.lock().expect("routes lock").retain(|_, v| {
-            v.retain(|(sid, _)| *sid != id);
+            v.retain(|(sid, _)| *sid != ctx.id);
             !v.is_empty()
         });
-        self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+        self.release_bindings(&ctx);
     }
 
-    async fn accept_announces(self: Arc<Self>, id: u64, subscriber: Subscriber) {
+    fn admit_announce(
+        &self,
+        ctx: &SessionCtx,
+        announce: &PublishedNamespace,
+    ) -> Result<(), Refusal> {
+        self.authorize(ctx, &announce.namespace)?;
+        self.take_track_slot(ctx)
+    }
+
+    async fn accept_announces(self: Arc<Self>, ctx: Arc<SessionCtx>, subscriber: Subscriber) {
         let mut incoming = subscriber.clone();
         while let Some(mut announce) = incoming.published_namespace().await {
+            if let Err(refusal) = self.admit_announce(&ctx, &announce) {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(session = ctx.id, "announce refused: {}", refusal.reason());
+                let _ = announce.reject(refusal.code(), &refusal.reason());
+                continue;
+            }
             let ns = announce.namespace.clone();
             self.namespaces
                 .lock()
                 .expect("routes lock")
                 .entry(ns.clone())
                 .or_default()
-                .push((id, subscriber.clone()));
+                .push((ctx.id, subscriber.clone()));
             if announce.ok().is_err() {
+                ctx.tracks.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
             let routes = self.clone();
+            let ctx = ctx.clone();
             tokio::spawn(async move {
                 let _ = announce.closed().await;
+                ctx.tracks.fetch_sub(1, Ordering::AcqRel);
                 let mut map = routes.namespaces.lock().expect("routes lock");
                 if let Some(v) = map.get_mut(&ns) {
-                    v.retain(|(sid, _)| *sid != id);
+                    v.retain(|(sid, _)| *sid != ctx.id);
                     if v.is_empty() {
                         map.remove(&ns);
                     }
@@ -199,9 +692,9 @@ impl Routes {
         }
     }
 
-    async fn accept_subscribes(self: Arc<Self>, mut publisher: Publisher) {
+    async fn accept_subscribes(self: Arc<Self>, ctx: Arc<SessionCtx>, mut publisher: Publisher) {
         while let Some(subscribed) = publisher.subscribed().await {
-            tokio::spawn(self.clone().serve(subscribed));
+            tokio::spawn(self.clone().serve(ctx.clone(), subscribed));
         }
     }
 }

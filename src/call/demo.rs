@@ -25,7 +25,9 @@ use crate::media::keys::{KidLayout, MediaType};
 use crate::media::opus::{CodecConfig, OpusEncoder, SAMPLE_RATE};
 use crate::media::playout::{PlayoutDecoder, SlotKind};
 use crate::media::tone::{dominant_frequency, ToneSource};
-use crate::transport::{call_namespace, CertVerification, MoqConnection, TrackSubscriber};
+use crate::transport::{
+    participant_namespace, CertVerification, ClientConfig, MoqClient, RemoteTrack, TransportError,
+};
 
 type Member = GroupMember<MdkMemoryStorage>;
 
@@ -367,20 +369,28 @@ async fn participant(
     )
     .map_err(|e| CallError::Protocol(e.to_string()))?;
 
-    let (mut conn, driver) = MoqConnection::connect(&offer.moq_url, &cfg.verification).await?;
+    let (client, driver) = MoqClient::new(ClientConfig::new(
+        offer.moq_url.clone(),
+        cfg.verification.clone(),
+        Some(offer.token.to_vec()),
+    ));
     let driver = tokio::spawn(driver);
-    let namespace = call_namespace(&offer.namespace_hex())?;
-    let (mut publisher, serve) = conn
-        .publish(namespace.clone(), &my_track.name_hex())
-        .await?;
-    let serve = tokio::spawn(serve);
+    let namespace = offer.namespace_hex();
+    let mut publisher = client.publish(
+        participant_namespace(&namespace, &my_track.name_hex())?,
+        &my_track.name_hex(),
+    );
+    tokio::time::timeout(SIGNALING_TIMEOUT, publisher.announced())
+        .await
+        .map_err(|_| TransportError::NotFound(my_track.name_hex()))??;
     stage.barrier.wait().await; // every track is announced
 
     let mut inputs = Vec::new();
     for (pk, track) in &peers {
-        let sub = conn
-            .subscribe(namespace.clone(), &track.name_hex(), SIGNALING_TIMEOUT)
-            .await?;
+        let sub = client.subscribe(
+            participant_namespace(&namespace, &track.name_hex())?,
+            &track.name_hex(),
+        );
         let mut keys = ReceiverKeyring::new(layout, MediaType::Audio);
         keys.install_epoch(
             export.epoch,
@@ -423,9 +433,8 @@ async fn participant(
         sent
     };
     let (sent, heard) = tokio::join!(sender, receivers);
-    conn.close();
-    serve.abort();
-    driver.abort();
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(1), driver).await;
     let sent = sent?;
 
     let sent_counts = stage.log.sent_count.lock().expect("log lock").clone();
@@ -480,7 +489,7 @@ async fn participant(
 
 /// Encodes, encrypts and publishes `frames` frames of a tone, paced like a microphone.
 async fn send_tone(
-    publisher: &mut crate::transport::TrackPublisher,
+    publisher: &mut crate::transport::LocalTrack,
     keys: &mut SenderKeyring,
     track: [u8; 8],
     codec: CodecConfig,
@@ -504,7 +513,9 @@ async fn send_tone(
         let frame = keys
             .encrypt(packet)
             .map_err(|e| CallError::Protocol(e.to_string()))?;
-        publisher.send(seq, Bytes::copy_from_slice(frame))?;
+        // A frame sent while the relay is unreachable is dropped (counted in the track's
+        // stats): late audio is worth nothing.
+        publisher.send(seq, Bytes::copy_from_slice(frame));
     }
     log.sent_count
         .lock()
@@ -527,7 +538,7 @@ struct Heard {
 /// Reads one peer's track until told to stop: decrypts frames as they arrive into a jitter
 /// buffer, and plays it out on a frame-rate clock (decode, FEC or concealment).
 async fn receive(
-    mut sub: TrackSubscriber,
+    mut sub: RemoteTrack,
     mut keys: ReceiverKeyring,
     track: [u8; 8],
     codec: CodecConfig,
@@ -558,7 +569,7 @@ async fn receive(
                 }
             }
             next = sub.next(), if track_open => match next {
-                Ok(Some((seq, payload))) => {
+                Ok((seq, payload)) => {
                     let now = Instant::now();
                     match keys.decrypt(&payload, now) {
                         Ok(Received::Frame(d)) => {
@@ -574,7 +585,6 @@ async fn receive(
                         Err(e) => tracing::debug!("frame {seq} from {}: {e}", hex::encode(track)),
                     }
                 }
-                Ok(None) => track_open = false,
                 Err(e) => {
                     tracing::warn!("track {} ended: {e}", hex::encode(track));
                     track_open = false;

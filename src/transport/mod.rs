@@ -1,6 +1,7 @@
 //! MoQ client (moq-transport draft-18): one connection to a relay, publishing the local
 //! track and subscribing to peers' tracks (PROTOCOL.md §4).
 
+mod client;
 mod tls;
 
 use std::future::Future;
@@ -17,8 +18,10 @@ use moq_transport::serve::{
 use moq_transport::session::{
     transport as wt, PublishNamespace, Publisher, Session, SessionError, Subscribe, Subscriber,
 };
+use moq_transport::setup::AuthorizationToken;
 use url::Url;
 
+pub use client::{ClientConfig, LocalTrack, MoqClient, RemoteTrack, TrackStats};
 pub use tls::CertVerification;
 
 /// Audio is the most urgent thing on the connection (lower value = more urgent).
@@ -38,6 +41,14 @@ pub enum TransportError {
     Namespace(String),
     #[error("tls: {0}")]
     Tls(String),
+    #[error("the relay refused the request: wrong or missing relay token")]
+    Unauthorized,
+    #[error("the relay refused the announce: {0}")]
+    AnnounceRefused(String),
+    #[error("relay unreachable, gave up: {0}")]
+    Unreachable(String),
+    #[error("the MoQ client was shut down")]
+    Closed,
     #[error("track {0} was not found on the relay before the deadline")]
     NotFound(String),
 }
@@ -45,6 +56,17 @@ pub enum TransportError {
 /// The namespace of a call: `call/<hex>`.
 pub fn call_namespace(namespace_hex: &str) -> Result<TrackNamespace, TransportError> {
     TrackNamespace::try_from(vec!["call", namespace_hex])
+        .map_err(|e| TransportError::Namespace(e.to_string()))
+}
+
+/// The namespace one participant announces: the call's namespace plus its track name,
+/// `("call", <namespace hex>, <track hex>)`. Relays that allow only one announcer per
+/// namespace (moq-relay-ietf) need it; see docs/protocol.md §4.
+pub fn participant_namespace(
+    namespace_hex: &str,
+    track_hex: &str,
+) -> Result<TrackNamespace, TransportError> {
+    TrackNamespace::try_from(vec!["call", namespace_hex, track_hex])
         .map_err(|e| TransportError::Namespace(e.to_string()))
 }
 
@@ -58,10 +80,28 @@ pub struct MoqConnection {
     subscriber: Subscriber,
 }
 
+/// Token type sent in SETUP's AUTHORIZATION TOKEN option. Type 0 is reserved for a type
+/// agreed out of band (draft-18 §10.3.1.4): here, the call's 32 random relay-token bytes.
+pub const RELAY_TOKEN_TYPE: u64 = 0;
+
+/// Request error code a relay uses for a refused token (draft-18 UNAUTHORIZED).
+pub(crate) const UNAUTHORIZED: u64 = 0x1;
+
 impl MoqConnection {
+    /// Connects without presenting a relay token (for relays in open mode).
     pub async fn connect(
         url: &Url,
         verify: &CertVerification,
+    ) -> Result<(Self, impl Future<Output = Result<(), SessionError>> + Send), TransportError> {
+        Self::connect_with_token(url, verify, None).await
+    }
+
+    /// Connects, presenting `token` (the call's relay token) in SETUP as an
+    /// AUTHORIZATION TOKEN; the bundled relay binds each namespace to its SHA-256.
+    pub async fn connect_with_token(
+        url: &Url,
+        verify: &CertVerification,
+        token: Option<&[u8]>,
     ) -> Result<(Self, impl Future<Output = Result<(), SessionError>> + Send), TransportError> {
         if !matches!(url.scheme(), "moqt" | "https") {
             return Err(TransportError::Scheme(url.clone()));
@@ -92,8 +132,11 @@ impl MoqConnection {
             .connect(url, None)
             .await
             .map_err(|e| connect_err(format!("{e:#}")))?;
+        let tokens = token
+            .map(|t| vec![AuthorizationToken::new(RELAY_TOKEN_TYPE, t.to_vec())])
+            .unwrap_or_default();
         let (session, publisher, subscriber) =
-            Session::connect(transport.clone(), None, kind).await?;
+            Session::connect_with_tokens(transport.clone(), None, kind, tokens).await?;
         Ok((
             Self {
                 _endpoint: endpoint,
@@ -112,22 +155,7 @@ impl MoqConnection {
         namespace: TrackNamespace,
         track: &str,
     ) -> Result<(TrackPublisher, impl Future<Output = ()> + Send), TransportError> {
-        // The request half is dropped: subscribes for other names are answered NOT_FOUND.
-        let (mut writer, _request, reader) = Tracks::new(namespace.clone()).produce();
-        let track_writer = writer
-            .create(track)
-            .ok_or_else(|| TransportError::Namespace("track set already closed".into()))?;
-        let subgroups = track_writer.subgroups()?;
-        let announce = self.publisher.publish_namespace_start(namespace).await?;
-        announce.ok().await?;
-        let serve = serve_announce(announce, reader);
-        Ok((
-            TrackPublisher {
-                subgroups,
-                _tracks: writer,
-            },
-            serve,
-        ))
+        publish_on(&mut self.publisher, namespace, track).await
     }
 
     /// Subscribes to `track` in `namespace`, retrying while the relay does not know it yet
@@ -141,14 +169,8 @@ impl MoqConnection {
         let deadline = tokio::time::Instant::now() + wait;
         let mut backoff = Duration::from_millis(20);
         loop {
-            let (writer, reader) = Track::new(namespace.clone(), track).produce();
-            match self.subscriber.subscribe_open(writer).await {
-                Ok(subscription) => {
-                    return Ok(TrackSubscriber {
-                        _subscription: subscription,
-                        reader: PendingMode::Track(reader),
-                    })
-                }
+            match subscribe_on(&mut self.subscriber, namespace.clone(), track).await {
+                Ok(subscriber) => return Ok(subscriber),
                 Err(ServeError::NotFound | ServeError::NotFoundWithId(..))
                     if tokio::time::Instant::now() + backoff < deadline =>
                 {
@@ -158,6 +180,7 @@ impl MoqConnection {
                 Err(ServeError::NotFound | ServeError::NotFoundWithId(..)) => {
                     return Err(TransportError::NotFound(track.to_string()))
                 }
+                Err(ServeError::Closed(UNAUTHORIZED)) => return Err(TransportError::Unauthorized),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -167,6 +190,48 @@ impl MoqConnection {
     pub fn close(&self) {
         self.transport.close(0, "bye");
     }
+}
+
+/// Announces `namespace` on `publisher` with one track in it (see [`MoqConnection::publish`]).
+pub(crate) async fn publish_on(
+    publisher: &mut Publisher,
+    namespace: TrackNamespace,
+    track: &str,
+) -> Result<(TrackPublisher, impl Future<Output = ()> + Send), TransportError> {
+    // The request half is dropped: subscribes for other names are answered NOT_FOUND.
+    let (mut writer, _request, reader) = Tracks::new(namespace.clone()).produce();
+    let track_writer = writer
+        .create(track)
+        .ok_or_else(|| TransportError::Namespace("track set already closed".into()))?;
+    let subgroups = track_writer.subgroups()?;
+    let announce = publisher.publish_namespace_start(namespace).await?;
+    match announce.ok().await {
+        Ok(()) => {}
+        Err(ServeError::Closed(UNAUTHORIZED)) => return Err(TransportError::Unauthorized),
+        Err(e) => return Err(TransportError::AnnounceRefused(e.to_string())),
+    }
+    let serve = serve_announce(announce, reader);
+    Ok((
+        TrackPublisher {
+            subgroups,
+            _tracks: writer,
+        },
+        serve,
+    ))
+}
+
+/// One SUBSCRIBE attempt on `subscriber`.
+pub(crate) async fn subscribe_on(
+    subscriber: &mut Subscriber,
+    namespace: TrackNamespace,
+    track: &str,
+) -> Result<TrackSubscriber, ServeError> {
+    let (writer, reader) = Track::new(namespace, track).produce();
+    let subscription = subscriber.subscribe_open(writer).await?;
+    Ok(TrackSubscriber {
+        _subscription: subscription,
+        reader: PendingMode::Track(reader),
+    })
 }
 
 async fn serve_announce(announce: PublishNamespace, tracks: moq_transport::serve::TracksReader) {
@@ -217,6 +282,9 @@ enum PendingMode {
 }
 
 /// A remote track: frames in arrival order with their group id (= frame sequence).
+///
+/// Read it continuously from the moment it is created: until its first read, moq-transport
+/// keeps only the newest 8 groups for it. [`MoqClient`] does that for its callers.
 pub struct TrackSubscriber {
     // Dropping the subscription sends UNSUBSCRIBE.
     _subscription: Subscribe,

@@ -30,7 +30,8 @@ impl CertVerification {
         Ok(Self::Fingerprint(arr))
     }
 
-    pub(crate) fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+    /// The rustls client configuration for this policy (TLS 1.3, no ALPN set).
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])

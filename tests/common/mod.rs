@@ -9,21 +9,65 @@ pub struct TestRelay {
     pub moq_url: Url,
     pub nostr_url: Url,
     pub fingerprint: String,
+    stats: Box<dyn Fn() -> call_relay::RelayStats + Send + Sync>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl TestRelay {
     pub async fn start() -> Self {
+        Self::start_with(RelayConfig::ephemeral()).await
+    }
+
+    /// A relay whose MoQ listener takes `moq_addr` (retried briefly: a stopped relay's
+    /// socket is released once its connections have drained).
+    pub async fn start_on(moq_addr: std::net::SocketAddr) -> Self {
+        let config = RelayConfig {
+            moq_bind: moq_addr,
+            ..RelayConfig::ephemeral()
+        };
+        Self::start_with(config).await
+    }
+
+    pub async fn start_with(config: RelayConfig) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let relay = Relay::bind(&RelayConfig::ephemeral())
-            .await
-            .expect("relay binds");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let relay = loop {
+            match Relay::bind(&config).await {
+                Ok(relay) => break relay,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("relay binds: {e:#}"),
+            }
+        };
+        let stats = relay.stats_handle();
         Self {
+            stats: Box::new(move || stats.get()),
             moq_url: relay.moq_url(),
             nostr_url: relay.nostr_url(),
             fingerprint: relay.fingerprint().to_string(),
             task: tokio::spawn(relay.run()),
         }
+    }
+}
+
+impl TestRelay {
+    pub fn moq_addr(&self) -> std::net::SocketAddr {
+        let host = self.moq_url.host_str().expect("host");
+        format!("{host}:{}", self.moq_url.port().expect("port"))
+            .parse()
+            .expect("addr")
+    }
+
+    /// Stops the relay as its binary does on ctrl-c: every session is closed.
+    pub async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+
+    pub fn stats(&self) -> call_relay::RelayStats {
+        (self.stats)()
     }
 }
 

@@ -1,0 +1,521 @@
+//! A MoQ client that survives losing its relay: it reconnects with backoff, re-announces
+//! every local track and re-subscribes every remote track, while the caller keeps sending
+//! and reading through handles that outlive any one connection.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use moq_transport::coding::TrackNamespace;
+use moq_transport::serve::ServeError;
+use moq_transport::session::{Publisher, Subscriber};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use url::Url;
+
+use super::{
+    publish_on, subscribe_on, CertVerification, MoqConnection, TrackPublisher, TransportError,
+    UNAUTHORIZED,
+};
+
+/// First wait before reconnecting; doubles per failed attempt up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest wait between reconnect attempts: audio calls want the relay back fast.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// First limit on one connection attempt; doubles per failed attempt up to
+/// [`MAX_CONNECT_TIMEOUT`]. A QUIC handshake sent while the relay was down is otherwise only
+/// retransmitted after about a second, so a fresh attempt is faster once it is back.
+const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// First wait before re-subscribing to a track the relay does not know (yet).
+const MIN_RESUBSCRIBE: Duration = Duration::from_millis(20);
+/// Frames buffered per remote track before the oldest arrivals are dropped.
+const QUEUE_FRAMES: usize = 64;
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct ClientConfig {
+    pub url: Url,
+    pub verify: CertVerification,
+    /// The call's relay token, presented in SETUP (see docs/protocol.md §4).
+    pub token: Option<Vec<u8>>,
+    /// A received frame not read within this long after its arrival is dropped as late.
+    pub playout_deadline: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(url: Url, verify: CertVerification, token: Option<Vec<u8>>) -> Self {
+        Self {
+            url,
+            verify,
+            token,
+            playout_deadline: Duration::from_millis(200),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a secret of the call.
+        f.debug_struct("ClientConfig")
+            .field("url", &self.url.as_str())
+            .field("verify", &self.verify)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("playout_deadline", &self.playout_deadline)
+            .finish()
+    }
+}
+
+/// Counters of one track (local or remote).
+#[derive(Debug, Default)]
+pub struct TrackStats {
+    /// Objects handed to the connection (local tracks).
+    pub sent: AtomicU64,
+    /// Objects that arrived (remote tracks).
+    pub received: AtomicU64,
+    /// Frames dropped because they missed their playout deadline or came after a newer one.
+    pub late: AtomicU64,
+    /// Frames dropped for other reasons: no connection, full queue.
+    pub dropped: AtomicU64,
+}
+
+impl TrackStats {
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+    pub fn late(&self) -> u64 {
+        self.late.load(Ordering::Relaxed)
+    }
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+struct LocalReg {
+    namespace: TrackNamespace,
+    name: String,
+    slot: Arc<Mutex<Option<TrackPublisher>>>,
+    /// Counts successful announces (one per connection).
+    announced: watch::Sender<u64>,
+    refused: watch::Sender<Option<String>>,
+}
+
+struct RemoteReg {
+    namespace: TrackNamespace,
+    name: String,
+    inbox: Arc<Inbox>,
+}
+
+enum Command {
+    Publish(Arc<LocalReg>),
+    Subscribe(Arc<RemoteReg>),
+}
+
+/// Frames of one remote track waiting to be read, with their arrival time.
+struct Inbox {
+    queue: Mutex<InboxState>,
+    notify: Notify,
+    stats: Arc<TrackStats>,
+}
+
+#[derive(Default)]
+struct InboxState {
+    frames: VecDeque<(u64, Bytes, Instant)>,
+    error: Option<TransportError>,
+}
+
+impl Inbox {
+    fn push(&self, seq: u64, payload: Bytes) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        let mut q = self.queue.lock().expect("inbox lock");
+        if q.frames.len() >= QUEUE_FRAMES {
+            q.frames.pop_front();
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        q.frames.push_back((seq, payload, Instant::now()));
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    fn fail(&self, error: TransportError) {
+        self.queue.lock().expect("inbox lock").error = Some(error);
+        self.notify.notify_one();
+    }
+}
+
+/// The connection state shared with handles.
+struct Shared {
+    connects: AtomicU64,
+    /// Set when the very first connection failed: that is a configuration problem (address,
+    /// certificate, ALPN), not an outage, so the client gives up and says why.
+    fatal: watch::Sender<Option<String>>,
+}
+
+/// A reconnecting MoQ client. The future returned by [`MoqClient::new`] drives every
+/// connection and must be polled; it ends when the client and all its handles are dropped.
+pub struct MoqClient {
+    commands: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+    playout_deadline: Duration,
+}
+
+impl MoqClient {
+    pub fn new(config: ClientConfig) -> (Self, impl Future<Output = ()> + Send) {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            connects: AtomicU64::new(0),
+            fatal: watch::channel(None).0,
+        });
+        let playout_deadline = config.playout_deadline;
+        let driver = drive(config, rx, shared.clone());
+        (
+            Self {
+                commands,
+                shared,
+                playout_deadline,
+            },
+            driver,
+        )
+    }
+
+    /// How many times a connection to the relay was established.
+    pub fn connects(&self) -> u64 {
+        self.shared.connects.load(Ordering::Relaxed)
+    }
+
+    /// Publishes `track` in `namespace` on every connection from now on.
+    pub fn publish(&self, namespace: TrackNamespace, track: &str) -> LocalTrack {
+        let reg = Arc::new(LocalReg {
+            namespace,
+            name: track.to_string(),
+            slot: Arc::default(),
+            announced: watch::channel(0).0,
+            refused: watch::channel(None).0,
+        });
+        let _ = self.commands.send(Command::Publish(reg.clone()));
+        LocalTrack {
+            fatal: self.shared.fatal.subscribe(),
+            announced: reg.announced.subscribe(),
+            refused: reg.refused.subscribe(),
+            reg,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Subscribes to `track` in `namespace` on every connection from now on, retrying
+    /// while the relay does not know the track.
+    pub fn subscribe(&self, namespace: TrackNamespace, track: &str) -> RemoteTrack {
+        let stats = Arc::new(TrackStats::default());
+        let inbox = Arc::new(Inbox {
+            queue: Mutex::default(),
+            notify: Notify::new(),
+            stats: stats.clone(),
+        });
+        if let Some(reason) = self.shared.fatal.borrow().clone() {
+            inbox.fail(TransportError::Unreachable(reason));
+        }
+        let _ = self.commands.send(Command::Subscribe(Arc::new(RemoteReg {
+            namespace,
+            name: track.to_string(),
+            inbox: inbox.clone(),
+        })));
+        RemoteTrack {
+            inbox,
+            stats,
+            last_seq: None,
+            playout_deadline: self.playout_deadline,
+        }
+    }
+}
+
+/// A local track: frames sent while no connection is up are dropped (and counted).
+pub struct LocalTrack {
+    reg: Arc<LocalReg>,
+    announced: watch::Receiver<u64>,
+    refused: watch::Receiver<Option<String>>,
+    fatal: watch::Receiver<Option<String>>,
+    stats: Arc<TrackStats>,
+}
+
+impl LocalTrack {
+    /// Sends one frame as group `seq`. Returns whether a connection took it.
+    pub fn send(&self, seq: u64, payload: Bytes) -> bool {
+        let mut slot = self.reg.slot.lock().expect("slot lock");
+        let sent = match slot.as_mut() {
+            Some(publisher) => match publisher.send(seq, payload) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!("publishing frame {seq} failed: {e}");
+                    *slot = None;
+                    false
+                }
+            },
+            None => false,
+        };
+        let counter = if sent {
+            &self.stats.sent
+        } else {
+            &self.stats.dropped
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        sent
+    }
+
+    /// Waits until the track is announced on some connection, or the relay refused it.
+    pub async fn announced(&mut self) -> Result<(), TransportError> {
+        tokio::select! {
+            res = self.announced.wait_for(|n| *n > 0) => {
+                res.map(|_| ()).map_err(|_| TransportError::Closed)
+            }
+            res = self.refused.wait_for(Option::is_some) => match res {
+                Ok(reason) if reason.as_deref() == Some("unauthorized") => {
+                    Err(TransportError::Unauthorized)
+                }
+                Ok(reason) => Err(TransportError::AnnounceRefused(
+                    reason.clone().unwrap_or_default(),
+                )),
+                Err(_) => Err(TransportError::Closed),
+            },
+            res = self.fatal.wait_for(Option::is_some) => match res {
+                Ok(reason) => Err(TransportError::Unreachable(reason.clone().unwrap_or_default())),
+                Err(_) => Err(TransportError::Closed),
+            },
+        }
+    }
+
+    pub fn stats(&self) -> &TrackStats {
+        &self.stats
+    }
+}
+
+/// A remote track across reconnects: frames in arrival order with their group id.
+pub struct RemoteTrack {
+    inbox: Arc<Inbox>,
+    stats: Arc<TrackStats>,
+    last_seq: Option<u64>,
+    playout_deadline: Duration,
+}
+
+impl RemoteTrack {
+    /// The next frame still worth playing. Frames that waited past the playout deadline
+    /// or arrive after a newer frame was already returned are dropped and counted as late.
+    /// Fails only when the relay refused the subscription.
+    pub async fn next(&mut self) -> Result<(u64, Bytes), TransportError> {
+        loop {
+            let notified = self.inbox.notify.notified();
+            {
+                let mut q = self.inbox.queue.lock().expect("inbox lock");
+                if let Some(error) = q.error.take() {
+                    return Err(error);
+                }
+                while let Some((seq, payload, arrived)) = q.frames.pop_front() {
+                    let stale = arrived.elapsed() > self.playout_deadline;
+                    let reordered = self.last_seq.is_some_and(|last| seq <= last);
+                    if stale || reordered {
+                        self.stats.late.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    self.last_seq = Some(seq);
+                    return Ok((seq, payload));
+                }
+            }
+            notified.await;
+        }
+    }
+
+    pub fn stats(&self) -> &TrackStats {
+        &self.stats
+    }
+}
+
+async fn drive(
+    config: ClientConfig,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<Shared>,
+) {
+    let mut locals: Vec<Arc<LocalReg>> = Vec::new();
+    let mut remotes: Vec<Arc<RemoteReg>> = Vec::new();
+    let mut backoff = MIN_BACKOFF;
+    // The first connection gets the long limit: failing it is final.
+    let mut connect_timeout = MAX_CONNECT_TIMEOUT;
+    loop {
+        while let Ok(cmd) = commands.try_recv() {
+            register(cmd, &mut locals, &mut remotes);
+        }
+        let attempt = async {
+            let connect = MoqConnection::connect_with_token(
+                &config.url,
+                &config.verify,
+                config.token.as_deref(),
+            );
+            match tokio::time::timeout(connect_timeout, connect).await {
+                Ok(res) => res,
+                Err(_) => Err(TransportError::Connect {
+                    url: config.url.clone(),
+                    reason: format!("no handshake within {connect_timeout:?}"),
+                }),
+            }
+        };
+        let connected = tokio::select! {
+            res = attempt => res,
+            cmd = commands.recv() => match cmd {
+                Some(cmd) => {
+                    register(cmd, &mut locals, &mut remotes);
+                    continue;
+                }
+                None => return,
+            },
+        };
+        match connected {
+            Ok((conn, session)) => {
+                backoff = MIN_BACKOFF;
+                connect_timeout = MIN_CONNECT_TIMEOUT;
+                shared.connects.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(url = %config.url, "connected to the relay");
+                let open =
+                    run_connection(conn, session, &mut commands, &mut locals, &mut remotes).await;
+                if !open {
+                    return;
+                }
+                tracing::info!(url = %config.url, "lost the relay; reconnecting");
+            }
+            Err(e) if shared.connects.load(Ordering::Relaxed) == 0 => {
+                tracing::warn!(url = %config.url, "could not connect: {e}");
+                let reason = e.to_string();
+                for reg in &remotes {
+                    reg.inbox.fail(TransportError::Unreachable(reason.clone()));
+                }
+                shared.fatal.send_replace(Some(reason));
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(url = %config.url, "reconnect failed: {e}");
+                let sleep = tokio::time::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                connect_timeout = (connect_timeout * 2).min(MAX_CONNECT_TIMEOUT);
+                let mut sleep = pin!(sleep);
+                loop {
+                    tokio::select! {
+                        () = &mut sleep => break,
+                        cmd = commands.recv() => match cmd {
+                            Some(cmd) => register(cmd, &mut locals, &mut remotes),
+                            None => return,
+                        },
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn register(cmd: Command, locals: &mut Vec<Arc<LocalReg>>, remotes: &mut Vec<Arc<RemoteReg>>) {
+    match cmd {
+        Command::Publish(reg) => locals.push(reg),
+        Command::Subscribe(reg) => remotes.push(reg),
+    }
+}
+
+/// Serves one connection until it is lost. Returns false when the client was dropped.
+async fn run_connection(
+    conn: MoqConnection,
+    session: impl Future<Output = Result<(), moq_transport::session::SessionError>>,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    locals: &mut Vec<Arc<LocalReg>>,
+    remotes: &mut Vec<Arc<RemoteReg>>,
+) -> bool {
+    let mut session = pin!(session);
+    let mut tasks: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
+    for reg in locals.iter() {
+        tasks.push(publish_task(conn.publisher.clone(), reg.clone()).boxed());
+    }
+    for reg in remotes.iter() {
+        tasks.push(subscribe_task(conn.subscriber.clone(), reg.clone()).boxed());
+    }
+    let open = loop {
+        tokio::select! {
+            res = &mut session => {
+                if let Err(e) = res {
+                    tracing::debug!("relay session ended: {e}");
+                }
+                break true;
+            }
+            cmd = commands.recv() => match cmd {
+                Some(Command::Publish(reg)) => {
+                    tasks.push(publish_task(conn.publisher.clone(), reg.clone()).boxed());
+                    locals.push(reg);
+                }
+                Some(Command::Subscribe(reg)) => {
+                    tasks.push(subscribe_task(conn.subscriber.clone(), reg.clone()).boxed());
+                    remotes.push(reg);
+                }
+                None => {
+                    conn.close();
+                    break false;
+                }
+            },
+            Some(()) = tasks.next(), if !tasks.is_empty() => {}
+        }
+    };
+    for reg in locals.iter() {
+        reg.slot.lock().expect("slot lock").take();
+    }
+    open
+}
+
+async fn publish_task(mut publisher: Publisher, reg: Arc<LocalReg>) {
+    match publish_on(&mut publisher, reg.namespace.clone(), &reg.name).await {
+        Ok((track, serve)) => {
+            *reg.slot.lock().expect("slot lock") = Some(track);
+            reg.announced.send_modify(|n| *n += 1);
+            serve.await;
+        }
+        Err(TransportError::Unauthorized) => {
+            tracing::warn!(track = %reg.name, "relay refused the announce: wrong or missing token");
+            reg.refused.send_replace(Some("unauthorized".into()));
+        }
+        Err(e) => {
+            tracing::warn!(track = %reg.name, "announce failed: {e}");
+            reg.refused.send_replace(Some(e.to_string()));
+        }
+    }
+}
+
+async fn subscribe_task(mut subscriber: Subscriber, reg: Arc<RemoteReg>) {
+    let mut backoff = MIN_RESUBSCRIBE;
+    loop {
+        match subscribe_on(&mut subscriber, reg.namespace.clone(), &reg.name).await {
+            Ok(mut track) => {
+                backoff = MIN_RESUBSCRIBE;
+                loop {
+                    match track.next().await {
+                        Ok(Some((seq, payload))) => reg.inbox.push(seq, payload),
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(track = %reg.name, "track ended: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(ServeError::NotFound | ServeError::NotFoundWithId(..)) => {}
+            Err(ServeError::Closed(UNAUTHORIZED)) => {
+                tracing::warn!(track = %reg.name, "relay refused the subscribe: wrong or missing token");
+                reg.inbox.fail(TransportError::Unauthorized);
+                return;
+            }
+            Err(e) => tracing::debug!(track = %reg.name, "subscribe failed: {e}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,121 @@
+//! The reconnecting MoQ client against a relay that is stopped and restarted mid-call.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use call::transport::{call_namespace, CertVerification, ClientConfig, MoqClient};
+use common::TestRelay;
+use tokio::time::Instant;
+
+const TOKEN: &[u8] = &[9; 32];
+const TRACK: &str = "6666666666666666";
+
+fn client(relay: &TestRelay) -> MoqClient {
+    // The restarted relay has a new self-signed certificate: pinning would refuse it.
+    let _ = &relay.fingerprint;
+    let (client, driver) = MoqClient::new(ClientConfig::new(
+        relay.moq_url.clone(),
+        CertVerification::Insecure,
+        Some(TOKEN.to_vec()),
+    ));
+    tokio::spawn(driver);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_flow_again_to_every_subscriber_within_2s_of_a_relay_restart() {
+    let relay = TestRelay::start().await;
+    let addr = relay.moq_addr();
+    let ns = call_namespace("5555aaaa5555aaaa5555aaaa5555aaaa").unwrap();
+
+    let publisher = client(&relay);
+    let mut local = publisher.publish(ns.clone(), TRACK);
+    tokio::time::timeout(Duration::from_secs(5), local.announced())
+        .await
+        .expect("announced in time")
+        .expect("announced");
+
+    // Three subscribers record when each frame reached them.
+    let mut subscribers = Vec::new();
+    let mut logs = Vec::new();
+    for _ in 0..3 {
+        let sub_client = client(&relay);
+        let mut remote = sub_client.subscribe(ns.clone(), TRACK);
+        let log: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            while let Ok((seq, payload)) = remote.next().await {
+                assert_eq!(payload, Bytes::from(format!("f{seq}")));
+                sink.lock().unwrap().push((Instant::now(), seq));
+            }
+        });
+        subscribers.push(sub_client);
+        logs.push(log);
+    }
+
+    // The call: a frame every 20 ms, whatever happens to the relay.
+    let sending = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for seq in 0.. {
+            tick.tick().await;
+            local.send(seq, Bytes::from(format!("f{seq}")));
+            if seq == 300 {
+                break;
+            }
+        }
+        local
+    });
+
+    // Everyone hears the call first.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while logs.iter().any(|l| l.lock().unwrap().len() < 10) {
+        assert!(Instant::now() < deadline, "no frames before the restart");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    relay.stop().await;
+    let stopped = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let relay = TestRelay::start_on(addr).await;
+    let restarted = Instant::now();
+
+    for (i, log) in logs.iter().enumerate() {
+        let resumed = loop {
+            let first_after = log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(t, _)| *t > stopped + Duration::from_millis(300))
+                .copied();
+            if let Some((at, seq)) = first_after {
+                break (at, seq);
+            }
+            assert!(
+                restarted.elapsed() < Duration::from_secs(5),
+                "subscriber {i} never heard frames again"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let waited = resumed.0.saturating_duration_since(restarted);
+        eprintln!(
+            "subscriber {i} heard frame {} {waited:?} after the restart",
+            resumed.1
+        );
+        assert!(
+            waited <= Duration::from_secs(2),
+            "subscriber {i} resumed {waited:?} after the restart"
+        );
+    }
+    for s in &subscribers {
+        assert_eq!(s.connects(), 2, "one reconnect per client");
+    }
+    assert_eq!(publisher.connects(), 2);
+    let local = sending.await.unwrap();
+    // Frames sent while the relay was down were dropped, not queued for late delivery.
+    assert!(local.stats().dropped() > 0);
+    assert!(local.stats().sent() > 0);
+    assert!(relay.stats().sessions >= 4);
+}
