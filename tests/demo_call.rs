@@ -46,6 +46,12 @@ async fn three_party_call_every_peer_hears_every_other() {
             assert_eq!(peer.rejects.total(), 0);
             // Every frame that arrived was played out through the jitter buffer.
             assert!(peer.jitter.played >= peer.received, "{:?}", peer.jitter);
+            // Loopback loses nothing; the odd late frame under CI load is concealed.
+            assert!(
+                peer.jitter.concealed * 10 < peer.expected,
+                "{:?}",
+                peer.jitter
+            );
             let heard = peer.heard_hz.expect("some audio decoded");
             assert!(
                 (heard - demo::tone_of(peer.from)).abs() <= MAX_FREQ_ERROR_HZ,

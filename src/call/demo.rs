@@ -551,6 +551,8 @@ async fn receive(
     // Audio up to the last slot that held a real frame; what follows is concealment of a
     // stream that ended, not something the peer sent.
     let mut pcm_through_last_frame = 0;
+    // Likewise the buffer's counters: concealment after the peer stopped sending is not loss.
+    let mut stats_at_last_frame = player.stats();
     let mut received = 0;
     let mut latencies_ms = Vec::new();
     let mut payload_sizes = std::collections::BTreeSet::new();
@@ -565,6 +567,7 @@ async fn receive(
                     pcm.extend_from_slice(frame);
                     if matches!(kind, SlotKind::Decoded { .. } | SlotKind::Fec { .. }) {
                         pcm_through_last_frame = pcm.len();
+                        stats_at_last_frame = player.stats();
                     }
                 }
             }
@@ -598,7 +601,10 @@ async fn receive(
         track,
         received,
         rejects: keys.rejects(),
-        jitter: player.stats(),
+        jitter: JitterStats {
+            late: player.stats().late,
+            ..stats_at_last_frame
+        },
         payload_sizes,
         pcm,
         latencies_ms,
