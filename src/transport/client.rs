@@ -80,7 +80,7 @@ pub struct TrackStats {
     pub sent: AtomicU64,
     /// Objects that arrived (remote tracks).
     pub received: AtomicU64,
-    /// Frames dropped because they missed their playout deadline or came after a newer one.
+    /// Frames dropped because they missed their playout deadline.
     pub late: AtomicU64,
     /// Frames dropped for other reasons: no connection, full queue.
     pub dropped: AtomicU64,
@@ -232,7 +232,6 @@ impl MoqClient {
         RemoteTrack {
             inbox,
             stats,
-            last_seq: None,
             playout_deadline: self.playout_deadline,
         }
     }
@@ -302,14 +301,14 @@ impl LocalTrack {
 pub struct RemoteTrack {
     inbox: Arc<Inbox>,
     stats: Arc<TrackStats>,
-    last_seq: Option<u64>,
     playout_deadline: Duration,
 }
 
 impl RemoteTrack {
-    /// The next frame still worth playing. Frames that waited past the playout deadline
-    /// or arrive after a newer frame was already returned are dropped and counted as late.
-    /// Fails only when the relay refused the subscription.
+    /// The next frame still worth playing, in arrival order. Frames that waited past the
+    /// playout deadline are dropped and counted as late; reordering is left to the jitter
+    /// buffer, which knows whether a frame's slot has been played. Fails only when the relay
+    /// refused the subscription.
     pub async fn next(&mut self) -> Result<(u64, Bytes), TransportError> {
         loop {
             let notified = self.inbox.notify.notified();
@@ -319,13 +318,10 @@ impl RemoteTrack {
                     return Err(error);
                 }
                 while let Some((seq, payload, arrived)) = q.frames.pop_front() {
-                    let stale = arrived.elapsed() > self.playout_deadline;
-                    let reordered = self.last_seq.is_some_and(|last| seq <= last);
-                    if stale || reordered {
+                    if arrived.elapsed() > self.playout_deadline {
                         self.stats.late.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    self.last_seq = Some(seq);
                     return Ok((seq, payload));
                 }
             }
