@@ -14,11 +14,7 @@ async fn three_party_call_every_peer_hears_every_other() {
     let config = DemoConfig {
         participants: 3,
         seconds: 2,
-        frame_ms: 20,
-        moq_relay: relay.moq_url.clone(),
-        nostr_relays: vec![relay.nostr_url.clone()],
-        verification: CertVerification::fingerprint(&relay.fingerprint).unwrap(),
-        privacy: Privacy::Standard,
+        ..demo_config(&relay)
     };
     let report = demo::run(config, &|_| {}).await.expect("demo runs");
 
@@ -75,13 +71,8 @@ async fn three_party_call_every_peer_hears_every_other() {
 async fn a_relay_certificate_that_does_not_match_the_pin_is_refused() {
     let relay = TestRelay::start().await;
     let config = DemoConfig {
-        participants: 2,
-        seconds: 1,
-        frame_ms: 20,
-        moq_relay: relay.moq_url.clone(),
-        nostr_relays: vec![relay.nostr_url.clone()],
         verification: CertVerification::Fingerprint([0x42; 32]),
-        privacy: Privacy::Standard,
+        ..demo_config(&relay)
     };
     let err = demo::run(config, &|_| {}).await.expect_err("pin mismatch");
     assert!(err.to_string().contains("connecting to"), "{err}");
@@ -91,13 +82,8 @@ async fn a_relay_certificate_that_does_not_match_the_pin_is_refused() {
 async fn enhanced_privacy_sends_payloads_of_one_size() {
     let relay = TestRelay::start().await;
     let config = DemoConfig {
-        participants: 2,
-        seconds: 1,
-        frame_ms: 20,
-        moq_relay: relay.moq_url.clone(),
-        nostr_relays: vec![relay.nostr_url.clone()],
-        verification: CertVerification::fingerprint(&relay.fingerprint).unwrap(),
         privacy: Privacy::Enhanced,
+        ..demo_config(&relay)
     };
     let report = demo::run(config, &|_| {}).await.expect("demo runs");
     assert!(report.ok);
@@ -117,6 +103,7 @@ async fn enhanced_privacy_sends_payloads_of_one_size() {
     assert!(report.reports[0].peers[0].distinct_payload_sizes > 1);
 }
 
+/// Two participants for one second against `relay`, pinned to its certificate.
 fn demo_config(relay: &TestRelay) -> DemoConfig {
     DemoConfig {
         participants: 2,

@@ -265,41 +265,21 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         })
     }
 
-    /// Fetches gift-wrapped welcomes addressed to us, and accepts every one that is valid.
+    /// Fetches gift-wrapped welcomes addressed to us and accepts every pending one.
     /// Waits until at least one is accepted or the timeout passes.
     pub async fn accept_welcomes(&self) -> Result<Vec<GroupRef>, GroupError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
-            let filter = Filter::new()
-                .kind(Kind::GiftWrap)
-                .pubkey(self.keys.public_key())
-                .since(Timestamp::now() - GIFT_WRAP_LOOKBACK);
-            let mut joined = Vec::new();
-            for wrap in self.fetch(filter).await? {
-                let unwrapped = match UnwrappedGift::from_gift_wrap(&self.keys, &wrap).await {
-                    Ok(u) => u,
-                    Err(e) => {
-                        tracing::warn!(id = %wrap.id, "ignoring gift wrap: {e}");
-                        continue;
-                    }
-                };
-                if unwrapped.rumor.kind != Kind::MlsWelcome {
-                    continue;
+            let pending = self.fetch_welcomes().await?;
+            if !pending.is_empty() {
+                let mut joined = Vec::with_capacity(pending.len());
+                for welcome in pending {
+                    self.mdk.accept_welcome(&welcome)?;
+                    joined.push(GroupRef {
+                        mls_group_id: welcome.mls_group_id,
+                        nostr_group_id: welcome.nostr_group_id,
+                    });
                 }
-                let welcome = match self.mdk.process_welcome(&wrap.id, &unwrapped.rumor) {
-                    Ok(w) => w,
-                    Err(e) => {
-                        tracing::debug!(id = %wrap.id, "welcome not usable: {e}");
-                        continue;
-                    }
-                };
-                self.mdk.accept_welcome(&welcome)?;
-                joined.push(GroupRef {
-                    mls_group_id: welcome.mls_group_id,
-                    nostr_group_id: welcome.nostr_group_id,
-                });
-            }
-            if !joined.is_empty() {
                 return Ok(joined);
             }
             if tokio::time::Instant::now() >= deadline {
