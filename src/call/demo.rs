@@ -26,7 +26,7 @@ use crate::media::opus::{CodecConfig, OpusEncoder, SAMPLE_RATE};
 use crate::media::playout::{PlayoutDecoder, SlotKind};
 use crate::media::tone::{dominant_frequency, ToneSource};
 use crate::transport::{
-    participant_namespace, CertVerification, ClientConfig, MoqClient, RemoteTrack, TransportError,
+    participant_namespace, CertVerification, ClientConfig, MoqClient, RemoteTrack,
 };
 
 type Member = GroupMember<MdkMemoryStorage>;
@@ -382,7 +382,12 @@ async fn participant(
     );
     tokio::time::timeout(SIGNALING_TIMEOUT, publisher.announced())
         .await
-        .map_err(|_| TransportError::NotFound(my_track.name_hex()))??;
+        .map_err(|_| {
+            CallError::Protocol(format!(
+                "the relay did not accept the announce of track {} within {SIGNALING_TIMEOUT:?}",
+                my_track.name_hex()
+            ))
+        })??;
     stage.barrier.wait().await; // every track is announced
 
     let mut inputs = Vec::new();
