@@ -50,3 +50,42 @@ async fn frames_past_their_playout_deadline_are_dropped_and_counted() {
     assert_eq!(local.stats().sent(), seq + 1);
     assert_eq!(local.stats().dropped(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn track_stats_carry_the_connection_rtt_and_lose_it_with_the_relay() {
+    let relay = TestRelay::start().await;
+    let ns = call_namespace("7b7b7b7b7b7b7b7b7b7b7b7b7b7b7b7b").unwrap();
+    let verify = CertVerification::fingerprint(&relay.fingerprint).unwrap();
+    let (client, driver) = MoqClient::new(ClientConfig::new(
+        relay.moq_url.clone(),
+        verify,
+        Some(vec![2; 32]),
+    ));
+    tokio::spawn(driver);
+    let mut local = client.publish(ns.clone(), "cdcdcdcdcdcdcdcd");
+    let remote = client.subscribe(ns, "cdcdcdcdcdcdcdcd");
+    assert_eq!(
+        local.stats().rtt(),
+        None,
+        "nothing measured before a connection"
+    );
+    local.announced().await.unwrap();
+    tokio::time::sleep(call::transport::RTT_SAMPLE_INTERVAL * 2).await;
+    let rtt = local.stats().rtt().expect("RTT sampled while connected");
+    // Loopback: far below quinn's 333 ms initial guess, so this is a measurement.
+    assert!(rtt < Duration::from_millis(50), "{rtt:?}");
+    // Every track of the client rides the one connection (the value may be resampled
+    // between reads, so only its presence is compared).
+    assert!(remote.stats().rtt().is_some());
+    assert!(client.rtt().is_some());
+
+    relay.stop().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while local.stats().rtt().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "RTT kept after the relay left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

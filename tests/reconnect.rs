@@ -119,3 +119,86 @@ async fn frames_flow_again_to_every_subscriber_within_2s_of_a_relay_restart() {
     assert!(local.stats().sent() > 0);
     assert!(relay.stats().sessions >= 4);
 }
+
+/// A relay that disappears from the network without closing anything is noticed within the
+/// client's idle timeout (not the ten seconds moq-native would use), and the client is back
+/// once the network is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_vanishes_is_noticed_within_the_idle_timeout_and_rejoined() {
+    let relay = TestRelay::start().await;
+    let pipe = common::UdpPipe::start(relay.moq_addr()).await;
+    let url: url::Url = format!("moqt://{}", pipe.addr).parse().unwrap();
+    let verify = CertVerification::fingerprint(&relay.fingerprint).unwrap();
+    let (client, driver) = MoqClient::new(ClientConfig::new(url, verify, Some(TOKEN.to_vec())));
+    tokio::spawn(driver);
+    let ns = call_namespace("7777bbbb7777bbbb7777bbbb7777bbbb").unwrap();
+    let mut local = client.publish(ns.clone(), TRACK);
+    tokio::time::timeout(Duration::from_secs(5), local.announced())
+        .await
+        .expect("announced in time")
+        .expect("announced");
+    let mut remote = client.subscribe(ns, TRACK);
+
+    // Frames flow through the pipe.
+    let mut seq = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        local.send(seq, Bytes::from(format!("f{seq}")));
+        seq += 1;
+        if tokio::time::timeout(Duration::from_millis(20), remote.next())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no frames through the pipe");
+    }
+    assert!(client.rtt().is_some(), "a live connection has an RTT");
+    assert_eq!(client.connects(), 1);
+
+    // The relay vanishes: nothing in either direction, no close.
+    pipe.set_cut(true);
+    let cut_at = Instant::now();
+    while client.rtt().is_some() {
+        assert!(
+            cut_at.elapsed() < call::transport::IDLE_TIMEOUT + Duration::from_millis(1500),
+            "the dead connection was not noticed within the idle timeout"
+        );
+        local.send(seq, Bytes::from(format!("f{seq}")));
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let noticed = cut_at.elapsed();
+    assert!(
+        noticed >= call::transport::IDLE_TIMEOUT - Duration::from_millis(500),
+        "lost after {noticed:?}: the cut, not something else, ended it"
+    );
+
+    // The network is back: the client reconnects and frames flow again.
+    pipe.set_cut(false);
+    let back_at = Instant::now();
+    loop {
+        local.send(seq, Bytes::from(format!("f{seq}")));
+        seq += 1;
+        if let Ok(Ok((got, _))) =
+            tokio::time::timeout(Duration::from_millis(20), remote.next()).await
+        {
+            if got > seq.saturating_sub(5) {
+                break;
+            }
+        }
+        assert!(
+            back_at.elapsed() < Duration::from_secs(3),
+            "no fresh frames within 3 s of the network coming back"
+        );
+    }
+    assert_eq!(
+        client.connects(),
+        2,
+        "a new connection, not the old one revived"
+    );
+    println!(
+        "noticed the vanished relay after {noticed:?}, frames again {:?} after it came back",
+        back_at.elapsed()
+    );
+}

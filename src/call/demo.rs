@@ -78,6 +78,8 @@ pub struct ParticipantReport {
     pub leaf_index: u32,
     pub tone_hz: f64,
     pub sent: u64,
+    /// QUIC smoothed round-trip time to the MoQ relay at the end of the call.
+    pub relay_rtt_ms: Option<f64>,
     pub peers: Vec<PeerReport>,
 }
 
@@ -438,6 +440,7 @@ async fn participant(
         sent
     };
     let (sent, heard) = tokio::join!(sender, receivers);
+    let relay_rtt_ms = client.rtt().map(ms);
     drop(client);
     let _ = tokio::time::timeout(Duration::from_secs(1), driver).await;
     let sent = sent?;
@@ -484,6 +487,7 @@ async fn participant(
             leaf_index: my_track.leaf_index,
             tone_hz,
             sent,
+            relay_rtt_ms,
             peers: peers_report,
         },
         latencies_ms,

@@ -142,11 +142,12 @@ fn print_human(out: &mut impl Write, r: &DemoReport) -> std::io::Result<()> {
     for p in &r.reports {
         writeln!(
             out,
-            "participant {} (leaf {}, {:.0} Hz, sent {} frames, {}…)",
+            "participant {} (leaf {}, {:.0} Hz, sent {} frames, relay RTT {} ms, {}…)",
             p.index,
             p.leaf_index,
             p.tone_hz,
             p.sent,
+            fmt_ms(p.relay_rtt_ms),
             &p.pubkey[..12]
         )?;
         for peer in &p.peers {

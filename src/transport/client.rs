@@ -84,6 +84,9 @@ pub struct TrackStats {
     pub late: AtomicU64,
     /// Frames dropped for other reasons: no connection, full queue.
     pub dropped: AtomicU64,
+    /// Smoothed RTT of the connection carrying the track, in µs; 0 while disconnected.
+    /// Shared by every track of one client (they ride one connection).
+    rtt_us: Arc<AtomicU64>,
 }
 
 impl TrackStats {
@@ -99,7 +102,25 @@ impl TrackStats {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+    /// The QUIC smoothed round-trip time to the relay, sampled every
+    /// [`RTT_SAMPLE_INTERVAL`]; `None` while no connection is up.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    fn sharing_rtt(rtt_us: &Arc<AtomicU64>) -> Arc<Self> {
+        Arc::new(Self {
+            rtt_us: rtt_us.clone(),
+            ..Self::default()
+        })
+    }
 }
+
+/// How often the connection's RTT is copied into the track stats.
+pub const RTT_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
 struct LocalReg {
     namespace: TrackNamespace,
@@ -156,6 +177,8 @@ impl Inbox {
 /// The connection state shared with handles.
 struct Shared {
     connects: AtomicU64,
+    /// The live connection's smoothed RTT in µs, 0 while disconnected.
+    rtt_us: Arc<AtomicU64>,
     /// Set when the very first connection failed: that is a configuration problem (address,
     /// certificate, ALPN), not an outage, so the client gives up and says why.
     fatal: watch::Sender<Option<String>>,
@@ -174,6 +197,7 @@ impl MoqClient {
         let (commands, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             connects: AtomicU64::new(0),
+            rtt_us: Arc::default(),
             fatal: watch::channel(None).0,
         });
         let playout_deadline = config.playout_deadline;
@@ -193,6 +217,14 @@ impl MoqClient {
         self.shared.connects.load(Ordering::Relaxed)
     }
 
+    /// The smoothed RTT to the relay (see [`TrackStats::rtt`]).
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.shared.rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
     /// Publishes `track` in `namespace` on every connection from now on.
     pub fn publish(&self, namespace: TrackNamespace, track: &str) -> LocalTrack {
         let reg = Arc::new(LocalReg {
@@ -208,14 +240,14 @@ impl MoqClient {
             announced: reg.announced.subscribe(),
             refused: reg.refused.subscribe(),
             reg,
-            stats: Arc::default(),
+            stats: TrackStats::sharing_rtt(&self.shared.rtt_us),
         }
     }
 
     /// Subscribes to `track` in `namespace` on every connection from now on, retrying
     /// while the relay does not know the track.
     pub fn subscribe(&self, namespace: TrackNamespace, track: &str) -> RemoteTrack {
-        let stats = Arc::new(TrackStats::default());
+        let stats = TrackStats::sharing_rtt(&self.shared.rtt_us);
         let inbox = Arc::new(Inbox {
             queue: Mutex::default(),
             notify: Notify::new(),
@@ -378,8 +410,16 @@ async fn drive(
                 connect_timeout = MIN_CONNECT_TIMEOUT;
                 shared.connects.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(url = %config.url, "connected to the relay");
-                let open =
-                    run_connection(conn, session, &mut commands, &mut locals, &mut remotes).await;
+                let open = run_connection(
+                    conn,
+                    session,
+                    &mut commands,
+                    &mut locals,
+                    &mut remotes,
+                    &shared.rtt_us,
+                )
+                .await;
+                shared.rtt_us.store(0, Ordering::Relaxed);
                 if !open {
                     return;
                 }
@@ -428,8 +468,11 @@ async fn run_connection(
     commands: &mut mpsc::UnboundedReceiver<Command>,
     locals: &mut Vec<Arc<LocalReg>>,
     remotes: &mut Vec<Arc<RemoteReg>>,
+    rtt_us: &AtomicU64,
 ) -> bool {
     let mut session = pin!(session);
+    let mut rtt_timer = tokio::time::interval(RTT_SAMPLE_INTERVAL);
+    rtt_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tasks: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
     for reg in locals.iter() {
         tasks.push(publish_task(conn.publisher.clone(), reg.clone()).boxed());
@@ -460,6 +503,11 @@ async fn run_connection(
                 }
             },
             Some(()) = tasks.next(), if !tasks.is_empty() => {}
+            _ = rtt_timer.tick() => {
+                // At least 1 µs: 0 means "not connected".
+                let us = u64::try_from(conn.rtt().as_micros()).unwrap_or(u64::MAX).max(1);
+                rtt_us.store(us, Ordering::Relaxed);
+            }
         }
     };
     for reg in locals.iter() {

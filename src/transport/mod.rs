@@ -2,15 +2,14 @@
 //! track and subscribing to peers' tracks (PROTOCOL.md §4).
 
 mod client;
+mod quic;
 mod tls;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
-use moq_native_ietf::quic;
 use moq_transport::coding::TrackNamespace;
 use moq_transport::serve::{
     ServeError, Subgroup, SubgroupsReader, SubgroupsWriter, Track, TrackReaderMode, Tracks,
@@ -21,7 +20,10 @@ use moq_transport::session::{
 use moq_transport::setup::AuthorizationToken;
 use url::Url;
 
-pub use client::{ClientConfig, LocalTrack, MoqClient, RemoteTrack, TrackStats};
+pub use client::{
+    ClientConfig, LocalTrack, MoqClient, RemoteTrack, TrackStats, RTT_SAMPLE_INTERVAL,
+};
+pub use quic::{IDLE_TIMEOUT, KEEP_ALIVE};
 pub use tls::CertVerification;
 
 /// Audio is the most urgent thing on the connection (lower value = more urgent).
@@ -74,7 +76,8 @@ pub fn participant_namespace(
 /// drives the session and must be polled for anything to move.
 pub struct MoqConnection {
     // Kept so the QUIC endpoint (and its socket) lives as long as the connection.
-    _endpoint: quic::Endpoint,
+    _endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
     transport: wt::Session,
     publisher: Publisher,
     subscriber: Subscriber,
@@ -103,43 +106,17 @@ impl MoqConnection {
         verify: &CertVerification,
         token: Option<&[u8]>,
     ) -> Result<(Self, impl Future<Output = Result<(), SessionError>> + Send), TransportError> {
-        if !matches!(url.scheme(), "moqt" | "https") {
-            return Err(TransportError::Scheme(url.clone()));
-        }
-        let connect_err = |reason: String| TransportError::Connect {
-            url: url.clone(),
-            reason,
-        };
-        let tls = verify.client_config().map_err(TransportError::Tls)?;
-        let bind: SocketAddr = if url.host_str().is_some_and(|h| h.starts_with('[')) {
-            "[::]:0".parse().expect("valid")
-        } else {
-            "0.0.0.0:0".parse().expect("valid")
-        };
-        let config = quic::Config::new(
-            bind,
-            None,
-            moq_native_ietf::tls::Config {
-                client: tls,
-                server: None,
-                fingerprints: Vec::new(),
-            },
-        )
-        .map_err(|e| connect_err(e.to_string()))?;
-        let endpoint = quic::Endpoint::new(config).map_err(|e| connect_err(e.to_string()))?;
-        let (transport, _cid, kind) = endpoint
-            .client
-            .connect(url, None)
-            .await
-            .map_err(|e| connect_err(format!("{e:#}")))?;
+        let dialled = quic::dial(url, verify).await?;
+        let transport = dialled.session;
         let tokens = token
             .map(|t| vec![AuthorizationToken::new(RELAY_TOKEN_TYPE, t.to_vec())])
             .unwrap_or_default();
         let (session, publisher, subscriber) =
-            Session::connect_with_tokens(transport.clone(), None, kind, tokens).await?;
+            Session::connect_with_tokens(transport.clone(), None, dialled.kind, tokens).await?;
         Ok((
             Self {
-                _endpoint: endpoint,
+                _endpoint: dialled.endpoint,
+                connection: dialled.connection,
                 transport,
                 publisher,
                 subscriber,
@@ -184,6 +161,11 @@ impl MoqConnection {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// The QUIC connection's smoothed round-trip time to the relay.
+    pub fn rtt(&self) -> Duration {
+        self.connection.rtt()
     }
 
     /// Closes the QUIC connection with code 0.
