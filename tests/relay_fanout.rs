@@ -310,3 +310,48 @@ async fn webtransport_urls_work_like_raw_quic() {
     let seen = reading.await.unwrap();
     assert_eq!(seen.len(), 10, "{seen:?}");
 }
+
+/// A token binds the call's ("call", <id>) scope, not just the exact namespace: a stranger
+/// cannot open a namespace of their own inside a call someone else's token holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_binds_every_namespace_of_the_call() {
+    use call::transport::participant_namespace;
+    let relay = TestRelay::start().await;
+    let call_id = "0101010101010101abababababababab";
+    let mut owner = connect(&relay).await;
+    let (_track, serve) = owner
+        .publish(
+            participant_namespace(call_id, "1111111111111111").unwrap(),
+            "1111111111111111",
+        )
+        .await
+        .unwrap();
+    tokio::spawn(serve);
+
+    let mut intruder = connect_with(&relay, Some(&[8; 32])).await;
+    let err = intruder
+        .publish(
+            participant_namespace(call_id, "2222222222222222").unwrap(),
+            "2222222222222222",
+        )
+        .await
+        .err()
+        .expect("a new namespace in a taken call is refused");
+    assert!(matches!(err, TransportError::Unauthorized), "{err}");
+    // Its own call is its own.
+    let other = participant_namespace("0202020202020202cdcdcdcdcdcdcdcd", "2222222222222222");
+    intruder
+        .publish(other.unwrap(), "2222222222222222")
+        .await
+        .expect("another call is free");
+
+    // A fellow participant with the call's token adds its namespace.
+    let mut member = connect(&relay).await;
+    member
+        .publish(
+            participant_namespace(call_id, "3333333333333333").unwrap(),
+            "3333333333333333",
+        )
+        .await
+        .expect("same token, same call");
+}

@@ -59,6 +59,12 @@ pub struct RelayConfig {
     /// AUTHORIZATION TOKEN used in it; `open` lets anyone publish and subscribe (interop).
     #[arg(long, env = "CALL_RELAY_AUTH", value_enum, default_value_t = AuthMode::Token)]
     pub auth: AuthMode,
+    /// Leading namespace fields one token binding covers (`--auth token`): namespaces
+    /// that share them share the binding. 2 covers everything under `("call", <id>)`,
+    /// however many fields participants append.
+    #[arg(long, env = "CALL_RELAY_TOKEN_SCOPE", default_value_t = 2,
+          value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub token_scope: u8,
     /// Concurrent MoQ sessions; further connections are closed with a reason.
     #[arg(long, env = "CALL_RELAY_MAX_SESSIONS", default_value_t = 4096)]
     pub max_sessions: u64,

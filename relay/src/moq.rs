@@ -41,6 +41,7 @@ struct TrackEntry {
 #[derive(Debug, Clone)]
 pub(crate) struct Policy {
     pub auth: AuthMode,
+    pub token_scope: usize,
     pub max_sessions: u64,
     pub max_tracks_per_session: usize,
     pub max_object_bytes: usize,
@@ -50,6 +51,7 @@ impl From<&RelayConfig> for Policy {
     fn from(c: &RelayConfig) -> Self {
         Self {
             auth: c.auth,
+            token_scope: usize::from(c.token_scope),
             max_sessions: c.max_sessions,
             max_tracks_per_session: c.max_tracks_per_session,
             max_object_bytes: c.max_object_bytes,
@@ -57,8 +59,8 @@ impl From<&RelayConfig> for Policy {
     }
 }
 
-/// A namespace's token binding: SHA-256 of the token that first used it, and how many live
-/// sessions use it (the binding is forgotten with the last one).
+/// A token scope's binding: SHA-256 of the token that first used a namespace in it, and how
+/// many live sessions use it (the binding is forgotten with the last one).
 struct Binding {
     token_hash: [u8; 32],
     sessions: usize,
@@ -70,6 +72,7 @@ pub(crate) struct Routes {
     /// Sessions that announced each namespace, oldest first. Several participants of one
     /// call announce the same namespace, each with its own track in it.
     namespaces: Mutex<HashMap<TrackNamespace, Vec<(u64, Subscriber)>>>,
+    /// Keyed by token scope: a namespace's first `Policy::token_scope` fields.
     bindings: Mutex<HashMap<TrackNamespace, Binding>>,
     tracks: Mutex<HashMap<FullTrackName, TrackEntry>>,
     /// Every live session's transport, so shutdown can close them all with a reason.
@@ -98,7 +101,7 @@ struct SessionCtx {
     id: u64,
     /// SHA-256 of every AUTHORIZATION TOKEN the session presented in SETUP, in order.
     token_hashes: Vec<[u8; 32]>,
-    /// Namespaces this session has used (so their bindings can be released).
+    /// Token scopes this session has used (so their bindings can be released).
     used: Mutex<HashSet<TrackNamespace>>,
     /// Announces plus downstream subscriptions currently open.
     tracks: AtomicUsize,
@@ -300,11 +303,23 @@ impl Routes {
             .unwrap_or_default()
     }
 
-    /// Token check for one use of `ns` by `ctx`; binds the namespace on first use.
+    /// The part of `ns` a token binding covers: its first `token_scope` fields. Binding
+    /// the scope rather than the exact namespace keeps a stranger from opening new
+    /// namespaces under one that is taken.
+    fn token_scope(&self, ns: &TrackNamespace) -> TrackNamespace {
+        let mut scope = TrackNamespace::new();
+        for field in ns.fields.iter().take(self.policy.token_scope) {
+            scope.add(field.clone());
+        }
+        scope
+    }
+
+    /// Token check for one use of `ns` by `ctx`; binds the namespace's scope on first use.
     fn authorize(&self, ctx: &SessionCtx, ns: &TrackNamespace) -> Result<(), Refusal> {
         if self.policy.auth == AuthMode::Open {
             return Ok(());
         }
+        let ns = &self.token_scope(ns);
         let mut bindings = self.bindings.lock().expect("bindings lock");
         let mut used = ctx.used.lock().expect("session lock");
         match bindings.get_mut(ns) {
