@@ -340,7 +340,7 @@ async fn a_token_binds_every_namespace_of_the_call() {
     assert!(matches!(err, TransportError::Unauthorized), "{err}");
     // Its own call is its own.
     let other = participant_namespace("0202020202020202cdcdcdcdcdcdcdcd", "2222222222222222");
-    intruder
+    let (_track, _serve) = intruder
         .publish(other.unwrap(), "2222222222222222")
         .await
         .expect("another call is free");
