@@ -347,7 +347,7 @@ async fn a_token_binds_every_namespace_of_the_call() {
 
     // A fellow participant with the call's token adds its namespace.
     let mut member = connect(&relay).await;
-    member
+    let (_track, _serve) = member
         .publish(
             participant_namespace(call_id, "3333333333333333").unwrap(),
             "3333333333333333",
