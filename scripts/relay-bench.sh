@@ -7,6 +7,8 @@
 #
 # Usage: scripts/relay-bench.sh [P] [S] [SECONDS]     (default 10 100 10 = 1000 subscriptions)
 # Env:   CALL_INTEROP_CACHE (where scripts/interop.sh installs moq-relay-ietf)
+#        CALL_BENCH_PIN (1 by default with 2+ CPUs and taskset: the relay runs on CPU 0 and
+#        the load generator on the others, so neither steals the other's core; 0 = off)
 set -euo pipefail
 
 P="${1:-10}"; S="${2:-100}"; SECS="${3:-10}"
@@ -19,21 +21,28 @@ mkdir -p "$cache"
 [ -f "$cache/cert.pem" ] || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
   -nodes -days 365 -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
   -keyout "$cache/key.pem" -out "$cache/cert.pem" 2>/dev/null
-cargo build --quiet --release --manifest-path "$root/Cargo.toml" -p call-relay --bins
+cargo build --quiet --release --manifest-path "$root/Cargo.toml" -p call-relay --bin call-relay -p call --bin call-relay-load
 load="$root/target/release/call-relay-load"
 tick=$(getconf CLK_TCK)
+
+# Pinning keeps the load generator off the relay's core: "per core" then means one core.
+relay_cpu=(); load_cpu=()
+if [ "${CALL_BENCH_PIN:-1}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+  relay_cpu=(taskset -c 0); load_cpu=(taskset -c "1-$(($(nproc) - 1))")
+  echo "relay pinned to CPU 0, load generator to CPUs 1-$(($(nproc) - 1))" >&2
+fi
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # bench NAME PORT -- relay command...
 bench() {
   local name="$1" port="$2"; shift 3
-  "$@" >/tmp/relay-bench-$name.log 2>&1 &
+  "${relay_cpu[@]}" "$@" >/tmp/relay-bench-$name.log 2>&1 &
   local pid=$!
   sleep 1.5
   local t0 c0 t1 c1 out
   t0=$(date +%s.%N); c0=$(cpu_ticks $pid)
-  out=$("$load" --url "moqt://127.0.0.1:$port" --publishers "$P" --subscribers "$S" \
+  out=$("${load_cpu[@]}" "$load" --url "moqt://127.0.0.1:$port" --publishers "$P" --subscribers "$S" \
     --rate "$RATE" --size "$SIZE" --seconds "$SECS")
   t1=$(date +%s.%N); c1=$(cpu_ticks $pid)
   local rss; rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
