@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod loopback;
+pub mod session;
 pub mod signaling;
 
 use crate::group::GroupError;

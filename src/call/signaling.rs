@@ -115,7 +115,11 @@ impl CallOffer {
     }
 
     pub fn to_rumor(&self) -> EventBuilder {
-        EventBuilder::new(KIND_OFFER, "").tags([
+        EventBuilder::new(KIND_OFFER, "").tags(self.tags())
+    }
+
+    fn tags(&self) -> Vec<Tag> {
+        vec![
             tag("call_id", &[&hex::encode(self.call_id)]),
             tag("call_type", &["audio"]),
             tag("transport", &["moq"]),
@@ -134,13 +138,18 @@ impl CallOffer {
                     Privacy::Enhanced => "enhanced",
                 }],
             ),
-        ])
+        ]
     }
 
     pub fn from_rumor(kind: Kind, tags: &Tags) -> Result<Self, SignalError> {
         if kind != KIND_OFFER {
             return Err(SignalError::WrongKind(kind.as_u16()));
         }
+        Self::from_tags(tags)
+    }
+
+    /// The offer's tags, wherever they travel (a 450, or a 454 `call_info`).
+    fn from_tags(tags: &Tags) -> Result<Self, SignalError> {
         let call_type = value(tags, "call_type", 0)?;
         if call_type != "audio" {
             return Err(bad("call_type", format!("unsupported `{call_type}`")));
@@ -255,6 +264,96 @@ impl CallAnswer {
     }
 }
 
+/// What a kind-454 call state message says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateAction {
+    /// The sender left the call.
+    Leave,
+    /// The sender ended the call for everyone.
+    End,
+    /// The call re-announced for members added mid-call, with every participant's track.
+    CallInfo {
+        offer: Box<CallOffer>,
+        participants: Vec<TrackRef>,
+    },
+    /// An action this client does not act on (mute, quality reports, …).
+    Other(String),
+}
+
+/// Kind 454.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallState {
+    pub call_id: [u8; 32],
+    pub action: StateAction,
+}
+
+impl CallState {
+    pub fn to_rumor(&self) -> EventBuilder {
+        let call_id = hex::encode(self.call_id);
+        match &self.action {
+            StateAction::CallInfo {
+                offer,
+                participants,
+            } => {
+                // The offer's own tags, then one `participant` tag per current participant
+                // (docs/protocol.md §2: a member added mid-call cannot read the answers).
+                let mut tags = offer.tags();
+                tags.push(tag("action", &["call_info"]));
+                for p in participants {
+                    tags.push(tag(
+                        "participant",
+                        &[&p.name_hex(), &p.leaf_index.to_string()],
+                    ));
+                }
+                EventBuilder::new(KIND_STATE, "").tags(tags)
+            }
+            action => {
+                let name = match action {
+                    StateAction::Leave => "leave",
+                    StateAction::End => "end",
+                    StateAction::Other(other) => other.as_str(),
+                    StateAction::CallInfo { .. } => unreachable!("handled above"),
+                };
+                EventBuilder::new(KIND_STATE, "")
+                    .tags([tag("call_id", &[&call_id]), tag("action", &[name])])
+            }
+        }
+    }
+
+    pub fn from_rumor(kind: Kind, tags: &Tags) -> Result<Self, SignalError> {
+        if kind != KIND_STATE {
+            return Err(SignalError::WrongKind(kind.as_u16()));
+        }
+        let call_id = hex_array("call_id", value(tags, "call_id", 0)?)?;
+        let action = match value(tags, "action", 0)? {
+            "leave" => StateAction::Leave,
+            "end" => StateAction::End,
+            "call_info" => {
+                let offer = CallOffer::from_tags(tags)?;
+                let mut participants = Vec::new();
+                for t in tags.iter().map(|t| t.as_slice()) {
+                    if t.first().map(String::as_str) != Some("participant") {
+                        continue;
+                    }
+                    let (Some(name), Some(leaf)) = (t.get(1), t.get(2)) else {
+                        return Err(bad("participant", "expected <track hex> <leaf index>"));
+                    };
+                    participants.push(TrackRef {
+                        name: hex_array("participant", name)?,
+                        leaf_index: leaf.parse().map_err(|e| bad("participant", e))?,
+                    });
+                }
+                StateAction::CallInfo {
+                    offer: Box::new(offer),
+                    participants,
+                }
+            }
+            other => StateAction::Other(other.to_string()),
+        };
+        Ok(Self { call_id, action })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,6 +395,45 @@ mod tests {
         );
         let rumor = a.to_rumor().build(Keys::generate().public_key());
         assert_eq!(CallAnswer::from_rumor(rumor.kind, &rumor.tags).unwrap(), a);
+    }
+
+    #[test]
+    fn call_states_round_trip_and_unknown_actions_are_kept_as_such() {
+        let pk = Keys::generate().public_key();
+        let participants = vec![
+            TrackRef {
+                name: [4; 8],
+                leaf_index: 0,
+            },
+            TrackRef {
+                name: [5; 8],
+                leaf_index: 2,
+            },
+        ];
+        for action in [
+            StateAction::Leave,
+            StateAction::End,
+            StateAction::Other("mute_audio".into()),
+            StateAction::CallInfo {
+                offer: Box::new(offer()),
+                participants: participants.clone(),
+            },
+        ] {
+            let state = CallState {
+                call_id: [1; 32],
+                action,
+            };
+            let rumor = state.to_rumor().build(pk);
+            assert_eq!(
+                CallState::from_rumor(rumor.kind, &rumor.tags).unwrap(),
+                state
+            );
+        }
+        let bad_info = Tags::from_list(vec![
+            tag("call_id", &[&hex::encode([1u8; 32])]),
+            tag("action", &["call_info"]),
+        ]);
+        assert!(CallState::from_rumor(KIND_STATE, &bad_info).is_err());
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub struct DemoArgs {
     pub moq_insecure: bool,
 }
 
-fn parse_privacy(s: &str) -> Result<Privacy, String> {
+pub(super) fn parse_privacy(s: &str) -> Result<Privacy, String> {
     match s {
         "standard" => Ok(Privacy::Standard),
         "enhanced" => Ok(Privacy::Enhanced),
@@ -50,7 +50,7 @@ fn parse_privacy(s: &str) -> Result<Privacy, String> {
     }
 }
 
-fn parse_frame_ms(s: &str) -> Result<u32, String> {
+pub(super) fn parse_frame_ms(s: &str) -> Result<u32, String> {
     match s {
         "10" => Ok(10),
         "20" => Ok(20),

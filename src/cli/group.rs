@@ -69,7 +69,7 @@ pub enum GroupCommand {
     },
 }
 
-async fn connect(settings: &Settings) -> anyhow::Result<(Home, Member)> {
+pub(super) async fn connect(settings: &Settings) -> anyhow::Result<(Home, Member)> {
     let home = Home::open(&settings.home)?;
     let keys = home.keys()?;
     if settings.nostr_relays.is_empty() {
@@ -138,7 +138,7 @@ fn welcome_id(w: &Welcome) -> String {
 }
 
 /// Where catching up on `group` resumes.
-fn resume_of(home: &Home, group: &Group) -> anyhow::Result<Resume> {
+pub(super) fn resume_of(home: &Home, group: &Group) -> anyhow::Result<Resume> {
     Ok(home.sync_cursors()?.get(&group_id_hex(group)).map(|c| {
         (
             Timestamp::from(c.at),
@@ -152,7 +152,12 @@ fn resume_of(home: &Home, group: &Group) -> anyhow::Result<Resume> {
 
 /// Advances `group`'s cursor past what `outcome` processed.
 fn save_outcome(home: &Home, group: &Group, outcome: &SyncOutcome) -> anyhow::Result<()> {
-    if let Some((at, ids)) = &outcome.cursor {
+    save_cursor(home, group, &outcome.cursor)
+}
+
+/// Stores where catching up on `group` stands (nothing when `cursor` is `None`).
+pub(super) fn save_cursor(home: &Home, group: &Group, cursor: &Resume) -> anyhow::Result<()> {
+    if let Some((at, ids)) = cursor {
         let mut cursors = home.sync_cursors()?;
         cursors.insert(
             group_id_hex(group),

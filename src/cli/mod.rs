@@ -5,6 +5,7 @@ mod demo;
 mod devices;
 pub mod group;
 mod id;
+mod join;
 mod loopback;
 
 use std::process::ExitCode;
@@ -46,6 +47,17 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Take part in the group's running call, or start one: your microphone and speakers
+    /// (or tone/WAV for bots), end-to-end encrypted, keys rotating with the group.
+    #[command(
+        after_help = "Examples:\n  call join friends                            join the running call or start one\n  call join friends --new --ring-timeout 60\n  call join 3fa2 --call 9c1e                   a particular call, by id prefix\n  call join friends --source wav:hello.wav --sink wav:heard.wav --json   a bot\n\nExit codes: 0 the call ran and we left, 1 error (or removed from the group),\n2 bad flags, 3 nobody answered a call we started."
+    )]
+    Join {
+        #[command(flatten)]
+        common: config::CommonArgs,
+        #[command(flatten)]
+        args: join::JoinArgs,
+    },
     /// Run a complete encrypted group call between headless participants in this process.
     Demo(demo::DemoArgs),
     /// List audio input and output devices (ids usable as `device:ID`).
@@ -124,6 +136,7 @@ pub fn main() -> ExitCode {
                 group::run_group(&common.resolve()?, &command).await
             }
             Command::Sync { common } => group::run_sync(&common.resolve()?).await,
+            Command::Join { common, args } => join::run(&common, &args).await,
         }
     });
     match result {

@@ -350,7 +350,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
 }
 
 /// Moves a cursor to (`at`, `id`) if that is not older than where it stands.
-fn advance(cursor: &mut Option<(Timestamp, Vec<EventId>)>, at: Timestamp, id: EventId) {
+pub fn advance(cursor: &mut Option<(Timestamp, Vec<EventId>)>, at: Timestamp, id: EventId) {
     match cursor {
         Some((t, ids)) if *t == at => {
             if !ids.contains(&id) {

@@ -314,6 +314,26 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         })
     }
 
+    /// Subscribes to the group's kind-445 events stamped `since` or later, undecrypted: the
+    /// caller processes them with [`GroupMember::process_group_event`] (the same path as
+    /// catching up), so commits and messages are handled alike.
+    pub async fn group_events(
+        &self,
+        group: &GroupRef,
+        since: Timestamp,
+    ) -> Result<GroupEvents, GroupError> {
+        let notifications = self.client.notifications();
+        let filter = Filter::new()
+            .kind(Kind::MlsGroupMessage)
+            .custom_tag(SingleLetterTag::lowercase(Alphabet::H), group.h_tag())
+            .since(since);
+        self.client.subscribe(filter, None).await?;
+        Ok(GroupEvents {
+            h: group.h_tag(),
+            notifications,
+        })
+    }
+
     /// `call_secret` of the group's current epoch for `call_id`, with our own leaf index.
     pub fn export_call_secret(
         &self,
@@ -349,6 +369,44 @@ impl<S: MdkStorageProvider> GroupMember<S> {
 
     pub async fn disconnect(&self) {
         self.client.disconnect().await;
+    }
+}
+
+/// One group's kind-445 events as relays deliver them (duplicates included: several relays
+/// may deliver one event).
+pub struct GroupEvents {
+    h: String,
+    notifications: tokio::sync::broadcast::Receiver<RelayPoolNotification>,
+}
+
+impl GroupEvents {
+    /// The group's `h` tag value, for [`GroupMember::process_group_event`].
+    pub fn h_tag(&self) -> &str {
+        &self.h
+    }
+
+    /// The next event of the group; `None` once the client is shut down.
+    pub async fn next(&mut self) -> Option<Event> {
+        loop {
+            let event = match self.notifications.recv().await {
+                Ok(RelayPoolNotification::Event { event, .. }) => event,
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!("group events lagged by {n} notifications");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            };
+            let ours = event.kind == Kind::MlsGroupMessage
+                && event
+                    .tags
+                    .find(TagKind::h())
+                    .and_then(|t| t.content())
+                    .is_some_and(|h| h == self.h);
+            if ours {
+                return Some(*event);
+            }
+        }
     }
 }
 

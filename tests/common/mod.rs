@@ -1,6 +1,8 @@
 //! Real relays on loopback for integration tests.
 #![allow(dead_code)]
 
+pub mod users;
+
 use call_relay::{Relay, RelayConfig};
 use url::Url;
 

@@ -1,0 +1,189 @@
+//! `call join <group>`: take part in the group's call (or start one) from this terminal.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+
+use super::config::CommonArgs;
+use super::demo::{parse_frame_ms, parse_privacy};
+use super::group::{connect, resolve_group, resume_of, save_cursor};
+use crate::call::loopback::{SinkSpec, SourceSpec};
+use crate::call::session::{self, CallEvent, CallReport, CallTarget, JoinOptions};
+use crate::call::signaling::Privacy;
+use crate::group::GroupRef;
+use crate::transport::CertVerification;
+
+#[derive(Args, Debug)]
+pub struct JoinArgs {
+    /// Group name or a unique prefix of its id (see `call group list`).
+    pub group: String,
+    /// Start a new call even if one is running.
+    #[arg(long, conflicts_with = "call")]
+    pub new: bool,
+    /// Join the call whose id starts with this, however old.
+    #[arg(long = "call", value_name = "ID_PREFIX")]
+    pub call: Option<String>,
+    /// Audio in: device[:NAME], tone[:HZ], silence, wav:PATH (a bot leaves when it ends).
+    #[arg(long, env = "CALL_SOURCE", default_value = "device")]
+    pub source: SourceSpec,
+    /// Audio out (every peer mixed): device[:NAME], null, wav:PATH.
+    #[arg(long, env = "CALL_SINK", default_value = "device")]
+    pub sink: SinkSpec,
+    /// Leave after this many seconds; without it, until Ctrl-C.
+    #[arg(short, long, env = "CALL_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub seconds: Option<u64>,
+    /// Seconds a call we start waits for an answer before it ends (0 = forever).
+    #[arg(long, env = "CALL_RING_TIMEOUT", default_value_t = 30)]
+    pub ring_timeout: u64,
+    /// Opus frame duration in ms for a call we start (10 or 20).
+    #[arg(long, env = "CALL_FRAME_MS", default_value_t = 20, value_parser = parse_frame_ms)]
+    pub frame_ms: u32,
+    /// Privacy of a call we start: `enhanced` = constant bit rate, one packet size.
+    #[arg(long, env = "CALL_PRIVACY", default_value = "standard", value_parser = parse_privacy)]
+    pub privacy: Privacy,
+    /// Pin the MoQ relay's certificate by its SHA-256 fingerprint (hex).
+    #[arg(long, env = "CALL_MOQ_FINGERPRINT", conflicts_with = "moq_insecure")]
+    pub moq_fingerprint: Option<String>,
+    /// Accept any MoQ relay certificate. For development only.
+    #[arg(long, env = "CALL_MOQ_INSECURE")]
+    pub moq_insecure: bool,
+}
+
+fn print_event(event: &CallEvent) {
+    match event {
+        CallEvent::Started { call_id } => {
+            eprintln!("started call {}…; waiting for the others", &call_id[..12]);
+        }
+        CallEvent::Joined {
+            call_id,
+            participants,
+        } => eprintln!(
+            "joined call {}… ({participants} other participant(s))",
+            &call_id[..12]
+        ),
+        CallEvent::PeerJoined { npub, leaf } => eprintln!("+ {npub} (leaf {leaf})"),
+        CallEvent::PeerLeft { npub, why } => eprintln!("- {npub}: {why}"),
+        CallEvent::Rekeyed { epoch } => {
+            eprintln!("group moved to epoch {epoch}: call keys replaced");
+        }
+        CallEvent::Status(s) => {
+            let mut line = format!(
+                "{:>5.0} s  epoch {}  sent {}  rtt {}",
+                s.seconds,
+                s.epoch,
+                s.sent,
+                s.relay_rtt_ms
+                    .map_or_else(|| "-".into(), |r| format!("{r:.1} ms"))
+            );
+            for p in &s.peers {
+                line.push_str(&format!(
+                    "  | {}… {} rx, {} concealed, {:.0} ms buffer",
+                    &p.npub[..14.min(p.npub.len())],
+                    p.received,
+                    p.jitter.concealed,
+                    p.jitter.target_delay_ms
+                ));
+            }
+            eprintln!("{line}");
+        }
+    }
+}
+
+fn print_human(r: &CallReport) {
+    println!(
+        "call {} ({}): {:.1} s, {} frames sent, epochs {:?}, ended: {}",
+        r.call_id,
+        if r.started { "started" } else { "joined" },
+        r.seconds,
+        r.sent,
+        r.epochs,
+        r.ended_by
+    );
+    for p in &r.peers {
+        println!(
+            "  {} (leaf {}): {} frames, {} refused, {} concealed, heard {}",
+            p.npub,
+            p.leaf,
+            p.received,
+            p.rejects.total(),
+            p.jitter.concealed,
+            p.heard_hz
+                .map_or_else(|| "nothing".into(), |f| format!("{f:.0} Hz"))
+        );
+    }
+}
+
+pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
+    let settings = common.resolve()?;
+    let verification = match (&args.moq_fingerprint, args.moq_insecure) {
+        (Some(fp), _) => CertVerification::fingerprint(fp)
+            .map_err(|e| anyhow::anyhow!("--moq-fingerprint: {e}"))?,
+        (None, true) => CertVerification::Insecure,
+        (None, false) => CertVerification::WebPki,
+    };
+    // Devices and files first: a missing microphone should not cost a signaling round.
+    let source = args.source.open().context("opening the audio source")?;
+    let sink = args.sink.open().context("opening the audio sink")?;
+
+    let (home, member) = connect(&settings).await?;
+    let result = async {
+        let group = resolve_group(&member.groups()?, &args.group)?;
+        anyhow::ensure!(
+            group.state.as_str() == "active",
+            "group {} is not active (you left or were removed)",
+            group.name
+        );
+        let group_ref = GroupRef {
+            mls_group_id: group.mls_group_id.clone(),
+            nostr_group_id: group.nostr_group_id,
+        };
+        let opts = JoinOptions {
+            target: match (&args.call, args.new) {
+                (Some(prefix), _) => CallTarget::Id(prefix.clone()),
+                (None, true) => CallTarget::New,
+                (None, false) => CallTarget::Auto,
+            },
+            moq_relay: settings.moq_relay.clone(),
+            verification,
+            privacy: args.privacy,
+            frame_ms: args.frame_ms,
+            duration: args.seconds.map(Duration::from_secs),
+            ring_timeout: Duration::from_secs(args.ring_timeout),
+            counters: Some(home.dir().join("counters")),
+        };
+        let stop = async {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let (report, cursor) = session::run(
+            &member,
+            &group_ref,
+            resume_of(&home, &group)?,
+            &opts,
+            source,
+            sink,
+            stop,
+            print_event,
+        )
+        .await
+        .with_context(|| format!("call in group {}", group.name))?;
+        save_cursor(&home, &group, &cursor)?;
+        Ok(report)
+    }
+    .await;
+    member.disconnect().await;
+    let report = result?;
+    if settings.json {
+        println!("{}", json!(report));
+    } else {
+        print_human(&report);
+    }
+    Ok(match report.ended_by.as_str() {
+        "no_answer" => super::exit::CHECK_FAILED,
+        "removed_from_group" => super::exit::FAILURE,
+        _ => super::exit::OK,
+    })
+}

@@ -1,0 +1,142 @@
+//! `call join` between two real `call` processes: one starts the call, the other finds it in
+//! the group and joins; each hears the other's tone through MoQ, SFrame and Opus.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::users::{create_and_join, User};
+use common::TestRelay;
+use serde_json::Value;
+
+/// The call flags both users need: the test relay's MoQ URL and certificate pin.
+fn media_flags(relay: &TestRelay) -> Vec<String> {
+    vec![
+        "--moq-relay".into(),
+        relay.moq_url.to_string(),
+        "--moq-fingerprint".into(),
+        relay.fingerprint.clone(),
+        "--json".into(),
+    ]
+}
+
+fn report(out: &std::process::Output, who: &str, stderr: &str) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{who}: stdout {stdout}\nstderr {stderr}"
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{who}: {e}: {stdout}"))
+}
+
+fn heard(report: &Value) -> f64 {
+    report["peers"][0]["heard_hz"].as_f64().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
+    let relay = TestRelay::start().await;
+    let (a, b) = (
+        User::new("join-a", &[&relay.nostr_url]),
+        User::new("join-b", &[&relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    create_and_join("team", &a, &[(&b, &b_npub)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a_wav = dir.path().join("a-heard.wav");
+
+    // A starts the call and runs for 8 s; its stderr says when the offer is out.
+    let mut a_cmd = a.command();
+    a_cmd
+        .args(["join", "team", "--source", "tone:440"])
+        .arg("--sink")
+        .arg(format!("wav:{}", a_wav.display()))
+        .args(["--seconds", "8"])
+        .args(media_flags(&relay))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut a_child = a_cmd.spawn().unwrap();
+    let a_stderr = a_child.stderr.take().unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let a_log = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in BufReader::new(a_stderr).lines().map_while(Result::ok) {
+            if line.starts_with("started call") {
+                let _ = started_tx.send(());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    started_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("A announced the call");
+
+    // B finds A's call in the group's history and joins it for 4 s.
+    let b_out = b
+        .run(&[
+            "join",
+            "team",
+            "--source",
+            "tone:660",
+            "--sink",
+            "null",
+            "--seconds",
+            "4",
+            "--moq-fingerprint",
+            &relay.fingerprint,
+        ])
+        .await;
+    let b_report = report(&b_out, "B", &String::from_utf8_lossy(&b_out.stderr));
+    let a_out = tokio::task::spawn_blocking(move || a_child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let a_report = report(&a_out, "A", &a_log.join().unwrap());
+
+    println!("A: {a_report}\nB: {b_report}");
+    assert_eq!(a_report["call_id"], b_report["call_id"], "one call");
+    assert_eq!(a_report["started"], true);
+    assert_eq!(b_report["started"], false);
+    assert_eq!(a_report["ended_by"], "duration");
+    // 4 s of 20 ms frames is 200; the first ones go out while A's subscription starts.
+    let a_peer = &a_report["peers"][0];
+    assert!(a_peer["received"].as_u64().unwrap() >= 150, "{a_report}");
+    assert!((heard(&a_report) - 660.0).abs() <= 3.0, "{a_report}");
+    assert_eq!(a_peer["rejects"]["auth_failed"], 0);
+    assert_eq!(a_peer["present"], false, "A saw B leave: {a_report}");
+    let b_peer = &b_report["peers"][0];
+    assert!(b_peer["received"].as_u64().unwrap() >= 150, "{b_report}");
+    assert!((heard(&b_report) - 440.0).abs() <= 3.0, "{b_report}");
+    // What A heard is in its WAV: about 8 s at 48 kHz, 16-bit mono.
+    let wav = hound::WavReader::open(&a_wav).unwrap();
+    assert_eq!(wav.spec().sample_rate, 48_000);
+    assert!(wav.duration() >= 7 * 48_000, "{}", wav.duration());
+
+    // The call is over: a new `join` does not find it and starts another (nobody answers).
+    let again = b
+        .run(&[
+            "join",
+            "team",
+            "--source",
+            "silence",
+            "--sink",
+            "null",
+            "--ring-timeout",
+            "1",
+            "--moq-relay",
+            relay.moq_url.as_str(),
+            "--moq-fingerprint",
+            &relay.fingerprint,
+        ])
+        .await;
+    assert_eq!(again.status.code(), Some(3), "no answer is exit 3");
+    let v: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(v["ended_by"], "no_answer");
+    assert_eq!(v["started"], true);
+    assert_ne!(v["call_id"], a_report["call_id"]);
+}
