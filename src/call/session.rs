@@ -13,7 +13,7 @@ use mdk_storage_traits::MdkStorageProvider;
 use nostr_sdk::prelude::{EventId, Kind, PublicKey, Tags, Timestamp, ToBech32};
 use rand::RngCore;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use url::Url;
 
 use super::signaling::{
@@ -31,7 +31,9 @@ use crate::media::keys::{CallSecret, KidLayout, MediaType};
 use crate::media::opus::{CodecConfig, OpusEncoder};
 use crate::media::playout::{PlayoutDecoder, SlotKind};
 use crate::media::tone::dominant_frequency;
-use crate::transport::{participant_namespace, CertVerification, ClientConfig, MoqClient};
+use crate::transport::{
+    participant_namespace, CertVerification, ClientConfig, LocalTrack, MoqClient, RemoteTrack,
+};
 
 /// A call whose last signaling is older than this is not joined without `--call`: its
 /// participants most likely crashed without saying `leave`.
@@ -307,7 +309,7 @@ fn random<const N: usize>() -> [u8; N] {
     b
 }
 
-/// One remote participant: its track, keys, playout and what we heard.
+/// One remote participant as the media task sees it: track, keys, playout, what we heard.
 struct Peer {
     pubkey: PublicKey,
     track: TrackRef,
@@ -322,8 +324,15 @@ struct Peer {
 }
 
 impl Peer {
-    fn report(&self) -> PeerReport {
-        let heard: Vec<i16> = self.heard.iter().copied().collect();
+    /// `analyze`: also find the dominant frequency of what we heard, which costs a pass
+    /// over up to 10 s of audio; only the final report does it, never the media loop.
+    fn report(&self, analyze: bool) -> PeerReport {
+        let heard_hz = analyze
+            .then(|| {
+                let heard: Vec<i16> = self.heard.iter().copied().collect();
+                dominant_frequency(&heard, 50.0, 4000.0)
+            })
+            .flatten();
         PeerReport {
             npub: npub(&self.pubkey),
             leaf: self.track.leaf_index,
@@ -331,7 +340,7 @@ impl Peer {
             received: self.received,
             rejects: self.keys.rejects(),
             jitter: self.player.stats(),
-            heard_hz: dominant_frequency(&heard, 50.0, 4000.0),
+            heard_hz,
             present: self.present,
         }
     }
@@ -355,7 +364,8 @@ impl Peer {
 /// Frames of every peer's track, tagged with the track name.
 type Arrival = ([u8; 8], u64, Bytes);
 
-/// The call's keys for the epoch the group is in.
+/// The call's secret in one epoch of the group.
+#[derive(Clone)]
 struct Epoch {
     epoch: u64,
     secret: CallSecret,
@@ -395,46 +405,49 @@ fn history<S: MdkStorageProvider>(
         .collect())
 }
 
-/// Everything one call needs while it runs.
-struct Live<'a, S: MdkStorageProvider> {
-    member: &'a GroupMember<S>,
-    group: &'a GroupRef,
-    offer: CallOffer,
-    me: TrackRef,
-    layout: KidLayout,
-    codec: CodecConfig,
-    client: MoqClient,
-    arrivals: mpsc::UnboundedSender<Arrival>,
-    peers: HashMap<[u8; 8], Peer>,
-    gone: Vec<PeerReport>,
-    epoch: Epoch,
-    epochs: Vec<u64>,
-    sender: SenderKeyring,
-    ever_answered: bool,
+/// What the control side (group events, signaling) tells the media task.
+enum MediaCommand {
+    AddPeer {
+        pubkey: PublicKey,
+        track: TrackRef,
+        remote: RemoteTrack,
+    },
+    DropMember {
+        pubkey: PublicKey,
+        why: String,
+    },
+    Rekey(Epoch),
 }
 
-impl<S: MdkStorageProvider> Live<'_, S> {
+/// What the media task hands back when it ends.
+struct MediaOutcome {
+    sent: u64,
+    peers: Vec<PeerReport>,
+    source_ended: bool,
+}
+
+/// The audio side of a call, on a task of its own: MLS processing and relay round trips on
+/// the control side never delay a frame.
+struct Media {
+    layout: KidLayout,
+    codec: CodecConfig,
+    epoch: Epoch,
+    sender: SenderKeyring,
+    local: LocalTrack,
+    peers: HashMap<[u8; 8], Peer>,
+    /// Peers that left, kept for the final report.
+    gone: Vec<Peer>,
+    arrivals: mpsc::UnboundedSender<Arrival>,
+    events: mpsc::UnboundedSender<CallEvent>,
+}
+
+impl Media {
     fn add_peer(
         &mut self,
         pubkey: PublicKey,
         track: TrackRef,
-        on_event: &mut impl FnMut(&CallEvent),
+        mut remote: RemoteTrack,
     ) -> Result<(), CallError> {
-        if pubkey == self.member.public_key() || self.peers.contains_key(&track.name) {
-            return Ok(());
-        }
-        // A member re-joining with a fresh track replaces its old one.
-        let old: Vec<[u8; 8]> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.pubkey == pubkey)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in old {
-            self.drop_peer(&k, "re-joined with a new track", &mut |_| {});
-        }
-        let namespace = participant_namespace(&self.offer.namespace_hex(), &track.name_hex())?;
-        let mut remote = self.client.subscribe(namespace, &track.name_hex());
         let tx = self.arrivals.clone();
         let name = track.name;
         let forward = tokio::spawn(async move {
@@ -451,53 +464,44 @@ impl<S: MdkStorageProvider> Live<'_, S> {
             [track.leaf_index],
             Instant::now(),
         )?;
-        on_event(&CallEvent::PeerJoined {
+        let _ = self.events.send(CallEvent::PeerJoined {
             npub: npub(&pubkey),
             leaf: track.leaf_index,
         });
-        self.peers.insert(
-            track.name,
-            Peer {
-                pubkey,
-                track,
-                keys,
-                player: PlayoutDecoder::new(self.codec)?,
-                forward,
-                received: 0,
-                held: VecDeque::new(),
-                heard: VecDeque::new(),
-                present: true,
-            },
-        );
+        let peer = Peer {
+            pubkey,
+            track,
+            keys,
+            player: PlayoutDecoder::new(self.codec)?,
+            forward,
+            received: 0,
+            held: VecDeque::new(),
+            heard: VecDeque::new(),
+            present: true,
+        };
+        if let Some(old) = self.peers.insert(name, peer) {
+            old.forward.abort();
+        }
         Ok(())
     }
 
-    fn drop_peer(&mut self, track: &[u8; 8], why: &str, on_event: &mut impl FnMut(&CallEvent)) {
-        if let Some(mut peer) = self.peers.remove(track) {
-            peer.forward.abort();
-            peer.present = false;
-            on_event(&CallEvent::PeerLeft {
-                npub: npub(&peer.pubkey),
-                why: why.to_string(),
-            });
-            self.gone.push(peer.report());
-        }
-    }
-
-    fn drop_member(
-        &mut self,
-        pubkey: &PublicKey,
-        why: &str,
-        on_event: &mut impl FnMut(&CallEvent),
-    ) {
+    fn drop_member(&mut self, pubkey: &PublicKey, why: &str) {
         let tracks: Vec<[u8; 8]> = self
             .peers
             .iter()
             .filter(|(_, p)| &p.pubkey == pubkey)
             .map(|(k, _)| *k)
             .collect();
-        for t in tracks {
-            self.drop_peer(&t, why, on_event);
+        for track in tracks {
+            if let Some(mut peer) = self.peers.remove(&track) {
+                peer.forward.abort();
+                peer.present = false;
+                let _ = self.events.send(CallEvent::PeerLeft {
+                    npub: npub(&peer.pubkey),
+                    why: why.to_string(),
+                });
+                self.gone.push(peer);
+            }
         }
     }
 
@@ -522,8 +526,184 @@ impl<S: MdkStorageProvider> Live<'_, S> {
         }
     }
 
-    /// After a commit: re-export the call secret, switch the sender, give every receiver
-    /// the new epoch, and drop peers no longer in the group. `Err` ends the call.
+    /// A commit was merged: send with the new epoch's key from now on, and give every
+    /// receiver the new epoch (frames held for it are released).
+    fn rekey(&mut self, next: Epoch) -> Result<(), CallError> {
+        self.sender
+            .rekey(next.epoch, &next.secret)
+            .map_err(|e| CallError::Protocol(format!("rekeying the sender: {e}")))?;
+        let now = Instant::now();
+        for peer in self.peers.values_mut() {
+            match peer
+                .keys
+                .install_epoch(next.epoch, &next.secret, [peer.track.leaf_index], now)
+            {
+                Ok(released) => peer.release(released, now),
+                Err(e) => tracing::warn!("installing epoch {}: {e}", next.epoch),
+            }
+        }
+        self.epoch = next;
+        Ok(())
+    }
+
+    fn status(&self, started: Instant, sent: u64) -> CallStatus {
+        let mut peers: Vec<PeerReport> = self.peers.values().map(|p| p.report(false)).collect();
+        peers.sort_by_key(|p| p.leaf);
+        CallStatus {
+            seconds: started.elapsed().as_secs_f64(),
+            epoch: self.epoch.epoch,
+            sent,
+            relay_rtt_ms: self.local.stats().rtt().map(|d| d.as_secs_f64() * 1000.0),
+            peers,
+        }
+    }
+
+    /// Sends a frame from `source` and plays one mixed frame into `sink` every frame
+    /// interval until told to stop or the source ends.
+    async fn run(
+        mut self,
+        mut source: Box<dyn AudioSource>,
+        mut sink: Box<dyn AudioSink>,
+        mut commands: mpsc::UnboundedReceiver<MediaCommand>,
+        mut arrivals: mpsc::UnboundedReceiver<Arrival>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<MediaOutcome, CallError> {
+        let started = Instant::now();
+        let codec = self.codec;
+        let mut tick = tokio::time::interval(Duration::from_millis(u64::from(codec.frame_ms)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut status = tokio::time::interval(Duration::from_secs(5));
+        status.tick().await;
+        let mut encoder = OpusEncoder::new(codec)?;
+        let spf = codec.samples_per_frame();
+        let (mut pcm, mut mix, mut out) = (vec![0i16; spf], vec![0i32; spf], vec![0i16; spf]);
+        let mut seq = 0u64;
+        let mut source_ended = false;
+        loop {
+            // Arrivals before the clock: a frame that is here is pushed before its slot plays.
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                cmd = commands.recv() => match cmd {
+                    Some(MediaCommand::AddPeer { pubkey, track, remote }) => {
+                        self.add_peer(pubkey, track, remote)?;
+                    }
+                    Some(MediaCommand::DropMember { pubkey, why }) => self.drop_member(&pubkey, &why),
+                    Some(MediaCommand::Rekey(next)) => self.rekey(next)?,
+                    None => break,
+                },
+                Some(a) = arrivals.recv() => self.receive(a),
+                scheduled = tick.tick() => {
+                    let now = Instant::now();
+                    // After a stall the clock catches up in a burst: keep sending at the
+                    // stream's pace, but play nothing for slots whose time has passed (the
+                    // jitter buffer drains what piled up), or playout would run ahead of
+                    // the peers and every later frame would arrive "late".
+                    let behind = scheduled.elapsed() > Duration::from_millis(u64::from(codec.frame_ms));
+                    let more = source.read_frame(&mut pcm)?;
+                    let packet = encoder.encode(&pcm)?;
+                    let frame = self
+                        .sender
+                        .encrypt(packet)
+                        .map_err(|e| CallError::Protocol(e.to_string()))?;
+                    // Sent while the relay is unreachable, a frame is dropped and counted.
+                    self.local.send(seq, Bytes::copy_from_slice(frame));
+                    seq += 1;
+                    mix.iter_mut().for_each(|m| *m = 0);
+                    for peer in self.peers.values_mut().filter(|_| !behind) {
+                        peer.keys.retire(now);
+                        if let Some((kind, frame)) = peer.player.next(now) {
+                            for (m, s) in mix.iter_mut().zip(frame) {
+                                *m += i32::from(*s);
+                            }
+                            if matches!(kind, SlotKind::Decoded { .. } | SlotKind::Fec { .. }) {
+                                peer.heard.extend(frame.iter().copied());
+                                let cap = ANALYSIS_SECONDS * 48_000;
+                                if peer.heard.len() > cap {
+                                    let excess = peer.heard.len() - cap;
+                                    peer.heard.drain(..excess);
+                                }
+                            }
+                        }
+                    }
+                    for (o, m) in out.iter_mut().zip(&mix) {
+                        *o = (*m).clamp(i32::from(i16::MIN), i32::from(i16::MAX)) as i16;
+                    }
+                    if !behind {
+                        sink.write_frame(&out)?;
+                    }
+                    if !more {
+                        source_ended = true;
+                        break;
+                    }
+                }
+                _ = status.tick() => {
+                    let _ = self.events.send(CallEvent::Status(self.status(started, seq)));
+                }
+            }
+        }
+        sink.finish()?;
+        let mut peers: Vec<PeerReport> = self.gone.iter().map(|p| p.report(true)).collect();
+        for peer in self.peers.values() {
+            peer.forward.abort();
+            peers.push(peer.report(true));
+        }
+        peers.sort_by_key(|p| p.leaf);
+        Ok(MediaOutcome {
+            sent: seq,
+            peers,
+            source_ended,
+        })
+    }
+}
+
+/// The signaling side of a running call: who is in it, and which epoch its keys are from.
+struct Control<'a, S: MdkStorageProvider> {
+    member: &'a GroupMember<S>,
+    group: &'a GroupRef,
+    offer: CallOffer,
+    me: TrackRef,
+    client: MoqClient,
+    media: mpsc::UnboundedSender<MediaCommand>,
+    participants: HashMap<PublicKey, TrackRef>,
+    epoch: u64,
+    epochs: Vec<u64>,
+    ever_answered: bool,
+}
+
+impl<S: MdkStorageProvider> Control<'_, S> {
+    fn add_peer(&mut self, pubkey: PublicKey, track: TrackRef) -> Result<(), CallError> {
+        if pubkey == self.member.public_key() {
+            return Ok(());
+        }
+        match self.participants.get(&pubkey) {
+            Some(t) if *t == track => return Ok(()),
+            // A member re-joining with a fresh track replaces its old one.
+            Some(_) => self.drop_member(pubkey, "re-joined with a new track"),
+            None => {}
+        }
+        let namespace = participant_namespace(&self.offer.namespace_hex(), &track.name_hex())?;
+        let remote = self.client.subscribe(namespace, &track.name_hex());
+        self.participants.insert(pubkey, track.clone());
+        let _ = self.media.send(MediaCommand::AddPeer {
+            pubkey,
+            track,
+            remote,
+        });
+        Ok(())
+    }
+
+    fn drop_member(&mut self, pubkey: PublicKey, why: &str) {
+        if self.participants.remove(&pubkey).is_some() {
+            let _ = self.media.send(MediaCommand::DropMember {
+                pubkey,
+                why: why.to_string(),
+            });
+        }
+    }
+
+    /// After a commit (or in case one was merged elsewhere): re-export the call secret,
+    /// drop participants no longer in the group, and rekey the media. `Err` ends the call.
     fn follow_epoch(&mut self, on_event: &mut impl FnMut(&CallEvent)) -> Result<(), String> {
         let me = self.member.public_key();
         let leaves = self
@@ -535,46 +715,28 @@ impl<S: MdkStorageProvider> Live<'_, S> {
         }
         let next = export(self.member, self.group, &self.offer.call_id)
             .map_err(|_| "removed_from_group".to_string())?;
-        if next.epoch == self.epoch.epoch {
+        if next.epoch == self.epoch {
             return Ok(());
         }
-        self.sender
-            .rekey(next.epoch, &next.secret)
-            .map_err(|e| format!("rekeying the sender: {e}"))?;
         let gone: Vec<PublicKey> = self
-            .peers
-            .values()
-            .filter(|p| leaves.get(&p.track.leaf_index) != Some(&p.pubkey))
-            .map(|p| p.pubkey)
+            .participants
+            .iter()
+            .filter(|(pk, t)| leaves.get(&t.leaf_index) != Some(*pk))
+            .map(|(pk, _)| *pk)
             .collect();
         for pk in gone {
-            self.drop_member(&pk, "removed from the group", on_event);
+            self.drop_member(pk, "removed from the group");
         }
-        let now = Instant::now();
-        for peer in self.peers.values_mut() {
-            match peer
-                .keys
-                .install_epoch(next.epoch, &next.secret, [peer.track.leaf_index], now)
-            {
-                Ok(released) => peer.release(released, now),
-                Err(e) => tracing::warn!("installing epoch {}: {e}", next.epoch),
-            }
-        }
+        self.epoch = next.epoch;
         self.epochs.push(next.epoch);
-        on_event(&CallEvent::Rekeyed { epoch: next.epoch });
-        self.epoch = next;
+        let _ = self.media.send(MediaCommand::Rekey(next));
+        on_event(&CallEvent::Rekeyed { epoch: self.epoch });
         Ok(())
     }
 
     /// A signaling message that arrived during the call. Returns why the call ends, if it
     /// does.
-    fn on_rumor(
-        &mut self,
-        sender: PublicKey,
-        kind: Kind,
-        tags: &Tags,
-        on_event: &mut impl FnMut(&CallEvent),
-    ) -> Option<String> {
+    fn on_rumor(&mut self, sender: PublicKey, kind: Kind, tags: &Tags) -> Option<String> {
         let leaves = self.member.leaf_map(self.group).unwrap_or_default();
         let owns = |t: &TrackRef| leaves.get(&t.leaf_index) == Some(&sender);
         if kind == KIND_ANSWER {
@@ -588,7 +750,7 @@ impl<S: MdkStorageProvider> Live<'_, S> {
                             );
                         } else {
                             self.ever_answered = true;
-                            if let Err(e) = self.add_peer(sender, t, on_event) {
+                            if let Err(e) = self.add_peer(sender, t) {
                                 tracing::warn!("adding {}: {e}", npub(&sender));
                             }
                         }
@@ -600,7 +762,7 @@ impl<S: MdkStorageProvider> Live<'_, S> {
         } else if kind == KIND_STATE {
             match CallState::from_rumor(kind, tags) {
                 Ok(s) if s.call_id == self.offer.call_id => match s.action {
-                    StateAction::Leave => self.drop_member(&sender, "left", on_event),
+                    StateAction::Leave => self.drop_member(sender, "left"),
                     StateAction::End => return Some("ended_by_peer".into()),
                     _ => {}
                 },
@@ -621,7 +783,7 @@ impl<S: MdkStorageProvider> Live<'_, S> {
     }
 
     /// After a commit that added members: the participant with the lowest leaf re-announces
-    /// the call (`call_info`) so they can join it.
+    /// the call (`call_info`), with every participant's track, so they can join it.
     async fn announce_call_info(&self, before: &BTreeMap<u32, PublicKey>) {
         let Ok(now) = self.member.leaf_map(self.group) else {
             return;
@@ -629,17 +791,16 @@ impl<S: MdkStorageProvider> Live<'_, S> {
         if !now.keys().any(|leaf| !before.contains_key(leaf)) {
             return;
         }
-        let lowest_participant = self
-            .peers
+        let lowest = self
+            .participants
             .values()
-            .map(|p| p.track.leaf_index)
+            .map(|t| t.leaf_index)
             .chain([self.me.leaf_index])
             .min();
-        if lowest_participant != Some(self.me.leaf_index) {
+        if lowest != Some(self.me.leaf_index) {
             return;
         }
-        let mut participants: Vec<TrackRef> =
-            self.peers.values().map(|p| p.track.clone()).collect();
+        let mut participants: Vec<TrackRef> = self.participants.values().cloned().collect();
         participants.push(self.me.clone());
         let state = CallState {
             call_id: self.offer.call_id,
@@ -650,18 +811,6 @@ impl<S: MdkStorageProvider> Live<'_, S> {
         };
         if let Err(e) = self.member.send_rumor(self.group, state.to_rumor()).await {
             tracing::warn!("re-announcing the call: {e}");
-        }
-    }
-
-    fn status(&self, started: Instant, sent: u64) -> CallStatus {
-        let mut peers: Vec<PeerReport> = self.peers.values().map(Peer::report).collect();
-        peers.sort_by_key(|p| p.leaf);
-        CallStatus {
-            seconds: started.elapsed().as_secs_f64(),
-            epoch: self.epoch.epoch,
-            sent,
-            relay_rtt_ms: self.client.rtt().map(|d| d.as_secs_f64() * 1000.0),
-            peers,
         }
     }
 }
@@ -675,8 +824,8 @@ pub async fn run<S: MdkStorageProvider>(
     group: &GroupRef,
     resume: Resume,
     opts: &JoinOptions,
-    mut source: Box<dyn AudioSource>,
-    mut sink: Box<dyn AudioSink>,
+    source: Box<dyn AudioSource>,
+    sink: Box<dyn AudioSink>,
     stop: impl Future<Output = ()>,
     mut on_event: impl FnMut(&CallEvent),
 ) -> Result<(CallReport, Resume), CallError> {
@@ -712,7 +861,8 @@ pub async fn run<S: MdkStorageProvider>(
         None => {
             let moq_url = opts.moq_relay.clone().ok_or_else(|| {
                 CallError::Protocol(
-                    "starting a call needs a MoQ relay: pass --moq-relay or set moq_relay in config.toml"
+                    "starting a call needs a MoQ relay: pass --moq-relay or set moq_relay in \
+                     config.toml"
                         .into(),
                 )
             })?;
@@ -798,41 +948,64 @@ pub async fn run<S: MdkStorageProvider>(
         });
     }
 
-    let (arrivals, mut arrived) = mpsc::unbounded_channel();
-    let mut live = Live {
-        member,
-        group,
-        epochs: vec![epoch.epoch],
-        offer,
-        me,
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (arrivals, arrival_rx) = mpsc::unbounded_channel();
+    let (media_events, mut media_event_rx) = mpsc::unbounded_channel();
+    let (stop_media, stop_media_rx) = watch::channel(false);
+    let media = Media {
         layout,
         codec,
-        client,
-        arrivals,
+        epoch: epoch.clone(),
+        sender,
+        local,
         peers: HashMap::new(),
         gone: Vec::new(),
-        epoch,
-        sender,
+        arrivals,
+        events: media_events,
+    };
+    // Audio gets a thread of its own: MLS work on the caller's runtime (synchronous, tens of
+    // milliseconds for a commit) must never hold up a frame.
+    let (media_done, mut media_task) = oneshot::channel();
+    let media_future = media.run(source, sink, command_rx, arrival_rx, stop_media_rx);
+    std::thread::Builder::new()
+        .name("call-media".into())
+        .spawn(move || {
+            let result = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(media_future),
+                Err(e) => Err(CallError::Protocol(format!(
+                    "starting the media runtime: {e}"
+                ))),
+            };
+            let _ = media_done.send(result);
+        })
+        .map_err(|e| CallError::Protocol(format!("starting the media thread: {e}")))?;
+    let mut control = Control {
+        member,
+        group,
+        offer,
+        me,
+        client,
+        media: commands,
+        participants: HashMap::new(),
+        epoch: epoch.epoch,
+        epochs: vec![epoch.epoch],
         ever_answered: false,
     };
     for (pk, track) in participants {
-        live.add_peer(pk, track, &mut on_event)?;
+        control.add_peer(pk, track)?;
     }
 
     let started = Instant::now();
-    let frame = Duration::from_millis(u64::from(codec.frame_ms));
-    let mut tick = tokio::time::interval(frame);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut status = tokio::time::interval(Duration::from_secs(5));
-    status.tick().await;
     let until = opts.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut encoder = OpusEncoder::new(codec)?;
-    let spf = codec.samples_per_frame();
-    let mut pcm = vec![0i16; spf];
-    let mut mix = vec![0i32; spf];
-    let mut out = vec![0i16; spf];
-    let mut seq = 0u64;
+    let ring_until = (started_call && !opts.ring_timeout.is_zero())
+        .then(|| tokio::time::Instant::now() + opts.ring_timeout);
+    let mut epoch_check = tokio::time::interval(Duration::from_secs(5));
+    epoch_check.tick().await;
     let mut stop = pin!(stop);
+    let mut media_result = None;
     let ended_by = loop {
         tokio::select! {
             () = &mut stop => break "stopped".to_string(),
@@ -842,46 +1015,23 @@ pub async fn run<S: MdkStorageProvider>(
                     None => std::future::pending().await,
                 }
             } => break "duration".to_string(),
-            _ = tick.tick() => {
-                let now = Instant::now();
-                let more = source.read_frame(&mut pcm)?;
-                let packet = encoder.encode(&pcm)?;
-                let frame = live.sender.encrypt(packet).map_err(|e| CallError::Protocol(e.to_string()))?;
-                local.send(seq, Bytes::copy_from_slice(frame));
-                seq += 1;
-                mix.iter_mut().for_each(|m| *m = 0);
-                for peer in live.peers.values_mut() {
-                    peer.keys.retire(now);
-                    if let Some((kind, frame)) = peer.player.next(now) {
-                        for (m, s) in mix.iter_mut().zip(frame) {
-                            *m += i32::from(*s);
-                        }
-                        if matches!(kind, SlotKind::Decoded { .. } | SlotKind::Fec { .. }) {
-                            peer.heard.extend(frame.iter().copied());
-                            let cap = ANALYSIS_SECONDS * 48_000;
-                            if peer.heard.len() > cap {
-                                let excess = peer.heard.len() - cap;
-                                peer.heard.drain(..excess);
-                            }
-                        }
-                    }
+            () = async {
+                match ring_until {
+                    Some(t) if !control.ever_answered => tokio::time::sleep_until(t).await,
+                    _ => std::future::pending().await,
                 }
-                for (o, m) in out.iter_mut().zip(&mix) {
-                    *o = (*m).clamp(i32::from(i16::MIN), i32::from(i16::MAX)) as i16;
-                }
-                sink.write_frame(&out)?;
-                if !more {
-                    break "source_ended".to_string();
-                }
-                if started_call
-                    && !live.ever_answered
-                    && !opts.ring_timeout.is_zero()
-                    && started.elapsed() >= opts.ring_timeout
-                {
-                    break "no_answer".to_string();
-                }
+            } => break "no_answer".to_string(),
+            Some(e) = media_event_rx.recv() => on_event(&e),
+            res = &mut media_task => {
+                let ended = match &res {
+                    Ok(Ok(o)) if o.source_ended => "source_ended".to_string(),
+                    Ok(Ok(_)) => "stopped".to_string(),
+                    Ok(Err(e)) => format!("media failed: {e}"),
+                    Err(_) => "media thread failed".to_string(),
+                };
+                media_result = Some(res);
+                break ended;
             }
-            Some(a) = arrived.recv() => live.receive(a),
             event = events.next() => {
                 let Some(event) = event else {
                     break "stopped".to_string();
@@ -894,7 +1044,7 @@ pub async fn run<S: MdkStorageProvider>(
                 crate::group::advance_cursor(&mut cursor, event.created_at, event.id);
                 match outcome {
                     GroupEventOutcome::Message(r) => {
-                        if let Some(why) = live.on_rumor(r.sender, r.kind, &r.tags, &mut on_event) {
+                        if let Some(why) = control.on_rumor(r.sender, r.kind, &r.tags) {
                             break why;
                         }
                     }
@@ -903,26 +1053,35 @@ pub async fn run<S: MdkStorageProvider>(
                             processed.insert(id);
                             crate::group::advance_cursor(&mut cursor, at, id);
                         }
-                        if let Err(why) = live.follow_epoch(&mut on_event) {
+                        if let Err(why) = control.follow_epoch(&mut on_event) {
                             break why;
                         }
-                        live.announce_call_info(&before).await;
+                        control.announce_call_info(&before).await;
                     }
                     GroupEventOutcome::PendingProposal => {}
-                    GroupEventOutcome::Ignored(why) => tracing::debug!(id = %event.id, "group event ignored: {why}"),
+                    GroupEventOutcome::Ignored(why) => {
+                        tracing::debug!(id = %event.id, "group event ignored: {why}");
+                    }
                 }
             }
-            _ = status.tick() => {
+            _ = epoch_check.tick() => {
                 // A commit merged outside this session (another command of the same user)
                 // produces no group event here; catch the new epoch this way.
-                if let Err(why) = live.follow_epoch(&mut on_event) {
+                if let Err(why) = control.follow_epoch(&mut on_event) {
                     break why;
                 }
-                on_event(&CallEvent::Status(live.status(started, seq)));
             }
         }
     };
 
+    let _ = stop_media.send(true);
+    let media_result = match media_result {
+        Some(r) => r,
+        None => media_task.await,
+    };
+    while let Ok(e) = media_event_rx.try_recv() {
+        on_event(&e);
+    }
     // Say goodbye (best effort: the call is over for us either way).
     if ended_by != "removed_from_group" {
         let action = if ended_by == "no_answer" {
@@ -931,7 +1090,7 @@ pub async fn run<S: MdkStorageProvider>(
             StateAction::Leave
         };
         let bye = CallState {
-            call_id: live.offer.call_id,
+            call_id: control.offer.call_id,
             action,
         };
         match tokio::time::timeout(FAREWELL_TIMEOUT, member.send_rumor(group, bye.to_rumor())).await
@@ -941,25 +1100,20 @@ pub async fn run<S: MdkStorageProvider>(
             Err(_) => tracing::warn!("telling the group we left: no relay answered in time"),
         }
     }
-    sink.finish()?;
-    let relay_rtt_ms = live.client.rtt().map(|d| d.as_secs_f64() * 1000.0);
-    let mut peers = std::mem::take(&mut live.gone);
-    peers.extend(live.peers.values().map(Peer::report));
-    for peer in live.peers.values() {
-        peer.forward.abort();
-    }
-    peers.sort_by_key(|p| p.leaf);
+    let media = media_result
+        .map_err(|_| CallError::Protocol("the media thread ended without a result".into()))??;
+    let relay_rtt_ms = control.client.rtt().map(|d| d.as_secs_f64() * 1000.0);
     let report = CallReport {
-        call_id: hex::encode(live.offer.call_id),
+        call_id: hex::encode(control.offer.call_id),
         started: started_call,
         seconds: started.elapsed().as_secs_f64(),
-        epochs: live.epochs.clone(),
-        sent: seq,
+        epochs: control.epochs.clone(),
+        sent: media.sent,
         ended_by,
         relay_rtt_ms,
-        peers,
+        peers: media.peers,
     };
-    drop(live);
+    drop(control);
     let _ = tokio::time::timeout(Duration::from_secs(1), driver).await;
     Ok((report, cursor))
 }
