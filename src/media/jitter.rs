@@ -80,6 +80,8 @@ pub struct JitterBuffer {
     /// "should" have arrived given the base).
     delays: VecDeque<f64>,
     target: Duration,
+    /// Slots the playout point still has to wait because frames arrived after their slot.
+    hold: u64,
     /// Slots played since the last stretch.
     since_stretch: u32,
     stats: JitterStats,
@@ -98,6 +100,7 @@ impl JitterBuffer {
             first_arrival: None,
             base: None,
             delays: VecDeque::new(),
+            hold: 0,
             since_stretch: STRETCH_SPACING,
             stats: JitterStats::default(),
         }
@@ -128,8 +131,15 @@ impl JitterBuffer {
 
     /// Accepts an arrived frame.
     pub fn push(&mut self, seq: u64, packet: Vec<u8>, now: Instant) {
-        if self.next.is_some_and(|n| seq < n) {
+        if let Some(next) = self.next.filter(|n| seq < *n) {
             self.stats.late += 1;
+            // Playout ran ahead of this stream (its delay stepped up, or the receiver
+            // stalled and caught up): count the delay, and hold the playout point back by
+            // the frame's lateness so the frames after it arrive in time. Without this every
+            // later frame would be late too, and the stream would stay concealed for good.
+            self.observe(seq, now);
+            let lateness = (next - seq).min(self.frames(self.cfg.max_delay));
+            self.hold = self.hold.max(lateness);
             return;
         }
         let horizon = self.frames(self.cfg.max_delay) * 4 + 16;
@@ -181,6 +191,12 @@ impl JitterBuffer {
             self.next = self.slots.first_key_value().map(|(k, _)| *k);
             return self.pop(now);
         };
+        if self.hold > 0 {
+            self.hold -= 1;
+            self.since_stretch = 0;
+            self.stats.stretched += 1;
+            return Playout::Stretch;
+        }
         let target_frames = self.frames(self.target).max(1);
         let depth = self.depth();
         // Too deep for the target: skip the oldest frame (one per slot, so it stays gentle).
@@ -293,6 +309,39 @@ mod tests {
             wild.push(seq, vec![], t0 + ms(20 * seq + extra));
         }
         assert_eq!(wild.target_delay(), cfg.max_delay);
+    }
+
+    #[test]
+    fn a_step_in_delay_costs_a_few_frames_not_the_rest_of_the_stream() {
+        let frame = ms(20);
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterConfig::for_frame_ms(20));
+        let (mut played, mut lost_after_step) = (0, 0);
+        // 10 s of frames; from frame 100 on every frame takes 150 ms longer to arrive.
+        let arrival = |seq: u64| t0 + frame * seq as u32 + if seq >= 100 { ms(150) } else { ms(0) };
+        let mut next_arrival = 0;
+        for tick in 0..560u64 {
+            let now = t0 + frame * tick as u32;
+            while next_arrival < 500 && arrival(next_arrival) <= now {
+                jb.push(next_arrival, vec![1], arrival(next_arrival));
+                next_arrival += 1;
+            }
+            match jb.pop(now) {
+                Playout::Frame { .. } => played += 1,
+                Playout::Conceal { seq } if seq >= 100 && seq < 500 => lost_after_step += 1,
+                _ => {}
+            }
+        }
+        // The step loses at most its own length in frames (150 ms = 8), then everything
+        // plays again (a few more are drained as the buffer shrinks back to its target);
+        // before the hold every frame after the step was late.
+        assert!(
+            lost_after_step <= 8,
+            "{lost_after_step} concealed, {:?}",
+            jb.stats()
+        );
+        assert!(played >= 480, "{played} played, {:?}", jb.stats());
+        assert!(jb.stats().late <= 8, "{:?}", jb.stats());
     }
 
     #[test]
