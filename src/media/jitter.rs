@@ -328,7 +328,7 @@ mod tests {
             }
             match jb.pop(now) {
                 Playout::Frame { .. } => played += 1,
-                Playout::Conceal { seq } if seq >= 100 && seq < 500 => lost_after_step += 1,
+                Playout::Conceal { seq } if (100..500).contains(&seq) => lost_after_step += 1,
                 _ => {}
             }
         }
