@@ -14,20 +14,12 @@ use call::media::tone::ToneSource;
 use call::transport::CertVerification;
 use common::TestRelay;
 use mdk_memory_storage::MdkMemoryStorage;
-use nostr_sdk::prelude::{Keys, PublicKey, RelayUrl};
+use nostr_sdk::prelude::{PublicKey, RelayUrl};
 use tokio::sync::{mpsc, oneshot, watch};
 
 type Member = GroupMember<MdkMemoryStorage>;
 
-async fn member(relay: &RelayUrl) -> Member {
-    Member::connect(
-        Keys::generate(),
-        MdkMemoryStorage::default(),
-        std::slice::from_ref(relay),
-    )
-    .await
-    .unwrap()
-}
+use common::memory_member as member;
 
 /// Waits for an event matching `pred`, failing after `within`.
 async fn expect(

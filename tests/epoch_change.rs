@@ -14,7 +14,7 @@ use call::media::tone::ToneSource;
 use common::TestRelay;
 use mdk_core::prelude::MessageProcessingResult;
 use mdk_memory_storage::MdkMemoryStorage;
-use nostr_sdk::prelude::{Keys, RelayUrl};
+use nostr_sdk::prelude::RelayUrl;
 
 type Member = GroupMember<MdkMemoryStorage>;
 
@@ -24,15 +24,7 @@ const COMMIT_AT: u64 = 60;
 const COMMIT_DELAY: Duration = Duration::from_millis(45);
 const NETWORK_DELAY: Duration = Duration::from_millis(30);
 
-async fn member(relay: &RelayUrl) -> Member {
-    Member::connect(
-        Keys::generate(),
-        MdkMemoryStorage::default(),
-        std::slice::from_ref(relay),
-    )
-    .await
-    .unwrap()
-}
+use common::memory_member as member;
 
 struct Listener<'a> {
     member: &'a Member,

@@ -7,25 +7,13 @@ use call::media::keys::{KidLayout, MediaType};
 use call::media::sframe::{ReceiverKeys, SenderKeys};
 use common::TestRelay;
 use mdk_memory_storage::MdkMemoryStorage;
-use nostr_sdk::prelude::{Keys, RelayUrl};
+use nostr_sdk::prelude::RelayUrl;
 
 type Member = GroupMember<MdkMemoryStorage>;
 
 async fn two_member_group(relay: &RelayUrl) -> (Member, Member, GroupRef) {
-    let admin = Member::connect(
-        Keys::generate(),
-        MdkMemoryStorage::default(),
-        std::slice::from_ref(relay),
-    )
-    .await
-    .unwrap();
-    let guest = Member::connect(
-        Keys::generate(),
-        MdkMemoryStorage::default(),
-        std::slice::from_ref(relay),
-    )
-    .await
-    .unwrap();
+    let admin = common::memory_member(relay).await;
+    let guest = common::memory_member(relay).await;
     guest.publish_key_package().await.unwrap();
     let group = admin
         .create_group("keys test", &[guest.public_key()])

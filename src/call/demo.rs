@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mdk_memory_storage::MdkMemoryStorage;
 use nostr_sdk::prelude::{Keys, PublicKey, RelayUrl};
-use rand::RngCore;
 use serde::Serialize;
 use tokio::sync::{watch, Barrier};
 use url::Url;
@@ -17,7 +16,7 @@ use url::Url;
 use super::signaling::{
     AnswerStatus, CallAnswer, CallOffer, Privacy, TrackRef, KIND_ANSWER, KIND_OFFER,
 };
-use super::CallError;
+use super::{random, CallError};
 use crate::group::{GroupMember, GroupRef};
 use crate::media::jitter::JitterStats;
 use crate::media::keyring::{Received, ReceiverKeyring, RejectCounts, SenderKeyring};
@@ -256,12 +255,6 @@ fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
     }
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     Some(sorted[rank - 1])
-}
-
-fn random<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    rand::thread_rng().fill_bytes(&mut b);
-    b
 }
 
 /// Signals the call through the group: the first participant offers, the others accept.

@@ -27,3 +27,10 @@ pub enum CallError {
     #[error("{0}")]
     Protocol(String),
 }
+
+/// Fresh random bytes (call ids, namespaces, tokens, track names).
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
+    b
+}

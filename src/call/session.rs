@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mdk_storage_traits::MdkStorageProvider;
 use nostr_sdk::prelude::{EventId, Kind, PublicKey, Tags, Timestamp, ToBech32};
-use rand::RngCore;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use url::Url;
@@ -20,7 +19,7 @@ use super::signaling::{
     AnswerStatus, CallAnswer, CallOffer, CallState, Privacy, StateAction, TrackRef, KIND_ANSWER,
     KIND_OFFER, KIND_STATE,
 };
-use super::CallError;
+use super::{random, CallError};
 use crate::group::{GroupError, GroupEventOutcome, GroupMember, GroupRef, Resume};
 use crate::media::audio::{AudioSink, AudioSource};
 use crate::media::jitter::JitterStats;
@@ -301,12 +300,6 @@ pub struct CallReport {
 
 fn npub(pk: &PublicKey) -> String {
     pk.to_bech32().unwrap_or_else(|_| pk.to_hex())
-}
-
-fn random<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    rand::thread_rng().fill_bytes(&mut b);
-    b
 }
 
 /// One remote participant as the media task sees it: track, keys, playout, what we heard.

@@ -300,17 +300,11 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         self.publish(&event).await
     }
 
-    /// Subscribes to the group's kind-445 stream.
+    /// Subscribes to the group's kind-445 stream, decrypting application messages.
     pub async fn inbox(&self, group: &GroupRef) -> Result<GroupInbox<'_, S>, GroupError> {
-        let notifications = self.client.notifications();
-        let filter = Filter::new()
-            .kind(Kind::MlsGroupMessage)
-            .custom_tag(SingleLetterTag::lowercase(Alphabet::H), group.h_tag());
-        self.client.subscribe(filter, None).await?;
         Ok(GroupInbox {
             member: self,
-            group: group.clone(),
-            notifications,
+            events: self.subscribe_events(group, None).await?,
         })
     }
 
@@ -322,11 +316,21 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         group: &GroupRef,
         since: Timestamp,
     ) -> Result<GroupEvents, GroupError> {
+        self.subscribe_events(group, Some(since)).await
+    }
+
+    async fn subscribe_events(
+        &self,
+        group: &GroupRef,
+        since: Option<Timestamp>,
+    ) -> Result<GroupEvents, GroupError> {
         let notifications = self.client.notifications();
-        let filter = Filter::new()
+        let mut filter = Filter::new()
             .kind(Kind::MlsGroupMessage)
-            .custom_tag(SingleLetterTag::lowercase(Alphabet::H), group.h_tag())
-            .since(since);
+            .custom_tag(SingleLetterTag::lowercase(Alphabet::H), group.h_tag());
+        if let Some(since) = since {
+            filter = filter.since(since);
+        }
         self.client.subscribe(filter, None).await?;
         Ok(GroupEvents {
             h: group.h_tag(),
@@ -413,8 +417,7 @@ impl GroupEvents {
 /// Decrypted rumors of one group as they arrive.
 pub struct GroupInbox<'a, S: MdkStorageProvider> {
     member: &'a GroupMember<S>,
-    group: GroupRef,
-    notifications: tokio::sync::broadcast::Receiver<RelayPoolNotification>,
+    events: GroupEvents,
 }
 
 impl<S: MdkStorageProvider> GroupInbox<'_, S> {
@@ -423,28 +426,11 @@ impl<S: MdkStorageProvider> GroupInbox<'_, S> {
     pub async fn next(&mut self, timeout: Duration) -> Result<Rumor, GroupError> {
         let wait = async {
             loop {
-                let event = match self.notifications.recv().await {
-                    Ok(RelayPoolNotification::Event { event, .. }) => event,
-                    Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!("group inbox lagged by {n} notifications");
-                        continue;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        return Err(GroupError::Timeout("group messages (client closed)"));
-                    }
-                };
-                if event.kind != Kind::MlsGroupMessage {
-                    continue;
-                }
-                let h_matches = event
-                    .tags
-                    .find(TagKind::h())
-                    .and_then(|t| t.content())
-                    .is_some_and(|h| h == self.group.h_tag());
-                if !h_matches {
-                    continue;
-                }
+                let event = self
+                    .events
+                    .next()
+                    .await
+                    .ok_or(GroupError::Timeout("group messages (client closed)"))?;
                 match self.member.mdk.process_message_with_context(&event) {
                     Ok(out) => match out.result {
                         MessageProcessingResult::ApplicationMessage(msg) => {

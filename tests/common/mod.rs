@@ -146,3 +146,16 @@ impl Drop for UdpPipe {
         self.task.abort();
     }
 }
+
+/// A fresh identity with in-memory MLS state, connected to `relay`.
+pub async fn memory_member(
+    relay: &nostr_sdk::prelude::RelayUrl,
+) -> call::group::GroupMember<mdk_memory_storage::MdkMemoryStorage> {
+    call::group::GroupMember::connect(
+        nostr_sdk::prelude::Keys::generate(),
+        mdk_memory_storage::MdkMemoryStorage::default(),
+        std::slice::from_ref(relay),
+    )
+    .await
+    .unwrap()
+}
