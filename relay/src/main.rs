@@ -8,6 +8,8 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,moq_transport=error".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only where a person reads them, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = call_relay::RelayConfig::parse();

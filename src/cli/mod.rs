@@ -113,6 +113,8 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only where a person reads them, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // Both ring and aws-lc-rs end up in the build; rustls needs to be told which to use.
     let _ = rustls::crypto::ring::default_provider().install_default();
