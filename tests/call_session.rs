@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use call::call::session::{self, CallEvent, CallReport, CallTarget, JoinOptions};
+use call::call::session::{self, CallEvent, CallReport, CallTarget, JoinOptions, UserCommand};
 use call::call::signaling::Privacy;
 use call::group::{GroupMember, GroupRef, Resume};
 use call::media::audio::NullSink;
@@ -15,7 +15,7 @@ use call::transport::CertVerification;
 use common::TestRelay;
 use mdk_memory_storage::MdkMemoryStorage;
 use nostr_sdk::prelude::{PublicKey, RelayUrl};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 type Member = GroupMember<MdkMemoryStorage>;
 
@@ -52,7 +52,7 @@ async fn participant(
     resume: Resume,
     opts: &JoinOptions,
     hz: f64,
-    mut stop: watch::Receiver<bool>,
+    commands: mpsc::UnboundedReceiver<UserCommand>,
     events: mpsc::UnboundedSender<CallEvent>,
 ) -> CallReport {
     let (report, _) = session::run(
@@ -62,9 +62,7 @@ async fn participant(
         opts,
         Box::new(ToneSource::new(hz)),
         Box::new(NullSink),
-        async move {
-            let _ = stop.wait_for(|s| *s).await;
-        },
+        commands,
         move |e| {
             let _ = events.send(e.clone());
         },
@@ -105,25 +103,24 @@ async fn a_call_follows_an_invite_and_a_removal_and_the_new_member_joins_by_call
         ring_timeout: Duration::ZERO,
         counters: None,
     };
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (b_cmd, b_cmds) = mpsc::unbounded_channel();
+    let (c_cmd, c_cmds) = mpsc::unbounded_channel();
+    // Dave never leaves by himself: his call ends when he is removed.
+    let (_d_cmd, d_cmds) = mpsc::unbounded_channel();
     let (b_tx, mut b_rx) = mpsc::unbounded_channel();
     let (c_tx, mut c_rx) = mpsc::unbounded_channel();
     let (d_tx, mut d_rx) = mpsc::unbounded_channel();
     let (c_go, c_wait) = oneshot::channel::<()>();
     let (d_go, d_wait) = oneshot::channel::<Resume>();
 
-    let bob_call = participant(&bob, &group, None, &opts, 440.0, stop_rx.clone(), b_tx);
+    let bob_call = participant(&bob, &group, None, &opts, 440.0, b_cmds, b_tx);
     let carol_call = async {
         c_wait.await.unwrap();
-        participant(&carol, &group, None, &opts, 660.0, stop_rx.clone(), c_tx).await
+        participant(&carol, &group, None, &opts, 660.0, c_cmds, c_tx).await
     };
     let dave_call = async {
         let resume = d_wait.await.unwrap();
-        // Dave's own stop never fires: his call ends when he is removed.
-        let (_keep, never) = watch::channel(false);
-        let report = participant(&dave, &group, resume, &opts, 880.0, never, d_tx).await;
-        drop(_keep);
-        report
+        participant(&dave, &group, resume, &opts, 880.0, d_cmds, d_tx).await
     };
     let script = async {
         let long = Duration::from_secs(20);
@@ -214,8 +211,19 @@ async fn a_call_follows_an_invite_and_a_removal_and_the_new_member_joins_by_call
             })
             .await;
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        stop_tx.send(true).unwrap();
+        // Bob mutes: Carol is told, and Bob's stream keeps flowing (as silence).
+        b_cmd.send(UserCommand::Mute(true)).unwrap();
+        let bob_id = npub(bob.public_key());
+        expect(
+            &mut c_rx,
+            long,
+            "Bob's mute",
+            |e| matches!(e, CallEvent::PeerMuted { npub, muted: true } if *npub == bob_id),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        b_cmd.send(UserCommand::Leave).unwrap();
+        c_cmd.send(UserCommand::Leave).unwrap();
     };
     let (bob_report, carol_report, dave_report, ()) =
         tokio::join!(bob_call, carol_call, dave_call, script);

@@ -49,14 +49,16 @@ async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
     let dir = tempfile::tempdir().unwrap();
     let a_wav = dir.path().join("a-heard.wav");
 
-    // A starts the call and runs for 8 s; its stderr says when the offer is out.
+    // A starts the call (for at most 30 s; it is told to leave on stdin); its stderr says
+    // when the offer is out.
     let mut a_cmd = a.command();
     a_cmd
         .args(["join", "team", "--source", "tone:440"])
         .arg("--sink")
         .arg(format!("wav:{}", a_wav.display()))
-        .args(["--seconds", "8"])
+        .args(["--seconds", "30"])
         .args(media_flags(&relay))
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut a_child = a_cmd.spawn().unwrap();
@@ -93,16 +95,26 @@ async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
         ])
         .await;
     let b_report = report(&b_out, "B", &String::from_utf8_lossy(&b_out.stderr));
+    // A script drives A through stdin: mute, then leave.
+    {
+        use std::io::Write;
+        let mut stdin = a_child.stdin.take().unwrap();
+        writeln!(stdin, "m").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        writeln!(stdin, "q").unwrap();
+    }
     let a_out = tokio::task::spawn_blocking(move || a_child.wait_with_output().unwrap())
         .await
         .unwrap();
-    let a_report = report(&a_out, "A", &a_log.join().unwrap());
+    let a_log = a_log.join().unwrap();
+    let a_report = report(&a_out, "A", &a_log);
+    assert!(a_log.contains("you are muted"), "{a_log}");
 
     println!("A: {a_report}\nB: {b_report}");
     assert_eq!(a_report["call_id"], b_report["call_id"], "one call");
     assert_eq!(a_report["started"], true);
     assert_eq!(b_report["started"], false);
-    assert_eq!(a_report["ended_by"], "duration");
+    assert_eq!(a_report["ended_by"], "stopped", "left on `q`");
     // 4 s of 20 ms frames is 200; the first ones go out while A's subscription starts.
     let a_peer = &a_report["peers"][0];
     assert!(a_peer["received"].as_u64().unwrap() >= 150, "{a_report}");
@@ -112,10 +124,16 @@ async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
     let b_peer = &b_report["peers"][0];
     assert!(b_peer["received"].as_u64().unwrap() >= 150, "{b_report}");
     assert!((heard(&b_report) - 440.0).abs() <= 3.0, "{b_report}");
-    // What A heard is in its WAV: about 8 s at 48 kHz, 16-bit mono.
+    // What A heard is in its WAV, 48 kHz 16-bit mono, as long as A was in the call.
     let wav = hound::WavReader::open(&a_wav).unwrap();
     assert_eq!(wav.spec().sample_rate, 48_000);
-    assert!(wav.duration() >= 7 * 48_000, "{}", wav.duration());
+    let in_call = a_report["seconds"].as_f64().unwrap();
+    assert!(in_call >= 4.0, "{a_report}");
+    assert!(
+        f64::from(wav.duration()) >= (in_call - 0.5) * 48_000.0,
+        "{} samples for {in_call} s",
+        wav.duration()
+    );
 
     // The call is over: a new `join` does not find it and starts another (nobody answers).
     let again = b

@@ -3,9 +3,7 @@
 //! group's epochs while the call runs (keys rotate on every commit), and leave cleanly.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -39,8 +37,11 @@ use crate::transport::{
 pub const STALE_CALL: Duration = Duration::from_secs(12 * 3600);
 /// PROTOCOL.md §2: a started call nobody answers ends after this long.
 pub const RING_TIMEOUT: Duration = Duration::from_secs(30);
-/// Per-peer audio kept for the `heard_hz` analysis in the report.
-const ANALYSIS_SECONDS: usize = 10;
+/// Per-peer audio kept for the `heard_hz` analysis in the report (it looks at the last
+/// half second).
+const ANALYSIS_SECONDS: usize = 1;
+/// Frames whose peak is below this are silence (a muted peer) and not analysed.
+const SILENCE_PEAK: i16 = 64;
 /// How long a leave/end message may take to reach a relay when the call ends.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -232,6 +233,15 @@ pub fn choose_call<'a>(
     }
 }
 
+/// What the person (or script) in the call asks for while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserCommand {
+    /// Send silence instead of the source (the stream keeps its pace) and tell the others.
+    Mute(bool),
+    /// Leave the call.
+    Leave,
+}
+
 /// Something the caller may want to show while the call runs.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -251,6 +261,21 @@ pub enum CallEvent {
         npub: String,
         why: String,
     },
+    /// A member said no (`decline` or `busy`).
+    PeerDeclined {
+        npub: String,
+        status: String,
+        reason: Option<String>,
+    },
+    /// A participant muted or unmuted (454 `mute_audio` / `unmute_audio`).
+    PeerMuted {
+        npub: String,
+        muted: bool,
+    },
+    /// We muted or unmuted.
+    Muted {
+        muted: bool,
+    },
     /// A commit was merged: every key of the call was replaced.
     Rekeyed {
         epoch: u64,
@@ -263,6 +288,7 @@ pub struct CallStatus {
     pub seconds: f64,
     pub epoch: u64,
     pub sent: u64,
+    pub muted: bool,
     pub relay_rtt_ms: Option<f64>,
     pub peers: Vec<PeerReport>,
 }
@@ -276,7 +302,7 @@ pub struct PeerReport {
     pub received: u64,
     pub rejects: RejectCounts,
     pub jitter: JitterStats,
-    /// Dominant frequency of the last seconds heard from this peer (tone tests).
+    /// Dominant frequency of the last audible half second heard from this peer (tone tests).
     pub heard_hz: Option<f64>,
     /// Still in the call when it ended for us.
     pub present: bool,
@@ -317,8 +343,9 @@ struct Peer {
 }
 
 impl Peer {
-    /// `analyze`: also find the dominant frequency of what we heard, which costs a pass
-    /// over up to 10 s of audio; only the final report does it, never the media loop.
+    /// `analyze`: also find the dominant frequency of what we heard, a pass of Goertzel
+    /// filters over half a second of audio; only the final report does it, never the media
+    /// loop.
     fn report(&self, analyze: bool) -> PeerReport {
         let heard_hz = analyze
             .then(|| {
@@ -410,6 +437,7 @@ enum MediaCommand {
         why: String,
     },
     Rekey(Epoch),
+    Mute(bool),
 }
 
 /// What the media task hands back when it ends.
@@ -432,6 +460,7 @@ struct Media {
     gone: Vec<Peer>,
     arrivals: mpsc::UnboundedSender<Arrival>,
     events: mpsc::UnboundedSender<CallEvent>,
+    muted: bool,
 }
 
 impl Media {
@@ -546,6 +575,7 @@ impl Media {
             seconds: started.elapsed().as_secs_f64(),
             epoch: self.epoch.epoch,
             sent,
+            muted: self.muted,
             relay_rtt_ms: self.local.stats().rtt().map(|d| d.as_secs_f64() * 1000.0),
             peers,
         }
@@ -583,6 +613,7 @@ impl Media {
                     }
                     Some(MediaCommand::DropMember { pubkey, why }) => self.drop_member(&pubkey, &why),
                     Some(MediaCommand::Rekey(next)) => self.rekey(next)?,
+                    Some(MediaCommand::Mute(muted)) => self.muted = muted,
                     None => break,
                 },
                 Some(a) = arrivals.recv() => self.receive(a),
@@ -593,7 +624,13 @@ impl Media {
                     // jitter buffer drains what piled up), or playout would run ahead of
                     // the peers and every later frame would arrive "late".
                     let behind = scheduled.elapsed() > Duration::from_millis(u64::from(codec.frame_ms));
+                    // Muted, the source is still read (a device's buffer must not fill up)
+                    // but silence is sent, so the stream keeps its pace and, under enhanced
+                    // privacy, its packet size.
                     let more = source.read_frame(&mut pcm)?;
+                    if self.muted {
+                        pcm.iter_mut().for_each(|s| *s = 0);
+                    }
                     let packet = encoder.encode(&pcm)?;
                     let frame = self
                         .sender
@@ -609,7 +646,8 @@ impl Media {
                             for (m, s) in mix.iter_mut().zip(frame) {
                                 *m += i32::from(*s);
                             }
-                            if matches!(kind, SlotKind::Decoded { .. } | SlotKind::Fec { .. }) {
+                            let audible = frame.iter().any(|s| s.unsigned_abs() >= SILENCE_PEAK as u16);
+                            if audible && matches!(kind, SlotKind::Decoded { .. } | SlotKind::Fec { .. }) {
                                 peer.heard.extend(frame.iter().copied());
                                 let cap = ANALYSIS_SECONDS * 48_000;
                                 if peer.heard.len() > cap {
@@ -729,12 +767,29 @@ impl<S: MdkStorageProvider> Control<'_, S> {
 
     /// A signaling message that arrived during the call. Returns why the call ends, if it
     /// does.
-    fn on_rumor(&mut self, sender: PublicKey, kind: Kind, tags: &Tags) -> Option<String> {
+    fn on_rumor(
+        &mut self,
+        sender: PublicKey,
+        kind: Kind,
+        tags: &Tags,
+        on_event: &mut impl FnMut(&CallEvent),
+    ) -> Option<String> {
         let leaves = self.member.leaf_map(self.group).unwrap_or_default();
         let owns = |t: &TrackRef| leaves.get(&t.leaf_index) == Some(&sender);
         if kind == KIND_ANSWER {
             match CallAnswer::from_rumor(kind, tags) {
                 Ok(a) if a.call_id == self.offer.call_id => {
+                    if a.status != AnswerStatus::Accept {
+                        on_event(&CallEvent::PeerDeclined {
+                            npub: npub(&sender),
+                            status: match a.status {
+                                AnswerStatus::Busy => "busy",
+                                _ => "decline",
+                            }
+                            .into(),
+                            reason: a.reason.clone(),
+                        });
+                    }
                     if let (AnswerStatus::Accept, Some(t)) = (a.status, a.track) {
                         if !owns(&t) {
                             tracing::warn!(
@@ -757,6 +812,19 @@ impl<S: MdkStorageProvider> Control<'_, S> {
                 Ok(s) if s.call_id == self.offer.call_id => match s.action {
                     StateAction::Leave => self.drop_member(sender, "left"),
                     StateAction::End => return Some("ended_by_peer".into()),
+                    StateAction::Other(action) if self.participants.contains_key(&sender) => {
+                        let muted = match action.as_str() {
+                            "mute_audio" => Some(true),
+                            "unmute_audio" => Some(false),
+                            _ => None,
+                        };
+                        if let Some(muted) = muted {
+                            on_event(&CallEvent::PeerMuted {
+                                npub: npub(&sender),
+                                muted,
+                            });
+                        }
+                    }
                     _ => {}
                 },
                 Ok(_) => {}
@@ -808,8 +876,8 @@ impl<S: MdkStorageProvider> Control<'_, S> {
     }
 }
 
-/// Takes part in a call of `group` until `stop` resolves, the duration passes, the source
-/// ends, or the call ends. `resume` is where catching up on the group stands; the returned
+/// Takes part in a call of `group` until [`UserCommand::Leave`] (or the sender of
+/// `commands` is dropped), the duration passes, the source ends, or the call ends. `resume` is where catching up on the group stands; the returned
 /// one covers every group event processed during the call.
 #[allow(clippy::too_many_arguments)]
 pub async fn run<S: MdkStorageProvider>(
@@ -819,7 +887,7 @@ pub async fn run<S: MdkStorageProvider>(
     opts: &JoinOptions,
     source: Box<dyn AudioSource>,
     sink: Box<dyn AudioSink>,
-    stop: impl Future<Output = ()>,
+    mut commands: mpsc::UnboundedReceiver<UserCommand>,
     mut on_event: impl FnMut(&CallEvent),
 ) -> Result<(CallReport, Resume), CallError> {
     // Listen before catching up, so nothing published in between is missed; events seen
@@ -941,7 +1009,7 @@ pub async fn run<S: MdkStorageProvider>(
         });
     }
 
-    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (media_commands, command_rx) = mpsc::unbounded_channel();
     let (arrivals, arrival_rx) = mpsc::unbounded_channel();
     let (media_events, mut media_event_rx) = mpsc::unbounded_channel();
     let (stop_media, stop_media_rx) = watch::channel(false);
@@ -955,6 +1023,7 @@ pub async fn run<S: MdkStorageProvider>(
         gone: Vec::new(),
         arrivals,
         events: media_events,
+        muted: false,
     };
     // Audio gets a thread of its own: MLS work on the caller's runtime (synchronous, tens of
     // milliseconds for a commit) must never hold up a frame.
@@ -981,7 +1050,7 @@ pub async fn run<S: MdkStorageProvider>(
         offer,
         me,
         client,
-        media: commands,
+        media: media_commands,
         participants: HashMap::new(),
         epoch: epoch.epoch,
         epochs: vec![epoch.epoch],
@@ -997,11 +1066,25 @@ pub async fn run<S: MdkStorageProvider>(
         .then(|| tokio::time::Instant::now() + opts.ring_timeout);
     let mut epoch_check = tokio::time::interval(Duration::from_secs(5));
     epoch_check.tick().await;
-    let mut stop = pin!(stop);
     let mut media_result = None;
     let ended_by = loop {
         tokio::select! {
-            () = &mut stop => break "stopped".to_string(),
+            cmd = commands.recv() => match cmd {
+                Some(UserCommand::Mute(muted)) => {
+                    let _ = control.media.send(MediaCommand::Mute(muted));
+                    on_event(&CallEvent::Muted { muted });
+                    let state = CallState {
+                        call_id: control.offer.call_id,
+                        action: StateAction::Other(
+                            if muted { "mute_audio" } else { "unmute_audio" }.into(),
+                        ),
+                    };
+                    if let Err(e) = member.send_rumor(group, state.to_rumor()).await {
+                        tracing::warn!("telling the group about the mute: {e}");
+                    }
+                }
+                Some(UserCommand::Leave) | None => break "stopped".to_string(),
+            },
             () = async {
                 match until {
                     Some(t) => tokio::time::sleep_until(t).await,
@@ -1037,7 +1120,7 @@ pub async fn run<S: MdkStorageProvider>(
                 crate::group::advance_cursor(&mut cursor, event.created_at, event.id);
                 match outcome {
                     GroupEventOutcome::Message(r) => {
-                        if let Some(why) = control.on_rumor(r.sender, r.kind, &r.tags) {
+                        if let Some(why) = control.on_rumor(r.sender, r.kind, &r.tags, &mut on_event) {
                             break why;
                         }
                     }

@@ -1,16 +1,18 @@
 //! `call join <group>`: take part in the group's call (or start one) from this terminal.
 
+use std::io::{BufRead, IsTerminal};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
+use tokio::sync::mpsc;
 
 use super::config::CommonArgs;
 use super::demo::{parse_frame_ms, parse_privacy};
 use super::group::{connect, resolve_group, resume_of, save_cursor};
 use crate::call::loopback::{SinkSpec, SourceSpec};
-use crate::call::session::{self, CallEvent, CallReport, CallTarget, JoinOptions};
+use crate::call::session::{self, CallEvent, CallReport, CallTarget, JoinOptions, UserCommand};
 use crate::call::signaling::Privacy;
 use crate::group::GroupRef;
 use crate::transport::CertVerification;
@@ -65,15 +67,32 @@ fn print_event(event: &CallEvent) {
         ),
         CallEvent::PeerJoined { npub, leaf } => eprintln!("+ {npub} (leaf {leaf})"),
         CallEvent::PeerLeft { npub, why } => eprintln!("- {npub}: {why}"),
+        CallEvent::PeerDeclined {
+            npub,
+            status,
+            reason,
+        } => eprintln!(
+            "{npub}: {status}{}",
+            reason
+                .as_deref()
+                .map_or_else(String::new, |r| format!(" ({r})"))
+        ),
+        CallEvent::PeerMuted { npub, muted } => {
+            eprintln!("{npub} {}", if *muted { "muted" } else { "unmuted" });
+        }
+        CallEvent::Muted { muted } => {
+            eprintln!("you are {}", if *muted { "muted" } else { "unmuted" });
+        }
         CallEvent::Rekeyed { epoch } => {
             eprintln!("group moved to epoch {epoch}: call keys replaced");
         }
         CallEvent::Status(s) => {
             let mut line = format!(
-                "{:>5.0} s  epoch {}  sent {}  rtt {}",
+                "{:>5.0} s  epoch {}  sent {}{}  rtt {}",
                 s.seconds,
                 s.epoch,
                 s.sent,
+                if s.muted { " (muted)" } else { "" },
                 s.relay_rtt_ms
                     .map_or_else(|| "-".into(), |r| format!("{r:.1} ms"))
             );
@@ -115,6 +134,43 @@ fn print_human(r: &CallReport) {
     }
 }
 
+/// Ctrl-C leaves; so does a line `q` on stdin, and `m` toggles mute. Scripts can drive a
+/// bot the same way through a pipe; stdin at end of file changes nothing.
+fn user_commands() -> mpsc::UnboundedReceiver<UserCommand> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let on_signal = tx.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = on_signal.send(UserCommand::Leave);
+        }
+    });
+    if std::io::stdin().is_terminal() {
+        eprintln!("type m⏎ to mute or unmute, q⏎ (or Ctrl-C) to leave");
+    }
+    // A thread, because reading stdin blocks; it dies with the process.
+    std::thread::spawn(move || {
+        let mut muted = false;
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            let cmd = match line.trim() {
+                "m" | "mute" | "unmute" => {
+                    muted = !muted;
+                    UserCommand::Mute(muted)
+                }
+                "q" | "quit" | "leave" => UserCommand::Leave,
+                "" => continue,
+                other => {
+                    eprintln!("`{other}`: type m to mute or unmute, q to leave");
+                    continue;
+                }
+            };
+            if tx.send(cmd).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
     let settings = common.resolve()?;
     let verification = match (&args.moq_fingerprint, args.moq_insecure) {
@@ -153,11 +209,7 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             ring_timeout: Duration::from_secs(args.ring_timeout),
             counters: Some(home.dir().join("counters")),
         };
-        let stop = async {
-            if tokio::signal::ctrl_c().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
+        let commands = user_commands();
         let (report, cursor) = session::run(
             &member,
             &group_ref,
@@ -165,7 +217,7 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             &opts,
             source,
             sink,
-            stop,
+            commands,
             print_event,
         )
         .await
