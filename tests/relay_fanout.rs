@@ -355,3 +355,94 @@ async fn a_token_binds_every_namespace_of_the_call() {
         .await
         .expect("same token, same call");
 }
+
+/// A subscriber whose connection stalls (its network path is cut for 2 s) is not sent a
+/// growing backlog: once it has a few groups waiting, new groups skip it (counted as
+/// `behind`) and it gets fresh ones when it is back. Others lose nothing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_falls_behind_gets_fresh_frames_not_a_backlog() {
+    let relay = TestRelay::start_with(call_relay::RelayConfig {
+        max_unsent_groups: 8,
+        ..call_relay::RelayConfig::ephemeral()
+    })
+    .await;
+    let pipe = common::UdpPipe::start(relay.moq_addr()).await;
+    let ns = call_namespace("5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a").unwrap();
+    let track_name = "5a5a5a5a5a5a5a5a";
+    let mut publisher = connect(&relay).await;
+    let (mut track, serve) = publisher.publish(ns.clone(), track_name).await.unwrap();
+    tokio::spawn(serve);
+
+    let verify = CertVerification::fingerprint(&relay.fingerprint).unwrap();
+    let piped_url: url::Url = format!("moqt://{}", pipe.addr).parse().unwrap();
+    let (mut slow, driver) = MoqConnection::connect_with_token(&piped_url, &verify, Some(TOKEN))
+        .await
+        .expect("connects through the pipe");
+    tokio::spawn(driver);
+    let mut healthy = connect(&relay).await;
+    let wait = Duration::from_secs(5);
+    let slow_sub = slow.subscribe(ns.clone(), track_name, wait).await.unwrap();
+    let healthy_sub = healthy.subscribe(ns, track_name, wait).await.unwrap();
+    // The slow subscriber's log: (arrival, seq).
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = log.clone();
+    tokio::spawn(async move {
+        let mut sub = slow_sub;
+        while let Ok(Some((seq, _))) = sub.next().await {
+            sink.lock()
+                .unwrap()
+                .push((tokio::time::Instant::now(), seq));
+        }
+    });
+
+    // 200 frames/s: 0.5 s through, 2 s cut (the relay's stream credit for the slow session
+    // runs out after about 100 groups), then 1 s through again.
+    const FRAMES: u64 = 700;
+    let reading = tokio::spawn(read_until(healthy_sub, FRAMES - 1));
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let mut restored = None;
+    for seq in 0..FRAMES {
+        tick.tick().await;
+        if seq == 100 {
+            pipe.set_cut(true);
+        }
+        if seq == 500 {
+            pipe.set_cut(false);
+            restored = Some((tokio::time::Instant::now(), seq));
+        }
+        track.send(seq, Bytes::from(format!("f{seq}"))).unwrap();
+    }
+    let seen = reading.await.unwrap();
+    assert_eq!(
+        seen.len() as u64,
+        FRAMES,
+        "the healthy subscriber lost nothing"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let stats = relay.stats();
+    assert!(stats.behind > 0, "{stats:?}");
+    let log = log.lock().unwrap().clone();
+    let (restored_at, restored_seq) = restored.unwrap();
+    assert!(
+        (log.len() as u64) < FRAMES,
+        "stale groups were skipped for the slow subscriber ({} of {FRAMES})",
+        log.len()
+    );
+    // Fresh audio again soon after its network is back.
+    let fresh = log
+        .iter()
+        .find(|(_, seq)| *seq >= restored_seq)
+        .expect("fresh frames after the cut");
+    assert!(
+        fresh.0.duration_since(restored_at) < Duration::from_secs(1),
+        "first fresh frame {:?} after the network came back",
+        fresh.0.duration_since(restored_at)
+    );
+    println!(
+        "slow subscriber: {} of {FRAMES} frames, {} skipped as behind, fresh again after {:?}",
+        log.len(),
+        stats.behind,
+        fresh.0.duration_since(restored_at)
+    );
+}

@@ -74,6 +74,11 @@ pub struct RelayConfig {
     /// Largest object forwarded, in bytes; larger objects are dropped and counted.
     #[arg(long, env = "CALL_RELAY_MAX_OBJECT_BYTES", default_value_t = 65536)]
     pub max_object_bytes: usize,
+    /// Groups a subscriber may have waiting for its connection; while it has this many,
+    /// new groups skip it (counted as `behind`) so a slow subscriber gets fresh objects,
+    /// not a growing backlog of stale ones. 0 = no limit.
+    #[arg(long, env = "CALL_RELAY_MAX_UNSENT_GROUPS", default_value_t = 32)]
+    pub max_unsent_groups: usize,
     /// Seconds between one-line MoQ stats logs (0 = never).
     #[arg(long, env = "CALL_RELAY_STATS_INTERVAL", default_value_t = 10)]
     pub stats_interval: u64,
@@ -248,13 +253,14 @@ async fn log_stats(routes: Arc<moq::Routes>, every: std::time::Duration) {
         let now = routes.stats();
         let secs = every.as_secs_f64();
         tracing::info!(
-            "moq sessions={} tracks={} subscriptions={} objects_in/s={:.0} objects_out/s={:.0} drops={} refused={}",
+            "moq sessions={} tracks={} subscriptions={} objects_in/s={:.0} objects_out/s={:.0} drops={} behind={} refused={}",
             now.sessions,
             now.upstream_tracks,
             now.downstream_subscriptions,
             (now.objects_in - last.objects_in) as f64 / secs,
             (now.objects_out - last.objects_out) as f64 / secs,
             now.drops - last.drops,
+            now.behind - last.behind,
             now.refused - last.refused,
         );
         last = now;
@@ -291,6 +297,8 @@ pub struct RelayStats {
     pub objects_out: u64,
     /// Object copies not delivered (subscriber gone, object too large) since start.
     pub drops: u64,
+    /// Object copies skipped because their subscriber was too far behind, since start.
+    pub behind: u64,
     /// Sessions, announces and subscribes refused (token, limits) since start.
     pub refused: u64,
 }
@@ -304,6 +312,7 @@ impl moq::Routes {
             objects_in: self.stats.objects_in.load(Ordering::Relaxed),
             objects_out: self.stats.objects_out.load(Ordering::Relaxed),
             drops: self.stats.drops.load(Ordering::Relaxed),
+            behind: self.stats.behind.load(Ordering::Relaxed),
             refused: self.stats.refused.load(Ordering::Relaxed),
         }
     }

@@ -8,7 +8,7 @@
 //! track, written by the upstream task, which also keeps the newest complete group so a
 //! late subscriber starts from it at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -45,6 +45,7 @@ pub(crate) struct Policy {
     pub max_sessions: u64,
     pub max_tracks_per_session: usize,
     pub max_object_bytes: usize,
+    pub max_unsent_groups: usize,
 }
 
 impl From<&RelayConfig> for Policy {
@@ -55,6 +56,7 @@ impl From<&RelayConfig> for Policy {
             max_sessions: c.max_sessions,
             max_tracks_per_session: c.max_tracks_per_session,
             max_object_bytes: c.max_object_bytes,
+            max_unsent_groups: c.max_unsent_groups,
         }
     }
 }
@@ -92,6 +94,8 @@ pub(crate) struct Stats {
     pub objects_out: AtomicU64,
     /// Object copies not delivered: a subscriber's track was gone or an object too large.
     pub drops: AtomicU64,
+    /// Object copies skipped because the subscriber had too many groups still unsent.
+    pub behind: AtomicU64,
     /// Sessions, announces and subscribes refused (tokens, limits).
     pub refused: AtomicU64,
 }
@@ -141,10 +145,50 @@ pub(crate) struct Hub {
 
 #[derive(Default)]
 struct HubState {
-    downstream: Vec<SubgroupsWriter>,
+    downstream: Vec<Downstream>,
     inflight: Vec<Arc<Mutex<GroupCopy>>>,
     latest: Option<CachedGroup>,
     closed: bool,
+}
+
+/// One subscriber's track, and the first object of each group handed to it that its
+/// session has not yet written to QUIC.
+///
+/// moq-transport 0.17 does not say how far a subscriber's reader is behind, so the relay
+/// gives every subscriber its own copy of each group's first object and keeps a handle to
+/// it: moq-transport holds the copy until the group has been written to the connection,
+/// so a copy that is no longer shared (`Bytes::is_unique`) marks a group that left.
+///
+/// Only every [`PROBE_EVERY`]th group is copied and measured, which keeps the cost to a
+/// fraction of an allocation per object and subscriber.
+struct Downstream {
+    writer: SubgroupsWriter,
+    unsent: Arc<Mutex<VecDeque<Bytes>>>,
+    /// Set at the last probe group: the subscriber is too far behind for new groups.
+    behind: bool,
+}
+
+/// One group in this many carries a backlog probe.
+const PROBE_EVERY: u64 = 4;
+
+fn is_probe(group_id: u64) -> bool {
+    group_id.is_multiple_of(PROBE_EVERY)
+}
+
+impl Downstream {
+    /// Probe groups handed to this subscriber and not yet written to its connection; each
+    /// stands for [`PROBE_EVERY`] groups.
+    fn unsent_probes(&self) -> usize {
+        let mut unsent = self.unsent.lock().expect("unsent lock");
+        unsent.retain(|b| !b.is_unique());
+        unsent.len()
+    }
+}
+
+/// A subscriber's subgroup for one group, and where to record its first object.
+struct Out {
+    writer: SubgroupWriter,
+    unsent: Arc<Mutex<VecDeque<Bytes>>>,
 }
 
 struct CachedGroup {
@@ -156,7 +200,7 @@ struct CachedGroup {
 struct GroupCopy {
     subgroup: Subgroup,
     objects: Vec<Bytes>,
-    outs: Vec<SubgroupWriter>,
+    outs: Vec<Out>,
     done: bool,
 }
 
@@ -185,7 +229,13 @@ impl Hub {
     }
 
     /// Adds a subscriber, first handing it what is in flight or the newest complete group.
-    fn attach(&self, mut writer: SubgroupsWriter, stats: &Stats) -> bool {
+    fn attach(&self, writer: SubgroupsWriter, stats: &Stats) -> bool {
+        let mut down = Downstream {
+            writer,
+            unsent: Arc::default(),
+            behind: false,
+        };
+        let writer = &mut down.writer;
         let mut state = self.state.lock().expect("hub lock");
         if state.closed {
             return false;
@@ -200,8 +250,11 @@ impl Hub {
                 subgroup: group.subgroup.clone(),
                 objects: group.objects.clone(),
             };
-            if let Some(out) = replay(&mut writer, &so_far, stats) {
-                group.outs.push(out);
+            if let Some(out) = replay(writer, &so_far, stats) {
+                group.outs.push(Out {
+                    writer: out,
+                    unsent: down.unsent.clone(),
+                });
                 joined_inflight = true;
             }
         }
@@ -209,29 +262,44 @@ impl Hub {
             if let Some(out) = state
                 .latest
                 .as_ref()
-                .and_then(|cached| replay(&mut writer, cached, stats))
+                .and_then(|cached| replay(writer, cached, stats))
             {
                 let _ = out.finish();
             }
         }
-        state.downstream.push(writer);
+        state.downstream.push(down);
         true
     }
 
-    /// Opens `subgroup` on every live subscriber, dropping subscribers that are gone.
-    fn open(&self, subgroup: &Subgroup) -> Arc<Mutex<GroupCopy>> {
+    /// Opens `subgroup` on every live subscriber that is not too far behind, dropping
+    /// subscribers that are gone.
+    fn open(&self, subgroup: &Subgroup, max_unsent: usize, stats: &Stats) -> Arc<Mutex<GroupCopy>> {
         let mut state = self.state.lock().expect("hub lock");
         let mut outs = Vec::with_capacity(state.downstream.len());
-        state
-            .downstream
-            .retain_mut(|writer| match writer.create(subgroup.clone()) {
-                Ok(out) => {
-                    outs.push(out);
+        let probe = is_probe(subgroup.group_id);
+        let max_probes = max_unsent.div_ceil(PROBE_EVERY as usize);
+        state.downstream.retain_mut(|down| {
+            if max_unsent > 0 && probe {
+                down.behind = down.unsent_probes() >= max_probes;
+            }
+            if down.behind {
+                // Late audio is worth nothing: skip this group for it, send it fresh ones
+                // once its connection has caught up.
+                stats.behind.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            match down.writer.create(subgroup.clone()) {
+                Ok(writer) => {
+                    outs.push(Out {
+                        writer,
+                        unsent: down.unsent.clone(),
+                    });
                     true
                 }
                 // The subscriber's reader is gone (unsubscribed or session ended).
                 Err(_) => false,
-            });
+            }
+        });
         let copy = Arc::new(Mutex::new(GroupCopy {
             subgroup: subgroup.clone(),
             objects: Vec::new(),
@@ -460,7 +528,7 @@ impl Routes {
                             subgroup_id: group.subgroup_id,
                             priority: group.priority,
                         };
-                        let copy = hub.open(&subgroup);
+                        let copy = hub.open(&subgroup, self.policy.max_unsent_groups, &self.stats);
                         copies.push(self.copy_group(group, copy, hub));
                     }
                     Ok(None) => break,
@@ -500,9 +568,22 @@ impl Routes {
                         continue;
                     }
                     let before = group.outs.len();
-                    group
-                        .outs
-                        .retain_mut(|out| out.write(object.clone()).is_ok());
+                    if group.objects.is_empty() && is_probe(group.subgroup.group_id) {
+                        // A probe group's first object: each subscriber gets its own copy,
+                        // which tells when its session has written the group (`Downstream`).
+                        group.outs.retain_mut(|out| {
+                            let copy = Bytes::copy_from_slice(&object);
+                            out.unsent
+                                .lock()
+                                .expect("unsent lock")
+                                .push_back(copy.clone());
+                            out.writer.write(copy).is_ok()
+                        });
+                    } else {
+                        group
+                            .outs
+                            .retain_mut(|out| out.writer.write(object.clone()).is_ok());
+                    }
                     let after = group.outs.len();
                     self.stats
                         .objects_out
@@ -523,7 +604,7 @@ impl Routes {
             let mut group = copy.lock().expect("group lock");
             group.done = true;
             for out in group.outs.drain(..) {
-                let _ = out.finish();
+                let _ = out.writer.finish();
             }
         }
         hub.finished(&copy);
