@@ -67,7 +67,8 @@ async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
     let a_log = std::thread::spawn(move || {
         let mut log = String::new();
         for line in BufReader::new(a_stderr).lines().map_while(Result::ok) {
-            if line.starts_with("started call") {
+            // With --json, events are JSON lines on stderr.
+            if line.contains(r#""event":"started""#) {
                 let _ = started_tx.send(());
             }
             log.push_str(&line);
@@ -108,7 +109,10 @@ async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
         .unwrap();
     let a_log = a_log.join().unwrap();
     let a_report = report(&a_out, "A", &a_log);
-    assert!(a_log.contains("you are muted"), "{a_log}");
+    assert!(
+        a_log.contains(r#"{"event":"muted","muted":true}"#),
+        "{a_log}"
+    );
 
     println!("A: {a_report}\nB: {b_report}");
     assert_eq!(a_report["call_id"], b_report["call_id"], "one call");
@@ -157,4 +161,15 @@ async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
     assert_eq!(v["ended_by"], "no_answer");
     assert_eq!(v["started"], true);
     assert_ne!(v["call_id"], a_report["call_id"]);
+
+    // `call calls` lists both, newest first: the unanswered one ended by its caller, the
+    // first one over (everyone left).
+    let calls = a.ok(&["calls", "team"]).await;
+    let list = calls["calls"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{calls}");
+    assert_eq!(list[0]["id"], v["call_id"]);
+    assert_eq!(list[0]["state"], "ended");
+    assert_eq!(list[1]["id"], a_report["call_id"]);
+    assert_eq!(list[1]["state"], "over");
+    assert_eq!(list[1]["participants"].as_array().unwrap().len(), 0);
 }

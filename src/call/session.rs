@@ -76,6 +76,8 @@ pub struct JoinOptions {
 #[derive(Debug, Clone)]
 pub struct KnownCall {
     pub offer: CallOffer,
+    /// Who sent the offer (for a call learnt from `call_info`: the member at the offer's leaf).
+    pub offered_by: Option<PublicKey>,
     pub offered_at: Timestamp,
     /// Newest signaling message of the call.
     pub last_activity: Timestamp,
@@ -89,8 +91,15 @@ impl KnownCall {
         hex::encode(self.offer.call_id)
     }
 
-    fn running(&self) -> bool {
+    /// Not ended, and someone is in it.
+    pub fn running(&self) -> bool {
         !self.ended && !self.participants.is_empty()
+    }
+
+    /// Running, and signaled recently enough for `call join` to pick it by itself.
+    pub fn joinable(&self, now: Timestamp) -> bool {
+        self.running()
+            && now.as_secs().saturating_sub(self.last_activity.as_secs()) < STALE_CALL.as_secs()
     }
 }
 
@@ -128,6 +137,7 @@ pub fn calls_from_history(
                     }
                     calls.push(KnownCall {
                         offer,
+                        offered_by: Some(m.sender),
                         offered_at: m.created_at,
                         last_activity: m.created_at,
                         participants,
@@ -160,6 +170,7 @@ pub fn calls_from_history(
                         (None, StateAction::CallInfo { offer, .. }) => {
                             calls.push(KnownCall {
                                 offer: (**offer).clone(),
+                                offered_by: leaves.get(&offer.track.leaf_index).copied(),
                                 offered_at: m.created_at,
                                 last_activity: m.created_at,
                                 participants: BTreeMap::new(),
@@ -204,10 +215,7 @@ pub fn choose_call<'a>(
         CallTarget::New => Ok(None),
         CallTarget::Auto => Ok(calls
             .iter()
-            .filter(|c| c.running())
-            .filter(|c| {
-                now.as_secs().saturating_sub(c.last_activity.as_secs()) < STALE_CALL.as_secs()
-            })
+            .filter(|c| c.joinable(now))
             .max_by_key(|c| c.offered_at)),
         CallTarget::Id(prefix) => {
             let prefix = prefix.to_ascii_lowercase();
@@ -404,7 +412,7 @@ fn export<S: MdkStorageProvider>(
 }
 
 /// The group's signaling history from MDK's message store, oldest first.
-fn history<S: MdkStorageProvider>(
+pub fn history<S: MdkStorageProvider>(
     member: &GroupMember<S>,
     group: &GroupRef,
 ) -> Result<Vec<SignalMessage>, CallError> {

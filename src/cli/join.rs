@@ -218,7 +218,14 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             source,
             sink,
             commands,
-            print_event,
+            |e: &CallEvent| {
+                if settings.json {
+                    // Scripts get the events too, one JSON object per line on stderr.
+                    eprintln!("{}", json!(e));
+                } else {
+                    print_event(e);
+                }
+            },
         )
         .await
         .with_context(|| format!("call in group {}", group.name))?;
@@ -238,4 +245,79 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
         "removed_from_group" => super::exit::FAILURE,
         _ => super::exit::OK,
     })
+}
+
+/// `call calls <group>`: the group's calls as its signaling tells them.
+pub async fn run_calls(common: &CommonArgs, group: &str) -> anyhow::Result<u8> {
+    let settings = common.resolve()?;
+    let (home, member) = connect(&settings).await?;
+    let result = async {
+        let group = resolve_group(&member.groups()?, group)?;
+        let group_ref = GroupRef {
+            mls_group_id: group.mls_group_id.clone(),
+            nostr_group_id: group.nostr_group_id,
+        };
+        // Catch up first: the newest offers and leaves are what matter.
+        let (since, seen) = resume_of(&home, &group)?.unzip();
+        let synced = member
+            .sync_group(&group, since, &seen.unwrap_or_default())
+            .await?;
+        save_cursor(&home, &group, &synced.cursor)?;
+        let leaves = member.leaf_map(&group_ref)?;
+        let calls = session::calls_from_history(&session::history(&member, &group_ref)?, &leaves);
+        anyhow::Ok((group, calls))
+    }
+    .await;
+    member.disconnect().await;
+    let (group, calls) = result?;
+    let now = nostr_sdk::prelude::Timestamp::now();
+    let npub = |pk: &nostr_sdk::prelude::PublicKey| {
+        nostr_sdk::prelude::ToBech32::to_bech32(pk).unwrap_or_else(|_| pk.to_hex())
+    };
+    let state = |c: &session::KnownCall| {
+        if c.ended {
+            "ended"
+        } else if c.joinable(now) {
+            "running"
+        } else if c.running() {
+            "stale"
+        } else {
+            "over"
+        }
+    };
+    if settings.json {
+        let list: Vec<serde_json::Value> = calls
+            .iter()
+            .rev()
+            .map(|c| {
+                json!({
+                    "id": c.id_hex(),
+                    "state": state(c),
+                    "offered_at": c.offered_at.as_secs(),
+                    "offered_by": c.offered_by.as_ref().map(npub),
+                    "last_activity": c.last_activity.as_secs(),
+                    "participants": c.participants.keys().map(npub).collect::<Vec<_>>(),
+                    "privacy": match c.offer.privacy {
+                        Privacy::Standard => "standard",
+                        Privacy::Enhanced => "enhanced",
+                    },
+                })
+            })
+            .collect();
+        println!("{}", json!({ "group": group.name, "calls": list }));
+    } else if calls.is_empty() {
+        println!("no calls in {}", group.name);
+    } else {
+        for c in calls.iter().rev() {
+            println!(
+                "{}  {:<7}  {} s ago by {}, {} in it",
+                &c.id_hex()[..16],
+                state(c),
+                now.as_secs().saturating_sub(c.offered_at.as_secs()),
+                c.offered_by.as_ref().map_or_else(|| "?".to_string(), npub),
+                c.participants.len()
+            );
+        }
+    }
+    Ok(super::exit::OK)
 }

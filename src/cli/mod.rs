@@ -58,6 +58,15 @@ pub enum Command {
         #[command(flatten)]
         args: join::JoinArgs,
     },
+    /// The group's calls, newest first: running, over, ended, or stale (running but silent
+    /// for 12 h); ids for `call join --call`.
+    #[command(after_help = "Examples:\n  call calls friends\n  call calls friends --json")]
+    Calls {
+        #[command(flatten)]
+        common: config::CommonArgs,
+        /// Group name or a unique prefix of its id.
+        group: String,
+    },
     /// Run a complete encrypted group call between headless participants in this process.
     Demo(demo::DemoArgs),
     /// List audio input and output devices (ids usable as `device:ID`).
@@ -139,6 +148,7 @@ pub fn main() -> ExitCode {
             }
             Command::Sync { common } => group::run_sync(&common.resolve()?).await,
             Command::Join { common, args } => join::run(&common, &args).await,
+            Command::Calls { common, group } => join::run_calls(&common, &group).await,
         }
     });
     match result {
