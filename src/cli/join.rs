@@ -37,7 +37,7 @@ pub struct JoinArgs {
     #[arg(short, long, env = "CALL_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub seconds: Option<u64>,
     /// Seconds a call we start waits for an answer before it ends (0 = forever).
-    #[arg(long, env = "CALL_RING_TIMEOUT", default_value_t = 30)]
+    #[arg(long, env = "CALL_RING_TIMEOUT", default_value_t = session::RING_TIMEOUT.as_secs())]
     pub ring_timeout: u64,
     /// Opus frame duration in ms for a call we start (10 or 20).
     #[arg(long, env = "CALL_FRAME_MS", default_value_t = 20, value_parser = parse_frame_ms)]
