@@ -885,8 +885,9 @@ impl<S: MdkStorageProvider> Control<'_, S> {
 }
 
 /// Takes part in a call of `group` until [`UserCommand::Leave`] (or the sender of
-/// `commands` is dropped), the duration passes, the source ends, or the call ends. `resume` is where catching up on the group stands; the returned
-/// one covers every group event processed during the call.
+/// `commands` is dropped), the duration passes, the source ends, or the call ends.
+/// `resume` is where catching up on the group stands; the returned one covers every group
+/// event processed during the call.
 #[allow(clippy::too_many_arguments)]
 pub async fn run<S: MdkStorageProvider>(
     member: &GroupMember<S>,
@@ -1033,6 +1034,22 @@ pub async fn run<S: MdkStorageProvider>(
         events: media_events,
         muted: false,
     };
+    let mut control = Control {
+        member,
+        group,
+        offer,
+        me,
+        client,
+        media: media_commands,
+        participants: HashMap::new(),
+        epoch: epoch.epoch,
+        epochs: vec![epoch.epoch],
+        ever_answered: false,
+    };
+    // Queued for the media task before it starts, so a failure here leaves no thread.
+    for (pk, track) in participants {
+        control.add_peer(pk, track)?;
+    }
     // Audio gets a thread of its own: MLS work on the caller's runtime (synchronous, tens of
     // milliseconds for a commit) must never hold up a frame.
     let (media_done, mut media_task) = oneshot::channel();
@@ -1052,21 +1069,6 @@ pub async fn run<S: MdkStorageProvider>(
             let _ = media_done.send(result);
         })
         .map_err(|e| CallError::Protocol(format!("starting the media thread: {e}")))?;
-    let mut control = Control {
-        member,
-        group,
-        offer,
-        me,
-        client,
-        media: media_commands,
-        participants: HashMap::new(),
-        epoch: epoch.epoch,
-        epochs: vec![epoch.epoch],
-        ever_answered: false,
-    };
-    for (pk, track) in participants {
-        control.add_peer(pk, track)?;
-    }
 
     let started = Instant::now();
     let until = opts.duration.map(|d| tokio::time::Instant::now() + d);
