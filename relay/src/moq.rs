@@ -155,7 +155,7 @@ struct HubState {
 /// session has not yet written to QUIC.
 ///
 /// moq-transport 0.17 does not say how far a subscriber's reader is behind, so the relay
-/// gives every subscriber its own copy of each group's first object and keeps a handle to
+/// gives every subscriber its own copy of a group's first object and keeps a handle to
 /// it: moq-transport holds the copy until the group has been written to the connection,
 /// so a copy that is no longer shared (`Bytes::is_unique`) marks a group that left.
 ///
@@ -283,8 +283,8 @@ impl Hub {
                 down.behind = down.unsent_probes() >= max_probes;
             }
             if down.behind {
-                // Late audio is worth nothing: skip this group for it, send it fresh ones
-                // once its connection has caught up.
+                // For live media a stale group is worth less than a fresh one: skip this
+                // group for it and send it fresh ones once its connection has caught up.
                 stats.behind.fetch_add(1, Ordering::Relaxed);
                 return true;
             }
