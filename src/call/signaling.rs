@@ -437,6 +437,90 @@ mod tests {
     }
 
     #[test]
+    fn mangled_signaling_is_rejected_or_parsed_never_a_panic() {
+        use rand::{Rng, SeedableRng};
+        let pk = Keys::generate().public_key();
+        let info = CallState {
+            call_id: [1; 32],
+            action: StateAction::CallInfo {
+                offer: Box::new(offer()),
+                participants: vec![offer().track],
+            },
+        };
+        let answer = CallAnswer::accept([9; 32], offer().track);
+        let samples: Vec<(Kind, Vec<Vec<String>>)> =
+            [offer().to_rumor(), answer.to_rumor(), info.to_rumor()]
+                .into_iter()
+                .map(|b| {
+                    let r = b.build(pk);
+                    (
+                        r.kind,
+                        r.tags.iter().map(|t| t.as_slice().to_vec()).collect(),
+                    )
+                })
+                .collect();
+        let junk = [
+            "",
+            "-1",
+            "0x",
+            "zz",
+            "18446744073709551616",
+            "ünï",
+            "moqt://",
+            "0004",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (mut accepted, mut rejected) = (0, 0);
+        for _ in 0..5000 {
+            let (kind, tags) = &samples[rng.gen_range(0..samples.len())];
+            let mut tags = tags.clone();
+            for _ in 0..rng.gen_range(1..4) {
+                let i = rng.gen_range(0..tags.len());
+                match rng.gen_range(0..4) {
+                    0 => {
+                        tags.remove(i);
+                        if tags.is_empty() {
+                            break;
+                        }
+                    }
+                    1 => {
+                        let j = rng.gen_range(0..tags[i].len());
+                        tags[i][j] = junk[rng.gen_range(0..junk.len())].to_string();
+                    }
+                    2 => {
+                        let keep = rng.gen_range(1..=tags[i].len());
+                        tags[i].truncate(keep);
+                    }
+                    _ => tags.push(tags[i].clone()),
+                }
+            }
+            let list: Vec<Tag> = tags
+                .iter()
+                .filter(|t| !t.is_empty())
+                .filter_map(|t| Tag::parse(t.clone()).ok())
+                .collect();
+            let tags = Tags::from_list(list);
+            let parsed = [
+                CallOffer::from_rumor(*kind, &tags).is_ok(),
+                CallAnswer::from_rumor(*kind, &tags).is_ok(),
+                CallState::from_rumor(*kind, &tags).is_ok(),
+            ];
+            // Each kind parses as itself at most.
+            assert!(parsed.iter().filter(|p| **p).count() <= 1);
+            if parsed.contains(&true) {
+                accepted += 1;
+            } else {
+                rejected += 1;
+            }
+        }
+        // The mangling reached both outcomes: unknown tags are ignored, broken ones refused.
+        assert!(
+            rejected > 1000 && accepted > 100,
+            "{rejected} rejected, {accepted} accepted"
+        );
+    }
+
+    #[test]
     fn malformed_offers_are_rejected_with_a_reason() {
         let pk = Keys::generate().public_key();
         let good = offer().to_rumor().build(pk);
