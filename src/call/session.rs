@@ -416,9 +416,15 @@ pub fn history<S: MdkStorageProvider>(
     member: &GroupMember<S>,
     group: &GroupRef,
 ) -> Result<Vec<SignalMessage>, CallError> {
+    // The newest 10 000 messages (MDK's most; its default is 1 000): a group that chats a
+    // lot must not hide a running call's offer.
+    let newest = mdk_storage_traits::groups::Pagination::new(
+        Some(mdk_storage_traits::groups::MAX_MESSAGE_LIMIT),
+        None,
+    );
     let mut messages = member
         .mdk()
-        .get_messages(&group.mls_group_id, None)
+        .get_messages(&group.mls_group_id, Some(newest))
         .map_err(GroupError::from)?;
     messages.sort_by_key(|m| (m.created_at, m.processed_at));
     Ok(messages
