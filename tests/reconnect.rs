@@ -126,8 +126,8 @@ async fn frames_flow_again_to_every_subscriber_within_2s_of_a_relay_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_vanishes_is_noticed_within_the_idle_timeout_and_rejoined() {
     let relay = TestRelay::start().await;
-    let pipe = common::UdpPipe::start(relay.moq_addr()).await;
-    let url: url::Url = format!("moqt://{}", pipe.addr).parse().unwrap();
+    let pipe = common::udp_pipe(relay.moq_addr()).await;
+    let url: url::Url = format!("moqt://{}", pipe.addr()).parse().unwrap();
     let verify = CertVerification::fingerprint(&relay.fingerprint).unwrap();
     let (client, driver) = MoqClient::new(ClientConfig::new(url, verify, Some(TOKEN.to_vec())));
     tokio::spawn(driver);

@@ -366,7 +366,7 @@ async fn a_subscriber_that_falls_behind_gets_fresh_frames_not_a_backlog() {
         ..call_relay::RelayConfig::ephemeral()
     })
     .await;
-    let pipe = common::UdpPipe::start(relay.moq_addr()).await;
+    let pipe = common::udp_pipe(relay.moq_addr()).await;
     let ns = call_namespace("5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a").unwrap();
     let track_name = "5a5a5a5a5a5a5a5a";
     let mut publisher = connect(&relay).await;
@@ -374,7 +374,7 @@ async fn a_subscriber_that_falls_behind_gets_fresh_frames_not_a_backlog() {
     tokio::spawn(serve);
 
     let verify = CertVerification::fingerprint(&relay.fingerprint).unwrap();
-    let piped_url: url::Url = format!("moqt://{}", pipe.addr).parse().unwrap();
+    let piped_url: url::Url = format!("moqt://{}", pipe.addr()).parse().unwrap();
     let (mut slow, driver) = MoqConnection::connect_with_token(&piped_url, &verify, Some(TOKEN))
         .await
         .expect("connects through the pipe");

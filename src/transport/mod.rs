@@ -2,6 +2,7 @@
 //! track and subscribing to peers' tracks (PROTOCOL.md §4).
 
 mod client;
+mod impair;
 mod quic;
 mod tls;
 
@@ -23,6 +24,7 @@ use url::Url;
 pub use client::{
     ClientConfig, LocalTrack, MoqClient, RemoteTrack, TrackStats, RTT_SAMPLE_INTERVAL,
 };
+pub use impair::{ImpairedPath, Impairment};
 pub use quic::{IDLE_TIMEOUT, KEEP_ALIVE};
 pub use tls::CertVerification;
 

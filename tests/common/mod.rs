@@ -79,72 +79,11 @@ impl Drop for TestRelay {
     }
 }
 
-/// A UDP forwarder between clients and a relay that can be cut: with the cut on, every
-/// datagram in either direction is dropped, as when a relay's host vanishes from the
-/// network without closing anything.
-pub struct UdpPipe {
-    pub addr: std::net::SocketAddr,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl UdpPipe {
-    pub async fn start(target: std::net::SocketAddr) -> Self {
-        use std::collections::HashMap;
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
-        use tokio::net::UdpSocket;
-
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind pipe"));
-        let addr = front.local_addr().expect("pipe addr");
-        let cut = Arc::new(AtomicBool::new(false));
-        let cut2 = cut.clone();
-        let task = tokio::spawn(async move {
-            // One upstream socket per client address, so the relay sees distinct peers.
-            let mut upstreams: HashMap<std::net::SocketAddr, Arc<UdpSocket>> = HashMap::new();
-            let mut buf = vec![0u8; 65536];
-            let mut backs = tokio::task::JoinSet::new();
-            loop {
-                let Ok((n, client)) = front.recv_from(&mut buf).await else {
-                    return;
-                };
-                if cut2.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let up = match upstreams.get(&client) {
-                    Some(up) => up.clone(),
-                    None => {
-                        let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
-                        up.connect(target).await.expect("connect upstream");
-                        let (up2, front2, cut3) = (up.clone(), front.clone(), cut2.clone());
-                        backs.spawn(async move {
-                            let mut buf = vec![0u8; 65536];
-                            while let Ok(n) = up2.recv(&mut buf).await {
-                                if !cut3.load(Ordering::Relaxed) {
-                                    let _ = front2.send_to(&buf[..n], client).await;
-                                }
-                            }
-                        });
-                        upstreams.insert(client, up.clone());
-                        up
-                    }
-                };
-                let _ = up.send(&buf[..n]).await;
-            }
-        });
-        Self { addr, cut, task }
-    }
-
-    /// Drops every datagram from now on (`true`) or forwards again (`false`).
-    pub fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Drop for UdpPipe {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// A UDP path between clients and a relay that can be cut (see `ImpairedPath`).
+pub async fn udp_pipe(target: std::net::SocketAddr) -> call::transport::ImpairedPath {
+    call::transport::ImpairedPath::start(target, call::transport::Impairment::none())
+        .await
+        .expect("impaired path")
 }
 
 /// A fresh identity with in-memory MLS state, connected to `relay`.
