@@ -103,6 +103,34 @@ async fn enhanced_privacy_sends_payloads_of_one_size() {
     assert!(report.reports[0].peers[0].distinct_payload_sizes > 1);
 }
 
+/// Every participant behind its own lossy, slow, jittery path to the relay: QUIC repairs the
+/// loss, the jitter buffer absorbs the jitter, and the added delay shows in the latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_over_impaired_paths_still_hears_everyone() {
+    let relay = TestRelay::start().await;
+    let config = DemoConfig {
+        seconds: 3,
+        impairment: Some(call::transport::Impairment {
+            loss: 0.05,
+            delay: std::time::Duration::from_millis(30),
+            jitter: std::time::Duration::from_millis(20),
+            seed: 3,
+        }),
+        ..demo_config(&relay)
+    };
+    let report = demo::run(config, &|_| {}).await.expect("demo runs");
+    println!("{}", serde_json::to_string(&report).unwrap());
+    assert!(report.ok, "{report:?}");
+    // Sender's path, then receiver's path: at least 2 × 30 ms one way.
+    let p50 = report.latency_p50_ms.unwrap();
+    assert!(p50 >= 60.0, "p50 {p50} ms");
+    for p in &report.reports {
+        for peer in &p.peers {
+            assert!(peer.jitter.target_delay_ms > 20.0, "{:?}", peer.jitter);
+        }
+    }
+}
+
 /// Two participants for one second against `relay`, pinned to its certificate.
 fn demo_config(relay: &TestRelay) -> DemoConfig {
     DemoConfig {
@@ -113,5 +141,6 @@ fn demo_config(relay: &TestRelay) -> DemoConfig {
         nostr_relays: vec![relay.nostr_url.clone()],
         verification: CertVerification::fingerprint(&relay.fingerprint).unwrap(),
         privacy: Privacy::Standard,
+        impairment: None,
     }
 }

@@ -25,7 +25,8 @@ use crate::media::opus::{CodecConfig, OpusEncoder, SAMPLE_RATE};
 use crate::media::playout::{PlayoutDecoder, SlotKind};
 use crate::media::tone::{dominant_frequency, ToneSource};
 use crate::transport::{
-    participant_namespace, CertVerification, ClientConfig, MoqClient, RemoteTrack,
+    participant_namespace, CertVerification, ClientConfig, ImpairedPath, Impairment, MoqClient,
+    RemoteTrack,
 };
 
 type Member = GroupMember<MdkMemoryStorage>;
@@ -46,6 +47,9 @@ pub struct DemoConfig {
     pub verification: CertVerification,
     /// `enhanced`: constant bit rate and one packet size (PROTOCOL.md §5).
     pub privacy: Privacy,
+    /// Every participant reaches the MoQ relay through its own path impaired like this
+    /// (loss, delay, jitter; seeded per participant).
+    pub impairment: Option<Impairment>,
 }
 
 /// What one participant heard from one peer.
@@ -90,12 +94,22 @@ pub struct DemoReport {
     pub frame_ms: u32,
     pub moq_relay: String,
     pub nostr_relays: Vec<String>,
+    /// The impairment of every participant's path to the MoQ relay, if any.
+    pub impairment: Option<ImpairmentReport>,
     pub mls_epoch: u64,
     pub setup_ms: f64,
     pub wall_ms: f64,
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
     pub reports: Vec<ParticipantReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImpairmentReport {
+    pub loss_pct: f64,
+    pub delay_ms: f64,
+    pub jitter_ms: f64,
+    pub seed: u64,
 }
 
 /// Tone of participant `i`: 330, 440, 550 … Hz, far enough apart to tell apart.
@@ -235,6 +249,12 @@ pub async fn run(
         frame_ms: config.frame_ms,
         moq_relay: config.moq_relay.to_string(),
         nostr_relays: config.nostr_relays.iter().map(Url::to_string).collect(),
+        impairment: config.impairment.map(|i| ImpairmentReport {
+            loss_pct: i.loss * 100.0,
+            delay_ms: ms(i.delay),
+            jitter_ms: ms(i.jitter),
+            seed: i.seed,
+        }),
         mls_epoch: epochs[0],
         setup_ms: ms(media_ready - started),
         wall_ms: ms(started.elapsed()),
@@ -364,8 +384,20 @@ async fn participant(
     )
     .map_err(|e| CallError::Protocol(e.to_string()))?;
 
+    // An impaired path of our own to the relay, when asked for (kept for the whole call).
+    let (moq_url, _path) = match cfg.impairment {
+        Some(imp) => {
+            let imp = Impairment {
+                seed: imp.seed.wrapping_add(i as u64),
+                ..imp
+            };
+            let (url, path) = impaired_url(&offer.moq_url, imp).await?;
+            (url, Some(path))
+        }
+        None => (offer.moq_url.clone(), None),
+    };
     let (client, driver) = MoqClient::new(ClientConfig::new(
-        offer.moq_url.clone(),
+        moq_url,
         cfg.verification.clone(),
         Some(offer.token.to_vec()),
     ));
@@ -487,6 +519,34 @@ async fn participant(
         epoch: export.epoch,
         media_ready,
     })
+}
+
+/// `url` reached through a new impaired path: the same scheme, the path's local address.
+/// The relay's certificate is then checked by fingerprint (names no longer match).
+async fn impaired_url(url: &Url, imp: Impairment) -> Result<(Url, ImpairedPath), CallError> {
+    let host = url
+        .host_str()
+        .ok_or_else(|| CallError::Protocol(format!("{url} has no host")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = url.port().unwrap_or(443);
+    let target = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| CallError::Protocol(format!("cannot resolve {url}")))?;
+    let path = ImpairedPath::start(target, imp)
+        .await
+        .map_err(|e| CallError::Protocol(format!("impaired path: {e}")))?;
+    let mut through = url.clone();
+    through
+        .set_ip_host(path.addr().ip())
+        .map_err(|()| CallError::Protocol(format!("{url}: cannot set the host")))?;
+    through
+        .set_port(Some(path.addr().port()))
+        .map_err(|()| CallError::Protocol(format!("{url}: cannot set the port")))?;
+    Ok((through, path))
 }
 
 /// Encodes, encrypts and publishes `frames` frames of a tone, paced like a microphone.

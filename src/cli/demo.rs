@@ -1,4 +1,5 @@
 use std::io::Write;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -6,7 +7,7 @@ use url::Url;
 
 use crate::call::demo::{self, DemoConfig, DemoReport};
 use crate::call::signaling::Privacy;
-use crate::transport::CertVerification;
+use crate::transport::{CertVerification, Impairment};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -40,6 +41,27 @@ pub struct DemoArgs {
     /// Accept any MoQ relay certificate. For development only.
     #[arg(long, env = "CALL_MOQ_INSECURE")]
     pub moq_insecure: bool,
+    /// Percentage of datagrams dropped on each participant's path to the MoQ relay, each way.
+    #[arg(long, env = "CALL_DEMO_LOSS", default_value_t = 0.0, value_parser = parse_pct)]
+    pub loss: f64,
+    /// Milliseconds of one-way delay added on each participant's path to the MoQ relay.
+    #[arg(long, env = "CALL_DEMO_DELAY", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=5000))]
+    pub delay: u64,
+    /// Milliseconds of extra one-way delay, uniform in 0..JITTER, per datagram.
+    #[arg(long, env = "CALL_DEMO_JITTER", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=5000))]
+    pub jitter: u64,
+    /// Seed of the impairment (participant i uses SEED + i).
+    #[arg(long, env = "CALL_DEMO_SEED", default_value_t = 1)]
+    pub seed: u64,
+}
+
+fn parse_pct(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a percentage in 0..=100")),
+    }
 }
 
 pub(super) fn parse_privacy(s: &str) -> Result<Privacy, String> {
@@ -100,6 +122,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     };
     let relay_task = embedded.map(|r| tokio::spawn(r.run()));
 
+    let impaired = args.loss > 0.0 || args.delay > 0 || args.jitter > 0;
+    if impaired && verification == CertVerification::WebPki {
+        anyhow::bail!(
+            "--loss/--delay/--jitter put a local path in front of the relay, whose name then no \
+             longer matches its certificate: pass --moq-fingerprint (or --moq-insecure)"
+        );
+    }
     let config = DemoConfig {
         participants: usize::from(args.participants),
         seconds: args.seconds,
@@ -108,6 +137,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
         nostr_relays,
         verification,
         privacy: args.privacy,
+        impairment: impaired.then_some(Impairment {
+            loss: args.loss / 100.0,
+            delay: Duration::from_millis(args.delay),
+            jitter: Duration::from_millis(args.jitter),
+            seed: args.seed,
+        }),
     };
     let result = demo::run(config, &progress).await;
     if let Some(t) = relay_task {
@@ -139,6 +174,13 @@ fn print_human(out: &mut impl Write, r: &DemoReport) -> std::io::Result<()> {
         "{} participants, {} s of {} ms Opus frames, MLS epoch {}, relay {}",
         r.participants, r.seconds, r.frame_ms, r.mls_epoch, r.moq_relay
     )?;
+    if let Some(i) = &r.impairment {
+        writeln!(
+            out,
+            "each path to the relay: {:.1} % loss, {:.0} ms delay, {:.0} ms jitter (seed {})",
+            i.loss_pct, i.delay_ms, i.jitter_ms, i.seed
+        )?;
+    }
     for p in &r.reports {
         writeln!(
             out,
