@@ -172,4 +172,55 @@ async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
     assert_eq!(list[1]["id"], a_report["call_id"]);
     assert_eq!(list[1]["state"], "over");
     assert_eq!(list[1]["participants"].as_array().unwrap().len(), 0);
+
+    // A bot stopped by its supervisor (SIGTERM) still leaves cleanly.
+    let mut bot = a.command();
+    bot.args([
+        "join",
+        "team",
+        "--new",
+        "--ring-timeout",
+        "0",
+        "--source",
+        "silence",
+    ])
+    .args(["--sink", "null"])
+    .args(media_flags(&relay))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut bot = bot.spawn().unwrap();
+    let bot_err = bot.stderr.take().unwrap();
+    let (up_tx, up_rx) = std::sync::mpsc::channel();
+    let bot_log = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in BufReader::new(bot_err).lines().map_while(Result::ok) {
+            if line.contains(r#""event":"started""#) {
+                let _ = up_tx.send(());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    up_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the bot started its call");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &bot.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::task::spawn_blocking(move || bot.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let bot_log = bot_log.join().unwrap();
+    let bot_report = report(&out, "bot", &bot_log);
+    assert_eq!(bot_report["ended_by"], "stopped");
+    let calls = a.ok(&["calls", "team"]).await;
+    assert_eq!(calls["calls"][0]["id"], bot_report["call_id"]);
+    assert_eq!(
+        calls["calls"][0]["state"], "over",
+        "its leave was sent: {calls}"
+    );
 }

@@ -17,10 +17,21 @@ async fn main() -> anyhow::Result<()> {
     println!("moq   {}", relay.moq_url());
     println!("nostr {}", relay.nostr_url());
     println!("fingerprint {}", relay.fingerprint());
-    // Ctrl-C closes every MoQ session with a reason before the process exits.
+    // Ctrl-C or SIGTERM closes every MoQ session with a reason before the process exits.
     relay
         .run_until(async {
-            let _ = tokio::signal::ctrl_c().await;
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = term => {}
+            }
         })
         .await;
     Ok(())

@@ -120,11 +120,21 @@ pub fn calls_from_history(
     leaves: &BTreeMap<u32, PublicKey>,
 ) -> Vec<KnownCall> {
     let owns = |pk: &PublicKey, t: &TrackRef| leaves.get(&t.leaf_index) == Some(pk);
+    // Rumors carry whole seconds, and the order a store gives within one second is not
+    // reliable (MDK moves our own message when a relay hands it back), so within a second
+    // go by causality: offers, then answers, then states (leave, end, call_info).
+    let rank = |k: Kind| match k {
+        k if k == KIND_OFFER => 0,
+        k if k == KIND_ANSWER => 1,
+        _ => 2,
+    };
+    let mut ordered: Vec<&SignalMessage> = messages.iter().collect();
+    ordered.sort_by_key(|m| (m.created_at, rank(m.kind)));
     let mut calls: Vec<KnownCall> = Vec::new();
     let find = |calls: &mut Vec<KnownCall>, id: &[u8; 32]| {
         calls.iter().position(|c| &c.offer.call_id == id)
     };
-    for m in messages {
+    for m in ordered {
         match m.kind {
             k if k == KIND_OFFER => match CallOffer::from_rumor(m.kind, &m.tags) {
                 Ok(offer) if find(&mut calls, &offer.call_id).is_some() => {
@@ -1317,6 +1327,26 @@ mod tests {
         assert!(choose_call(&calls, &CallTarget::Id("01".into()), stale)
             .unwrap()
             .is_some());
+    }
+
+    #[test]
+    fn within_one_second_a_leave_counts_after_its_offer_whatever_the_store_order() {
+        let a = Keys::generate();
+        let leaves: BTreeMap<u32, PublicKey> = [(0, a.public_key())].into();
+        let leave = CallState {
+            call_id: [1; 32],
+            action: StateAction::Leave,
+        };
+        // The store returned the leave first (same second).
+        let calls = calls_from_history(
+            &[
+                msg(&a, leave.to_rumor(), 100),
+                msg(&a, offer(1, 0).to_rumor(), 100),
+            ],
+            &leaves,
+        );
+        assert_eq!(calls.len(), 1);
+        assert!(!calls[0].running(), "the caller left: {:?}", calls[0]);
     }
 
     #[test]

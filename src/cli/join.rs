@@ -134,15 +134,26 @@ fn print_human(r: &CallReport) {
     }
 }
 
-/// Ctrl-C leaves; so does a line `q` on stdin, and `m` toggles mute. Scripts can drive a
+/// Ctrl-C or SIGTERM leaves; so does a line `q` on stdin, and `m` toggles mute. Scripts can drive a
 /// bot the same way through a pipe; stdin at end of file changes nothing.
 fn user_commands() -> mpsc::UnboundedReceiver<UserCommand> {
     let (tx, rx) = mpsc::unbounded_channel();
     let on_signal = tx.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            let _ = on_signal.send(UserCommand::Leave);
+        // SIGTERM too: a bot stopped by its supervisor (kill, systemd, docker) says goodbye.
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = term => {}
         }
+        let _ = on_signal.send(UserCommand::Leave);
     });
     if std::io::stdin().is_terminal() {
         eprintln!("type m⏎ to mute or unmute, q⏎ (or Ctrl-C) to leave");
