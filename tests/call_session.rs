@@ -45,6 +45,20 @@ fn npub(pk: PublicKey) -> String {
     pk.to_bech32().unwrap()
 }
 
+/// Join the running call or start one on `moq_url`; no ring timeout, no end time.
+fn options(moq_url: &url::Url, verification: CertVerification) -> JoinOptions {
+    JoinOptions {
+        target: CallTarget::Auto,
+        moq_relay: Some(moq_url.clone()),
+        verification,
+        privacy: Privacy::Standard,
+        frame_ms: 20,
+        duration: None,
+        ring_timeout: Duration::ZERO,
+        counters: None,
+    }
+}
+
 /// Runs one participant's session: tone `hz` in, nothing out, events to `events`.
 async fn participant(
     m: &Member,
@@ -93,16 +107,10 @@ async fn a_call_follows_an_invite_and_a_removal_and_the_new_member_joins_by_call
     bob.accept_welcomes().await.unwrap();
     carol.accept_welcomes().await.unwrap();
 
-    let opts = JoinOptions {
-        target: CallTarget::Auto,
-        moq_relay: Some(relay.moq_url.clone()),
-        verification: CertVerification::fingerprint(&relay.fingerprint).unwrap(),
-        privacy: Privacy::Standard,
-        frame_ms: 20,
-        duration: None,
-        ring_timeout: Duration::ZERO,
-        counters: None,
-    };
+    let opts = options(
+        &relay.moq_url,
+        CertVerification::fingerprint(&relay.fingerprint).unwrap(),
+    );
     let (b_cmd, b_cmds) = mpsc::unbounded_channel();
     let (c_cmd, c_cmds) = mpsc::unbounded_channel();
     // Dave never leaves by himself: his call ends when he is removed.
@@ -282,17 +290,8 @@ async fn a_call_survives_a_moq_relay_restart() {
         .await
         .unwrap();
     carol.accept_welcomes().await.unwrap();
-    let opts = JoinOptions {
-        target: CallTarget::Auto,
-        moq_relay: Some(moq.moq_url.clone()),
-        // The restarted relay has a new self-signed certificate.
-        verification: CertVerification::Insecure,
-        privacy: Privacy::Standard,
-        frame_ms: 20,
-        duration: None,
-        ring_timeout: Duration::ZERO,
-        counters: None,
-    };
+    // The restarted relay has a new self-signed certificate.
+    let opts = options(&moq.moq_url, CertVerification::Insecure);
     let (b_cmd, b_cmds) = mpsc::unbounded_channel();
     let (c_cmd, c_cmds) = mpsc::unbounded_channel();
     let (b_tx, mut b_rx) = mpsc::unbounded_channel();

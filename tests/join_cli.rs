@@ -32,6 +32,37 @@ fn report(out: &std::process::Output, who: &str, stderr: &str) -> Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{who}: {e}: {stdout}"))
 }
 
+/// Spawns `cmd` (a `call join … --json`) and returns once its call has started: the child
+/// (stdout still piped) and a thread collecting its stderr.
+fn spawn_started(
+    cmd: &mut std::process::Command,
+    who: &str,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let log = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // With --json, events are JSON lines on stderr.
+            if line.contains(r#""event":"started""#) {
+                let _ = started_tx.send(());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    started_rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{who} started no call"));
+    (child, log)
+}
+
 fn heard(report: &Value) -> f64 {
     report["peers"][0]["heard_hz"].as_f64().unwrap_or(0.0)
 }
@@ -58,27 +89,8 @@ async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
         .arg(format!("wav:{}", a_wav.display()))
         .args(["--seconds", "30"])
         .args(media_flags(&relay))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut a_child = a_cmd.spawn().unwrap();
-    let a_stderr = a_child.stderr.take().unwrap();
-    let (started_tx, started_rx) = std::sync::mpsc::channel();
-    let a_log = std::thread::spawn(move || {
-        let mut log = String::new();
-        for line in BufReader::new(a_stderr).lines().map_while(Result::ok) {
-            // With --json, events are JSON lines on stderr.
-            if line.contains(r#""event":"started""#) {
-                let _ = started_tx.send(());
-            }
-            log.push_str(&line);
-            log.push('\n');
-        }
-        log
-    });
-    started_rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("A announced the call");
+        .stdin(Stdio::piped());
+    let (mut a_child, a_log) = spawn_started(&mut a_cmd, "A");
 
     // B finds A's call in the group's history and joins it for 4 s.
     let b_out = b
@@ -186,26 +198,8 @@ async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
     ])
     .args(["--sink", "null"])
     .args(media_flags(&relay))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut bot = bot.spawn().unwrap();
-    let bot_err = bot.stderr.take().unwrap();
-    let (up_tx, up_rx) = std::sync::mpsc::channel();
-    let bot_log = std::thread::spawn(move || {
-        let mut log = String::new();
-        for line in BufReader::new(bot_err).lines().map_while(Result::ok) {
-            if line.contains(r#""event":"started""#) {
-                let _ = up_tx.send(());
-            }
-            log.push_str(&line);
-            log.push('\n');
-        }
-        log
-    });
-    up_rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the bot started its call");
+    .stdin(Stdio::null());
+    let (bot, bot_log) = spawn_started(&mut bot, "the bot");
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &bot.id().to_string()])
         .status()

@@ -317,3 +317,20 @@ impl moq::Routes {
         }
     }
 }
+
+/// Resolves on Ctrl-C or SIGTERM: what a service manager (systemd, docker) or a person
+/// sends to stop a process cleanly.
+pub async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}

@@ -18,21 +18,6 @@ async fn main() -> anyhow::Result<()> {
     println!("nostr {}", relay.nostr_url());
     println!("fingerprint {}", relay.fingerprint());
     // Ctrl-C or SIGTERM closes every MoQ session with a reason before the process exits.
-    relay
-        .run_until(async {
-            let term = async {
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                () = term => {}
-            }
-        })
-        .await;
+    relay.run_until(call_relay::stop_signal()).await;
     Ok(())
 }

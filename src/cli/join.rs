@@ -139,20 +139,9 @@ fn print_human(r: &CallReport) {
 fn user_commands() -> mpsc::UnboundedReceiver<UserCommand> {
     let (tx, rx) = mpsc::unbounded_channel();
     let on_signal = tx.clone();
+    // SIGTERM too: a bot stopped by its supervisor (kill, systemd, docker) says goodbye.
     tokio::spawn(async move {
-        // SIGTERM too: a bot stopped by its supervisor (kill, systemd, docker) says goodbye.
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = term => {}
-        }
+        call_relay::stop_signal().await;
         let _ = on_signal.send(UserCommand::Leave);
     });
     if std::io::stdin().is_terminal() {
