@@ -3,10 +3,10 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use call::media::keyring::{Received, ReceiverKeyring, SenderKeyring};
+use call::media::keyring::SenderKeyring;
 use call::media::keys::{CallSecret, KidLayout, MediaType};
 use call::media::opus::{CodecConfig, OpusDecoder, OpusEncoder};
-use call::media::playout::PlayoutDecoder;
+use call::media::pipeline::{Inbound, Outbound};
 use call::media::sframe::{ReceiverKeys, SenderKeys};
 use call::media::tone::ToneSource;
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -55,44 +55,42 @@ fn opus(c: &mut Criterion) {
     });
 }
 
-/// Tone → Opus → SFrame on one side; SFrame → jitter buffer → Opus → PCM on the other.
+/// The call's pipeline: tone → Opus → SFrame on one side (`Outbound`); SFrame → jitter
+/// buffer → Opus → PCM on the other (`Inbound`).
 fn pipeline(c: &mut Criterion) {
     let codec = CodecConfig::default();
     let secret = CallSecret::from_bytes([2; 32]);
-    let mut tx = SenderKeyring::new(layout(), MediaType::Audio, 1, 1, &secret, None).unwrap();
-    let mut enc = OpusEncoder::new(codec).unwrap();
+    let keys = SenderKeyring::new(layout(), MediaType::Audio, 1, 1, &secret, None).unwrap();
+    let mut tx = Outbound::new(codec, keys).unwrap();
     let mut tone = ToneSource::new(440.0);
     let mut pcm = vec![0i16; codec.samples_per_frame()];
     c.bench_function("send pipeline per frame", |b| {
         b.iter(|| {
             tone.fill(&mut pcm);
-            let packet = enc.encode(&pcm).unwrap();
-            black_box(tx.encrypt(packet).unwrap().len())
+            black_box(tx.encode(&pcm).unwrap().payload.len())
         })
     });
 
     // Pre-encrypt a long stream so the receive side measures only itself.
-    let frames: Vec<Vec<u8>> = (0..20_000)
+    let keys = SenderKeyring::new(layout(), MediaType::Audio, 1, 2, &secret, None).unwrap();
+    let mut tx = Outbound::new(codec, keys).unwrap();
+    let frames: Vec<_> = (0..20_000)
         .map(|_| {
             tone.fill(&mut pcm);
-            let packet = enc.encode(&pcm).unwrap().to_vec();
-            tx.encrypt(&packet).unwrap().to_vec()
+            tx.encode(&pcm).unwrap()
         })
         .collect();
     let t0 = Instant::now();
-    let mut rx = ReceiverKeyring::new(layout(), MediaType::Audio);
-    rx.install_epoch(1, &secret, [1], t0).unwrap();
-    let mut player = PlayoutDecoder::new(codec).unwrap();
+    let mut rx = Inbound::new(codec, layout(), 1).unwrap();
+    rx.install_epoch(2, &secret, t0).unwrap();
     let mut i = 0usize;
     c.bench_function("receive pipeline per frame", |b| {
         b.iter(|| {
             // Simulated clock: one frame arrives and one slot plays per iteration.
             let now = t0 + Duration::from_millis(20 * i as u64);
             let frame = &frames[i % frames.len()];
-            if let Ok(Received::Frame(d)) = rx.decrypt(frame, now) {
-                player.push(i as u64, d.payload, now);
-            }
-            black_box(player.next(now).map(|(_, pcm)| pcm.len()));
+            let _ = rx.receive(frame.seq, &frame.payload, now);
+            black_box(rx.next(now).map(|s| s.pcm.len()));
             i += 1;
         })
     });

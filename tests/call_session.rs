@@ -6,10 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use call::call::session::{self, CallEvent, CallReport, CallTarget, JoinOptions, UserCommand};
-use call::call::signaling::Privacy;
+use call::call::session::{
+    self, CallEvent, CallReport, CallTarget, EndReason, JoinOptions, UserCommand,
+};
 use call::group::{GroupMember, GroupRef, Resume};
 use call::media::audio::NullSink;
+use call::media::io::{AudioIn, AudioOut};
 use call::media::tone::ToneSource;
 use call::transport::CertVerification;
 use common::TestRelay;
@@ -49,13 +51,8 @@ fn npub(pk: PublicKey) -> String {
 fn options(moq_url: &url::Url, verification: CertVerification) -> JoinOptions {
     JoinOptions {
         target: CallTarget::Auto,
-        moq_relay: Some(moq_url.clone()),
-        verification,
-        privacy: Privacy::Standard,
-        frame_ms: 20,
-        duration: None,
         ring_timeout: Duration::ZERO,
-        counters: None,
+        ..JoinOptions::new(Some(moq_url.clone()), verification)
     }
 }
 
@@ -74,8 +71,8 @@ async fn participant(
         group,
         resume,
         opts,
-        Box::new(ToneSource::new(hz)),
-        Box::new(NullSink),
+        AudioIn::Timer(Box::new(ToneSource::new(hz))),
+        AudioOut::Timer(Box::new(NullSink)),
         commands,
         move |e| {
             let _ = events.send(e.clone());
@@ -239,7 +236,8 @@ async fn a_call_follows_an_invite_and_a_removal_and_the_new_member_joins_by_call
     println!("Bob: {bob_report:?}\nCarol: {carol_report:?}\nDave: {dave_report:?}");
     // Dave's call ended because he left the group, not by any stop.
     assert_eq!(
-        dave_report.ended_by, "removed_from_group",
+        dave_report.ended_by,
+        EndReason::RemovedFromGroup,
         "{dave_report:?}"
     );
     assert_eq!(dave_report.epochs, vec![2]);
@@ -253,7 +251,7 @@ async fn a_call_follows_an_invite_and_a_removal_and_the_new_member_joins_by_call
     };
     for (report, other, other_hz) in [(&bob_report, &carol, 660.0), (&carol_report, &bob, 440.0)] {
         assert_eq!(report.epochs, vec![1, 2, 3], "{report:?}");
-        assert_eq!(report.ended_by, "stopped");
+        assert_eq!(report.ended_by, EndReason::Stopped);
         // The other talker, across both commits: heard throughout, with little concealed.
         let p = heard(report, other);
         assert!(p.present);
@@ -350,7 +348,7 @@ async fn a_call_survives_a_moq_relay_restart() {
     let (bob_report, carol_report, ()) = tokio::join!(bob_call, carol_call, script);
     println!("Bob: {bob_report:?}\nCarol: {carol_report:?}");
     for report in [&bob_report, &carol_report] {
-        assert_eq!(report.ended_by, "stopped", "{report:?}");
+        assert_eq!(report.ended_by, EndReason::Stopped, "{report:?}");
         let peer = &report.peers[0];
         assert!(peer.present);
         // 2 s before the outage and 2 s after it, both heard; nothing forged or replayed.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use call::call::demo::{self, DemoConfig, MAX_FREQ_ERROR_HZ, MIN_RECEIVED};
+use call::call::demo::{self, pitch_tolerance, DemoConfig, MIN_RECEIVED};
 use call::call::signaling::Privacy;
 use call::transport::CertVerification;
 use common::TestRelay;
@@ -20,7 +20,10 @@ async fn three_party_call_every_peer_hears_every_other() {
 
     assert_eq!(report.reports.len(), 3);
     for p in &report.reports {
-        assert_eq!(p.sent, 100, "2 s of 20 ms frames");
+        // 2 s of 20 ms frames once everyone hears everyone; the caller sent while the
+        // others joined too.
+        assert!(p.sent >= 100, "{} sent {}", p.index, p.sent);
+        assert!(p.first_audio_ms.is_some(), "{} heard nothing", p.index);
         assert_eq!(
             p.peers.len(),
             2,
@@ -29,7 +32,14 @@ async fn three_party_call_every_peer_hears_every_other() {
         );
         for peer in &p.peers {
             assert_ne!(peer.from, p.index);
-            assert_eq!(peer.expected, 100);
+            // From its first frame that reached us to the end, less the last 300 ms that
+            // may still be on their way.
+            assert!(
+                peer.expected >= 80,
+                "{} expected {}",
+                p.index,
+                peer.expected
+            );
             assert!(
                 peer.received as f64 >= MIN_RECEIVED * peer.expected as f64,
                 "{} heard only {} of {} from {}",
@@ -40,8 +50,15 @@ async fn three_party_call_every_peer_hears_every_other() {
             );
             assert_eq!(peer.decrypt_failed, 0);
             assert_eq!(peer.rejects.total(), 0);
-            // Every frame that arrived was played out through the jitter buffer.
-            assert!(peer.jitter.played >= peer.received, "{:?}", peer.jitter);
+            // What arrived went through the jitter buffer: played, or dropped to catch up
+            // after the receiver's thread was held up (a loaded machine); the call ends for
+            // everyone at once, so the last few frames may still be in it.
+            let through = peer.jitter.played + peer.jitter.drained;
+            assert!(
+                through as f64 >= MIN_RECEIVED * peer.expected as f64,
+                "{:?}",
+                peer.jitter
+            );
             // Loopback loses nothing; the odd late frame under CI load is concealed.
             assert!(
                 peer.jitter.concealed * 10 < peer.expected,
@@ -50,13 +67,18 @@ async fn three_party_call_every_peer_hears_every_other() {
             );
             let heard = peer.heard_hz.expect("some audio decoded");
             assert!(
-                (heard - demo::tone_of(peer.from)).abs() <= MAX_FREQ_ERROR_HZ,
+                (heard - demo::tone_of(peer.from)).abs()
+                    <= pitch_tolerance(demo::tone_of(peer.from)),
                 "{} heard {heard} Hz from {}, sent {}",
                 p.index,
                 peer.from,
                 demo::tone_of(peer.from)
             );
             assert!(peer.latency_p50_ms.is_some() && peer.latency_p99_ms.is_some());
+            // Mouth-to-ear covers the network part and the jitter buffer, so it is longer.
+            let m2e = peer.mouth_to_ear_ms.expect("mouth-to-ear measured");
+            assert!(m2e.p50 > peer.latency_p50_ms.unwrap(), "{m2e:?}");
+            assert!(m2e.p50 < 200.0, "{m2e:?} on loopback");
         }
     }
     // Every participant sits on its own leaf.

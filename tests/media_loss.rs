@@ -3,10 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use call::media::keyring::{Received, ReceiverKeyring, SenderKeyring};
+use call::media::keyring::SenderKeyring;
 use call::media::keys::{CallSecret, KidLayout, MediaType};
-use call::media::opus::{CodecConfig, OpusEncoder};
-use call::media::playout::{PlayoutDecoder, SlotKind};
+use call::media::opus::CodecConfig;
+use call::media::pipeline::{Accepted, Inbound, Outbound};
+use call::media::playout::SlotKind;
 use call::media::tone::ToneSource;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -78,12 +79,12 @@ fn run(loss: Loss, fec: bool, seed: u64) -> Outcome {
     };
     let layout = KidLayout::new(4).unwrap();
     let secret = CallSecret::from_bytes([5; 32]);
-    let mut tx = SenderKeyring::new(layout, MediaType::Audio, 1, 3, &secret, None).unwrap();
-    let mut rx = ReceiverKeyring::new(layout, MediaType::Audio);
+    let keys = SenderKeyring::new(layout, MediaType::Audio, 1, 3, &secret, None).unwrap();
+    let mut tx = Outbound::new(codec, keys).unwrap();
+    let mut rx = Inbound::new(codec, layout, 1).unwrap();
     let t0 = Instant::now();
-    rx.install_epoch(3, &secret, [1], t0).unwrap();
+    rx.install_epoch(3, &secret, t0).unwrap();
 
-    let mut encoder = OpusEncoder::new(codec).unwrap();
     let mut tone = ToneSource::new(440.0);
     let mut pcm = vec![0i16; SAMPLES];
     let mut source = Vec::new();
@@ -94,7 +95,7 @@ fn run(loss: Loss, fec: bool, seed: u64) -> Outcome {
         tone.set_frequency(pitch_of(seq));
         tone.fill(&mut pcm);
         source.extend_from_slice(&pcm);
-        let frame = tx.encrypt(encoder.encode(&pcm).unwrap()).unwrap().to_vec();
+        let frame = tx.encode(&pcm).unwrap();
         let dropped = match loss {
             Loss::Random(p) => rng.gen_bool(p),
             Loss::Bursts { p, len } => {
@@ -119,7 +120,6 @@ fn run(loss: Loss, fec: bool, seed: u64) -> Outcome {
     }
     arrivals.sort_by_key(|(at, _)| *at);
 
-    let mut player = PlayoutDecoder::new(codec).unwrap();
     let mut output = vec![0i16; source.len()];
     let mut decoded_only = vec![0i16; source.len()];
     let mut next_arrival = 0;
@@ -128,13 +128,14 @@ fn run(loss: Loss, fec: bool, seed: u64) -> Outcome {
         let now = Duration::from_millis(20 * slot);
         while next_arrival < arrivals.len() && arrivals[next_arrival].0 <= now {
             let frame = &arrivals[next_arrival].1;
-            match rx.decrypt(frame, t0 + now) {
-                Ok(Received::Frame(d)) => player.push(d.ctr, d.payload, t0 + now),
+            match rx.receive(frame.seq, &frame.payload, t0 + now) {
+                Ok(Accepted::Frame { .. }) => {}
                 other => panic!("every frame that arrives authenticates: {other:?}"),
             }
             next_arrival += 1;
         }
-        if let Some((kind, pcm)) = player.next(t0 + now) {
+        if let Some(slot) = rx.next(t0 + now) {
+            let (kind, pcm) = (slot.kind, slot.pcm);
             let seq = match kind {
                 SlotKind::Decoded { seq } | SlotKind::Fec { seq } | SlotKind::Concealed { seq } => {
                     Some(seq)
@@ -155,7 +156,7 @@ fn run(loss: Loss, fec: bool, seed: u64) -> Outcome {
         slot += 1;
         assert!(slot < FRAMES * 3, "playout must reach the last frame");
     }
-    let stats = player.stats();
+    let stats = rx.jitter();
     assert_eq!(rx.rejects().total(), 0);
     Outcome {
         correlation: correlation(&source, &output),

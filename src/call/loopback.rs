@@ -1,106 +1,34 @@
-//! `call loopback`: the whole media path of one participant against itself, in real time:
-//! source → Opus → SFrame → (simulated loss) → SFrame → jitter buffer → Opus → sink. With
-//! device source and sink it is a microphone check; with tone/WAV it needs no sound card.
+//! `call loopback`: the whole media path of one participant against itself, in real time,
+//! through the same pipeline and audio clocking as a call: source → Opus → SFrame →
+//! (simulated loss) → SFrame → jitter buffer → Opus → sink. With device source and sink it
+//! is a microphone check clocked by the sound card; with tone/WAV it needs no sound card.
 
-use std::path::PathBuf;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
+use super::timing::{ms_between, LatencySummary, Samples};
 use super::CallError;
-use crate::media::audio::{
-    AudioSink, AudioSource, DeviceCapture, DevicePlayback, NullSink, Silence, WavSink, WavSource,
-};
+use crate::media::io::{AudioEvent, AudioIo, AudioIoReport};
 use crate::media::jitter::JitterStats;
-use crate::media::keyring::{Received, ReceiverKeyring, RejectCounts, SenderKeyring};
+use crate::media::keyring::{RejectCounts, SenderKeyring};
 use crate::media::keys::{CallSecret, KidLayout, MediaType};
-use crate::media::opus::{CodecConfig, OpusEncoder};
-use crate::media::playout::{PlayoutDecoder, SlotKind};
-use crate::media::tone::{dominant_frequency, ToneSource};
+use crate::media::opus::CodecConfig;
+use crate::media::pipeline::{Inbound, Outbound};
+use crate::media::playout::SlotKind;
+use crate::media::tone::dominant_frequency;
 
-/// Where audio comes from: `tone[:HZ]`, `silence`, `wav:PATH`, `device[:NAME]`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SourceSpec {
-    Tone(f64),
-    Silence,
-    Wav(PathBuf),
-    Device(Option<String>),
-}
+pub use crate::media::io::{SinkSpec, SourceSpec};
 
-/// Where audio goes: `null`, `wav:PATH`, `device[:NAME]`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SinkSpec {
-    Null,
-    Wav(PathBuf),
-    Device(Option<String>),
-}
-
-fn split(spec: &str) -> (&str, Option<&str>) {
-    match spec.split_once(':') {
-        Some((k, v)) => (k, Some(v)),
-        None => (spec, None),
-    }
-}
-
-impl std::str::FromStr for SourceSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match split(s) {
-            ("tone", None) => Ok(Self::Tone(440.0)),
-            ("tone", Some(hz)) => match hz.parse::<f64>() {
-                Ok(f) if (20.0..=20_000.0).contains(&f) => Ok(Self::Tone(f)),
-                _ => Err(format!(
-                    "tone frequency `{hz}` is not a number of Hz in 20..=20000"
-                )),
-            },
-            ("silence", None) => Ok(Self::Silence),
-            ("wav", Some(p)) if !p.is_empty() => Ok(Self::Wav(PathBuf::from(p))),
-            ("device", name) => Ok(Self::Device(
-                name.filter(|n| !n.is_empty()).map(str::to_string),
-            )),
-            _ => Err(format!(
-                "`{s}`: expected tone[:HZ], silence, wav:PATH or device[:NAME]"
-            )),
-        }
-    }
-}
-
-impl std::str::FromStr for SinkSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match split(s) {
-            ("null", None) => Ok(Self::Null),
-            ("wav", Some(p)) if !p.is_empty() => Ok(Self::Wav(PathBuf::from(p))),
-            ("device", name) => Ok(Self::Device(
-                name.filter(|n| !n.is_empty()).map(str::to_string),
-            )),
-            _ => Err(format!("`{s}`: expected null, wav:PATH or device[:NAME]")),
-        }
-    }
-}
-
-impl SourceSpec {
-    pub fn open(&self) -> Result<Box<dyn AudioSource>, CallError> {
-        Ok(match self {
-            Self::Tone(f) => Box::new(ToneSource::new(*f)),
-            Self::Silence => Box::new(Silence),
-            Self::Wav(p) => Box::new(WavSource::open(p)?),
-            Self::Device(name) => Box::new(DeviceCapture::open(name.as_deref())?),
-        })
-    }
-}
-
-impl SinkSpec {
-    pub fn open(&self) -> Result<Box<dyn AudioSink>, CallError> {
-        Ok(match self {
-            Self::Null => Box::new(NullSink),
-            Self::Wav(p) => Box::new(WavSink::create(p)?),
-            Self::Device(name) => Box::new(DevicePlayback::open(name.as_deref())?),
-        })
-    }
-}
+/// Decoded audio kept for the pitch analysis (it looks at the last half second).
+const HEARD_SAMPLES: usize = 48_000;
+/// Capture times kept for frames on their way to playout.
+const MAX_IN_FLIGHT: usize = 1024;
+/// Playout slots after the last frame was sent before giving up on it being played.
+const DRAIN_SLOTS: u64 = 100;
 
 #[derive(Debug, Clone)]
 pub struct LoopbackConfig {
@@ -115,6 +43,7 @@ pub struct LoopbackConfig {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LoopbackReport {
+    pub frame_ms: u32,
     pub frames_sent: u64,
     pub frames_lost: u64,
     /// Frames decoded from their own packet (lost ones are recovered or concealed instead).
@@ -125,104 +54,107 @@ pub struct LoopbackReport {
     pub jitter: JitterStats,
     /// Encode + encrypt + decrypt + decode, per frame, mean.
     pub pipeline_us_per_frame: f64,
+    /// First sample captured (device timestamp, or the tick) → that sample played (device
+    /// timestamp, or the tick).
+    pub mouth_to_ear_ms: Option<LatencySummary>,
+    /// How the devices were opened and behaved.
+    pub audio: AudioIoReport,
 }
 
 pub async fn run(cfg: &LoopbackConfig) -> Result<LoopbackReport, CallError> {
-    let mut source = cfg.source.open()?;
-    let mut sink = cfg.sink.open()?;
+    let input = cfg.source.open()?;
+    let output = cfg.sink.open()?;
+    let mut io = AudioIo::new(input, output, cfg.codec.frame_ms);
     let mut secret = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut secret);
     let secret = CallSecret::from_bytes(secret);
     let layout = KidLayout::new(4).map_err(crate::media::sframe::FrameError::from)?;
-    let mut tx = SenderKeyring::new(layout, MediaType::Audio, 0, 0, &secret, None)
-        .map_err(|e| CallError::Protocol(e.to_string()))?;
-    let mut rx = ReceiverKeyring::new(layout, MediaType::Audio);
-    rx.install_epoch(0, &secret, [0], Instant::now())?;
-    let mut encoder = OpusEncoder::new(cfg.codec)?;
-    let mut player = PlayoutDecoder::new(cfg.codec)?;
+    let keys = SenderKeyring::new(layout, MediaType::Audio, 0, 0, &secret, None)
+        .map_err(crate::media::pipeline::PipelineError::from)?;
+    let mut outbound = Outbound::new(cfg.codec, keys)?;
+    let mut inbound = Inbound::new(cfg.codec, layout, 0)?;
+    inbound
+        .install_epoch(0, &secret, Instant::now())
+        .map_err(crate::media::sframe::FrameError::from)?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let silence = vec![0i16; io.frame_samples()];
 
     let frames = cfg.seconds * 1000 / u64::from(cfg.codec.frame_ms);
-    let mut pcm = vec![0i16; cfg.codec.samples_per_frame()];
-    let mut heard = Vec::new();
+    let mut captured_at: BTreeMap<u64, Instant> = BTreeMap::new();
+    let mut heard: VecDeque<i16> = VecDeque::new();
+    let mut mouth_to_ear = Samples::default();
     let (mut lost, mut played) = (0, 0);
-    let mut last_played_seq = None;
+    let mut last_played_seq: Option<u64> = None;
+    let mut slots_since_last_send = 0u64;
     let mut busy = Duration::ZERO;
-    let mut tick = tokio::time::interval(Duration::from_millis(u64::from(cfg.codec.frame_ms)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut seq = 0;
-    // Keep ticking past the last frame until the jitter buffer has played its slot (bounded,
-    // in case that slot never comes).
-    let limit = frames + 100;
-    for _ in 0..limit {
-        tick.tick().await;
-        let started = Instant::now();
-        if seq < frames {
-            let more = source.read_frame(&mut pcm)?;
-            let frame = tx
-                .encrypt(encoder.encode(&pcm)?)
-                .map_err(|e| CallError::Protocol(e.to_string()))?;
-            if rng.gen_bool(cfg.loss.clamp(0.0, 1.0)) {
-                lost += 1;
-            } else if let Ok(Received::Frame(d)) = rx.decrypt(frame, started) {
-                player.push(seq, d.payload, started);
-            }
-            seq += 1;
-            if !more {
-                break;
-            }
-        }
-        if let Some((kind, out)) = player.next(started) {
-            sink.write_frame(out)?;
-            heard.extend_from_slice(out);
-            match kind {
-                SlotKind::Decoded { seq } => {
-                    played += 1;
-                    last_played_seq = Some(seq);
+    let mut sending = true;
+    loop {
+        match io.next().await? {
+            AudioEvent::Captured(f) if sending => {
+                let started = Instant::now();
+                let frame = outbound.encode(&f.pcm)?;
+                if rng.gen_bool(cfg.loss.clamp(0.0, 1.0)) {
+                    lost += 1;
+                } else {
+                    if captured_at.len() >= MAX_IN_FLIGHT {
+                        captured_at.pop_first();
+                    }
+                    captured_at.insert(frame.seq, f.captured_at);
+                    // Refusals are counted in the inbound's rejects.
+                    let _ = inbound.receive(frame.seq, &frame.payload, started);
                 }
-                SlotKind::Fec { seq } | SlotKind::Concealed { seq } => last_played_seq = Some(seq),
-                SlotKind::Stretch => {}
+                busy += started.elapsed();
+                sending = outbound.sent() < frames;
             }
-        }
-        busy += started.elapsed();
-        if seq >= frames && last_played_seq.is_some_and(|s| s + 1 >= seq) {
-            break;
+            AudioEvent::Captured(_) => {}
+            AudioEvent::SourceEnded => sending = false,
+            AudioEvent::PlayoutDue { play_at } => {
+                let started = Instant::now();
+                let slot = inbound.next(started);
+                let pcm = slot.as_ref().map_or(&silence[..], |s| s.pcm);
+                io.play(pcm)?;
+                if let Some(s) = &slot {
+                    heard.extend(s.pcm.iter().copied());
+                    let excess = heard.len().saturating_sub(HEARD_SAMPLES);
+                    heard.drain(..excess);
+                    match s.kind {
+                        SlotKind::Decoded { seq } => {
+                            played += 1;
+                            last_played_seq = Some(seq);
+                            if let Some(at) = captured_at.remove(&seq) {
+                                mouth_to_ear.push(ms_between(at, play_at));
+                            }
+                        }
+                        SlotKind::Fec { seq } | SlotKind::Concealed { seq } => {
+                            last_played_seq = Some(seq);
+                        }
+                        SlotKind::Stretch => {}
+                    }
+                }
+                busy += started.elapsed();
+                if !sending {
+                    slots_since_last_send += 1;
+                    let sent = outbound.sent();
+                    let caught_up = last_played_seq.is_some_and(|s| s + 1 >= sent);
+                    if caught_up || slots_since_last_send > DRAIN_SLOTS {
+                        break;
+                    }
+                }
+            }
         }
     }
-    sink.finish()?;
+    let audio = io.finish()?;
+    let heard: Vec<i16> = heard.into_iter().collect();
     Ok(LoopbackReport {
-        frames_sent: seq,
+        frame_ms: cfg.codec.frame_ms,
+        frames_sent: outbound.sent(),
         frames_lost: lost,
         frames_played: played,
         heard_hz: dominant_frequency(&heard, 50.0, 4000.0),
-        rejects: rx.rejects(),
-        jitter: player.stats(),
-        pipeline_us_per_frame: busy.as_secs_f64() * 1e6 / seq.max(1) as f64,
+        rejects: inbound.rejects(),
+        jitter: inbound.jitter(),
+        pipeline_us_per_frame: busy.as_secs_f64() * 1e6 / outbound.sent().max(1) as f64,
+        mouth_to_ear_ms: mouth_to_ear.summary(),
+        audio,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn specs_parse_and_bad_ones_say_why() {
-        assert_eq!("tone".parse(), Ok(SourceSpec::Tone(440.0)));
-        assert_eq!("tone:300".parse(), Ok(SourceSpec::Tone(300.0)));
-        assert_eq!("device".parse(), Ok(SourceSpec::Device(None)));
-        assert_eq!(
-            "device:alsa:default".parse(),
-            Ok(SourceSpec::Device(Some("alsa:default".into())))
-        );
-        assert_eq!("wav:a.wav".parse(), Ok(SinkSpec::Wav("a.wav".into())));
-        assert!("tone:loud"
-            .parse::<SourceSpec>()
-            .unwrap_err()
-            .contains("loud"));
-        assert!("wav:".parse::<SourceSpec>().is_err());
-        assert!("speaker"
-            .parse::<SinkSpec>()
-            .unwrap_err()
-            .contains("null, wav:PATH"));
-    }
 }

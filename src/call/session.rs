@@ -1,35 +1,35 @@
-//! A live call in one group (`call join`): find the group's running call or start one,
-//! signal it inside MLS, send audio from a source, play every peer into a sink, follow the
-//! group's epochs while the call runs (keys rotate on every commit), and leave cleanly.
+//! `call join`'s driver: finds the group's running call or starts one, then runs the
+//! sans-IO [`CallEngine`] against the real world: MDK and the Nostr relays on the control
+//! side (group events in, rumors out), MoQ and the audio devices on a media thread of its
+//! own (MLS work, tens of milliseconds per commit, never holds up a frame). `call demo`
+//! runs N of these drivers; nothing else takes part in calls.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mdk_storage_traits::MdkStorageProvider;
-use nostr_sdk::prelude::{EventId, Kind, PublicKey, Tags, Timestamp, ToBech32};
-use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use nostr_sdk::prelude::{EventId, Kind, PublicKey, Tags, Timestamp};
+use tokio::sync::{mpsc, oneshot};
 use url::Url;
 
+pub use super::engine::{
+    npub, CallEvent, CallReport, CallStatus, EndReason, PeerReport, UserCommand,
+};
+use super::engine::{CallEngine, EngineConfig, Input, Output};
 use super::signaling::{
     AnswerStatus, CallAnswer, CallOffer, CallState, Privacy, StateAction, TrackRef, KIND_ANSWER,
     KIND_OFFER, KIND_STATE,
 };
+use super::timing::{ms_between, FrameRecords};
 use super::{random, CallError};
 use crate::group::{GroupError, GroupEventOutcome, GroupMember, GroupRef, Resume};
-use crate::media::audio::{AudioSink, AudioSource};
-use crate::media::jitter::JitterStats;
-use crate::media::keyring::{
-    CounterStore, Decrypted, Received, ReceiverKeyring, RejectCounts, SenderKeyring,
-};
-use crate::media::keys::{CallSecret, KidLayout, MediaType};
-use crate::media::opus::{CodecConfig, OpusEncoder};
-use crate::media::playout::{PlayoutDecoder, SlotKind};
-use crate::media::tone::dominant_frequency;
+use crate::media::io::{AudioEvent, AudioIn, AudioIo, AudioIoReport, AudioOut};
+use crate::media::keyring::CounterStore;
+use crate::media::keys::{CallSecret, KidLayout};
 use crate::transport::{
-    participant_namespace, CertVerification, ClientConfig, LocalTrack, MoqClient, RemoteTrack,
+    participant_namespace, CertVerification, ClientConfig, LocalTrack, MoqClient,
 };
 
 /// A call whose last signaling is older than this is not joined without `--call`: its
@@ -37,13 +37,16 @@ use crate::transport::{
 pub const STALE_CALL: Duration = Duration::from_secs(12 * 3600);
 /// PROTOCOL.md §2: a started call nobody answers ends after this long.
 pub const RING_TIMEOUT: Duration = Duration::from_secs(30);
-/// Per-peer audio kept for the `heard_hz` analysis in the report (it looks at the last
-/// half second).
-const ANALYSIS_SECONDS: usize = 1;
-/// Frames whose peak is below this are silence (a muted peer) and not analysed.
-const SILENCE_PEAK: i16 = 64;
-/// How long a leave/end message may take to reach a relay when the call ends.
-const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a rumor (an answer, a mute, a leave) may take to reach a relay.
+const RUMOR_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the MoQ relay may take to accept our track.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Inputs from the control side waiting for the media thread.
+const CONTROL_QUEUE: usize = 256;
+/// Frames from every peer's track waiting for the engine.
+const ARRIVAL_QUEUE: usize = 1024;
+/// How often the relay's round-trip time is handed to the engine.
+const RTT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Which call `call join` takes part in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +73,31 @@ pub struct JoinOptions {
     pub ring_timeout: Duration,
     /// Where SFrame counter high-water marks are kept ($CALL_HOME/counters).
     pub counters: Option<PathBuf>,
+    /// Reach the call's MoQ relay at this address instead of the offer's (a benchmark's
+    /// impaired path in front of it). The relay's name is then not checked: use a
+    /// fingerprint.
+    pub moq_through: Option<Url>,
+    /// Keep per-frame times in the report's `records` (runs that join them across
+    /// participants in one process).
+    pub record_frames: bool,
+}
+
+impl JoinOptions {
+    /// Options for a call through `moq_relay`, with every other setting at its default.
+    pub fn new(moq_relay: Option<Url>, verification: CertVerification) -> Self {
+        Self {
+            target: CallTarget::Auto,
+            moq_relay,
+            verification,
+            privacy: Privacy::Standard,
+            frame_ms: 20,
+            duration: None,
+            ring_timeout: RING_TIMEOUT,
+            counters: None,
+            moq_through: None,
+            record_frames: false,
+        }
+    }
 }
 
 /// A call as the group's signaling history tells it.
@@ -234,191 +262,16 @@ pub fn choose_call<'a>(
                 .filter(|c| !prefix.is_empty() && c.id_hex().starts_with(&prefix))
                 .collect();
             match matches.as_slice() {
-                [one] if one.ended => Err(CallError::Protocol(format!(
-                    "call {} has ended",
-                    one.id_hex()
-                ))),
+                [one] if one.ended => Err(CallError::CallEnded(one.id_hex())),
                 [one] => Ok(Some(one)),
-                [] => Err(CallError::Protocol(format!(
-                    "no call with an id starting with `{prefix}` in this group"
-                ))),
-                _ => Err(CallError::Protocol(format!(
-                    "`{prefix}` matches {} calls; use a longer prefix",
-                    matches.len()
-                ))),
+                [] => Err(CallError::NoSuchCall(prefix)),
+                _ => Err(CallError::AmbiguousCall {
+                    prefix,
+                    count: matches.len(),
+                }),
             }
         }
     }
-}
-
-/// What the person (or script) in the call asks for while it runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UserCommand {
-    /// Send silence instead of the source (the stream keeps its pace) and tell the others.
-    Mute(bool),
-    /// Leave the call.
-    Leave,
-}
-
-/// Something the caller may want to show while the call runs.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum CallEvent {
-    Started {
-        call_id: String,
-    },
-    Joined {
-        call_id: String,
-        participants: usize,
-    },
-    PeerJoined {
-        npub: String,
-        leaf: u32,
-    },
-    PeerLeft {
-        npub: String,
-        why: String,
-    },
-    /// A member said no (`decline` or `busy`).
-    PeerDeclined {
-        npub: String,
-        status: String,
-        reason: Option<String>,
-    },
-    /// A participant muted or unmuted (454 `mute_audio` / `unmute_audio`).
-    PeerMuted {
-        npub: String,
-        muted: bool,
-    },
-    /// We muted or unmuted.
-    Muted {
-        muted: bool,
-    },
-    /// A commit was merged: every key of the call was replaced.
-    Rekeyed {
-        epoch: u64,
-    },
-    Status(CallStatus),
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct CallStatus {
-    pub seconds: f64,
-    pub epoch: u64,
-    pub sent: u64,
-    pub muted: bool,
-    pub relay_rtt_ms: Option<f64>,
-    pub peers: Vec<PeerReport>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct PeerReport {
-    pub npub: String,
-    pub leaf: u32,
-    pub track: String,
-    /// Frames that authenticated.
-    pub received: u64,
-    pub rejects: RejectCounts,
-    pub jitter: JitterStats,
-    /// Dominant frequency of the last audible half second heard from this peer (tone tests).
-    pub heard_hz: Option<f64>,
-    /// Still in the call when it ended for us.
-    pub present: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct CallReport {
-    pub call_id: String,
-    /// We sent the offer.
-    pub started: bool,
-    pub seconds: f64,
-    /// Every epoch the call's keys came from, in order.
-    pub epochs: Vec<u64>,
-    pub sent: u64,
-    /// Why the call ended for us: `stopped`, `duration`, `source_ended`, `no_answer`,
-    /// `ended_by_peer`, `removed_from_group`.
-    pub ended_by: String,
-    pub relay_rtt_ms: Option<f64>,
-    pub peers: Vec<PeerReport>,
-}
-
-fn npub(pk: &PublicKey) -> String {
-    pk.to_bech32().unwrap_or_else(|_| pk.to_hex())
-}
-
-/// One remote participant as the media task sees it: track, keys, playout, what we heard.
-struct Peer {
-    pubkey: PublicKey,
-    track: TrackRef,
-    keys: ReceiverKeyring,
-    player: PlayoutDecoder,
-    forward: tokio::task::JoinHandle<()>,
-    received: u64,
-    /// Group ids of frames held for a not-yet-known epoch, in arrival order.
-    held: VecDeque<u64>,
-    heard: VecDeque<i16>,
-    present: bool,
-}
-
-impl Peer {
-    /// `analyze`: also find the dominant frequency of what we heard, a pass of Goertzel
-    /// filters over half a second of audio; only the final report does it, never the media
-    /// loop.
-    fn report(&self, analyze: bool) -> PeerReport {
-        let heard_hz = analyze
-            .then(|| {
-                let heard: Vec<i16> = self.heard.iter().copied().collect();
-                dominant_frequency(&heard, 50.0, 4000.0)
-            })
-            .flatten();
-        PeerReport {
-            npub: npub(&self.pubkey),
-            leaf: self.track.leaf_index,
-            track: self.track.name_hex(),
-            received: self.received,
-            rejects: self.keys.rejects(),
-            jitter: self.player.stats(),
-            heard_hz,
-            present: self.present,
-        }
-    }
-
-    fn deliver(&mut self, seq: u64, d: Decrypted, now: Instant) {
-        self.received += 1;
-        self.player.push(seq, d.payload, now);
-    }
-
-    /// Frames released by a newly installed epoch: they were held in arrival order and the
-    /// keyring evicts the oldest, so the released ones are the newest held.
-    fn release(&mut self, released: Vec<Decrypted>, now: Instant) {
-        let skip = self.held.len().saturating_sub(released.len());
-        let seqs: Vec<u64> = self.held.drain(..).skip(skip).collect();
-        for (seq, d) in seqs.into_iter().zip(released) {
-            self.deliver(seq, d, now);
-        }
-    }
-}
-
-/// Frames of every peer's track, tagged with the track name.
-type Arrival = ([u8; 8], u64, Bytes);
-
-/// The call's secret in one epoch of the group.
-#[derive(Clone)]
-struct Epoch {
-    epoch: u64,
-    secret: CallSecret,
-}
-
-fn export<S: MdkStorageProvider>(
-    member: &GroupMember<S>,
-    group: &GroupRef,
-    call_id: &[u8; 32],
-) -> Result<Epoch, GroupError> {
-    let e = member.export_call_secret(group, call_id)?;
-    Ok(Epoch {
-        epoch: e.epoch,
-        secret: e.secret,
-    })
 }
 
 /// The group's signaling history from MDK's message store, oldest first.
@@ -449,472 +302,240 @@ pub fn history<S: MdkStorageProvider>(
         .collect())
 }
 
-/// What the control side (group events, signaling) tells the media task.
-enum MediaCommand {
-    AddPeer {
-        pubkey: PublicKey,
-        track: TrackRef,
-        remote: RemoteTrack,
-    },
-    DropMember {
-        pubkey: PublicKey,
-        why: String,
-    },
-    Rekey(Epoch),
-    Mute(bool),
-}
-
-/// What the media task hands back when it ends.
-struct MediaOutcome {
-    sent: u64,
-    peers: Vec<PeerReport>,
-    source_ended: bool,
-}
-
-/// The audio side of a call, on a task of its own: MLS processing and relay round trips on
-/// the control side never delay a frame.
-struct Media {
-    layout: KidLayout,
-    codec: CodecConfig,
-    epoch: Epoch,
-    sender: SenderKeyring,
-    local: LocalTrack,
-    peers: HashMap<[u8; 8], Peer>,
-    /// Peers that left, kept for the final report.
-    gone: Vec<Peer>,
-    arrivals: mpsc::UnboundedSender<Arrival>,
-    events: mpsc::UnboundedSender<CallEvent>,
-    muted: bool,
-}
-
-impl Media {
-    fn add_peer(
-        &mut self,
-        pubkey: PublicKey,
-        track: TrackRef,
-        mut remote: RemoteTrack,
-    ) -> Result<(), CallError> {
-        let tx = self.arrivals.clone();
-        let name = track.name;
-        let forward = tokio::spawn(async move {
-            while let Ok((seq, payload)) = remote.next().await {
-                if tx.send((name, seq, payload)).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut keys = ReceiverKeyring::new(self.layout, MediaType::Audio);
-        keys.install_epoch(
-            self.epoch.epoch,
-            &self.epoch.secret,
-            [track.leaf_index],
-            Instant::now(),
-        )?;
-        let _ = self.events.send(CallEvent::PeerJoined {
-            npub: npub(&pubkey),
-            leaf: track.leaf_index,
-        });
-        let peer = Peer {
-            pubkey,
-            track,
-            keys,
-            player: PlayoutDecoder::new(self.codec)?,
-            forward,
-            received: 0,
-            held: VecDeque::new(),
-            heard: VecDeque::new(),
-            present: true,
-        };
-        if let Some(old) = self.peers.insert(name, peer) {
-            old.forward.abort();
-        }
-        Ok(())
-    }
-
-    fn drop_member(&mut self, pubkey: &PublicKey, why: &str) {
-        let tracks: Vec<[u8; 8]> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| &p.pubkey == pubkey)
-            .map(|(k, _)| *k)
-            .collect();
-        for track in tracks {
-            if let Some(mut peer) = self.peers.remove(&track) {
-                peer.forward.abort();
-                peer.present = false;
-                let _ = self.events.send(CallEvent::PeerLeft {
-                    npub: npub(&peer.pubkey),
-                    why: why.to_string(),
-                });
-                self.gone.push(peer);
-            }
-        }
-    }
-
-    fn receive(&mut self, (track, seq, payload): Arrival) {
-        let Some(peer) = self.peers.get_mut(&track) else {
-            return;
-        };
-        let now = Instant::now();
-        match peer.keys.decrypt(&payload, now) {
-            Ok(Received::Frame(d)) if d.leaf_index == peer.track.leaf_index => {
-                peer.deliver(seq, d, now);
-            }
-            // Authentic, but another member's key on this track: not this peer's audio.
-            Ok(Received::Frame(_)) => {}
-            Ok(Received::Held) => {
-                peer.held.push_back(seq);
-                if peer.held.len() > 512 {
-                    peer.held.pop_front();
-                }
-            }
-            Err(e) => tracing::debug!(track = %hex::encode(track), "frame {seq}: {e}"),
-        }
-    }
-
-    /// A commit was merged: send with the new epoch's key from now on, and give every
-    /// receiver the new epoch (frames held for it are released).
-    fn rekey(&mut self, next: Epoch) -> Result<(), CallError> {
-        self.sender
-            .rekey(next.epoch, &next.secret)
-            .map_err(|e| CallError::Protocol(format!("rekeying the sender: {e}")))?;
-        let now = Instant::now();
-        for peer in self.peers.values_mut() {
-            match peer
-                .keys
-                .install_epoch(next.epoch, &next.secret, [peer.track.leaf_index], now)
-            {
-                Ok(released) => peer.release(released, now),
-                Err(e) => tracing::warn!("installing epoch {}: {e}", next.epoch),
-            }
-        }
-        self.epoch = next;
-        Ok(())
-    }
-
-    fn status(&self, started: Instant, sent: u64) -> CallStatus {
-        let mut peers: Vec<PeerReport> = self.peers.values().map(|p| p.report(false)).collect();
-        peers.sort_by_key(|p| p.leaf);
-        CallStatus {
-            seconds: started.elapsed().as_secs_f64(),
-            epoch: self.epoch.epoch,
-            sent,
-            muted: self.muted,
-            relay_rtt_ms: self.local.stats().rtt().map(|d| d.as_secs_f64() * 1000.0),
-            peers,
-        }
-    }
-
-    /// Sends a frame from `source` and plays one mixed frame into `sink` every frame
-    /// interval until told to stop or the source ends.
-    async fn run(
-        mut self,
-        mut source: Box<dyn AudioSource>,
-        mut sink: Box<dyn AudioSink>,
-        mut commands: mpsc::UnboundedReceiver<MediaCommand>,
-        mut arrivals: mpsc::UnboundedReceiver<Arrival>,
-        mut stop: watch::Receiver<bool>,
-    ) -> Result<MediaOutcome, CallError> {
-        let started = Instant::now();
-        let codec = self.codec;
-        let mut tick = tokio::time::interval(Duration::from_millis(u64::from(codec.frame_ms)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        let mut status = tokio::time::interval(Duration::from_secs(5));
-        status.tick().await;
-        let mut encoder = OpusEncoder::new(codec)?;
-        let spf = codec.samples_per_frame();
-        let (mut pcm, mut mix, mut out) = (vec![0i16; spf], vec![0i32; spf], vec![0i16; spf]);
-        let mut seq = 0u64;
-        let mut source_ended = false;
-        loop {
-            // Arrivals before the clock: a frame that is here is pushed before its slot plays.
-            tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => break,
-                cmd = commands.recv() => match cmd {
-                    Some(MediaCommand::AddPeer { pubkey, track, remote }) => {
-                        self.add_peer(pubkey, track, remote)?;
-                    }
-                    Some(MediaCommand::DropMember { pubkey, why }) => self.drop_member(&pubkey, &why),
-                    Some(MediaCommand::Rekey(next)) => self.rekey(next)?,
-                    Some(MediaCommand::Mute(muted)) => self.muted = muted,
-                    None => break,
-                },
-                Some(a) = arrivals.recv() => self.receive(a),
-                scheduled = tick.tick() => {
-                    let now = Instant::now();
-                    // After a stall the clock catches up in a burst: keep sending at the
-                    // stream's pace, but play nothing for slots whose time has passed (the
-                    // jitter buffer drains what piled up), or playout would run ahead of
-                    // the peers and every later frame would arrive "late".
-                    let behind = scheduled.elapsed() > Duration::from_millis(u64::from(codec.frame_ms));
-                    // Muted, the source is still read (a device's buffer must not fill up)
-                    // but silence is sent, so the stream keeps its pace and, under enhanced
-                    // privacy, its packet size.
-                    let more = source.read_frame(&mut pcm)?;
-                    if self.muted {
-                        pcm.iter_mut().for_each(|s| *s = 0);
-                    }
-                    let packet = encoder.encode(&pcm)?;
-                    let frame = self
-                        .sender
-                        .encrypt(packet)
-                        .map_err(|e| CallError::Protocol(e.to_string()))?;
-                    // Sent while the relay is unreachable, a frame is dropped and counted.
-                    self.local.send(seq, Bytes::copy_from_slice(frame));
-                    seq += 1;
-                    mix.iter_mut().for_each(|m| *m = 0);
-                    for peer in self.peers.values_mut().filter(|_| !behind) {
-                        peer.keys.retire(now);
-                        if let Some((kind, frame)) = peer.player.next(now) {
-                            for (m, s) in mix.iter_mut().zip(frame) {
-                                *m += i32::from(*s);
-                            }
-                            let audible = frame.iter().any(|s| s.unsigned_abs() >= SILENCE_PEAK as u16);
-                            if audible && matches!(kind, SlotKind::Decoded { .. } | SlotKind::Fec { .. }) {
-                                peer.heard.extend(frame.iter().copied());
-                                let cap = ANALYSIS_SECONDS * 48_000;
-                                if peer.heard.len() > cap {
-                                    let excess = peer.heard.len() - cap;
-                                    peer.heard.drain(..excess);
-                                }
-                            }
-                        }
-                    }
-                    for (o, m) in out.iter_mut().zip(&mix) {
-                        *o = (*m).clamp(i32::from(i16::MIN), i32::from(i16::MAX)) as i16;
-                    }
-                    if !behind {
-                        sink.write_frame(&out)?;
-                    }
-                    if !more {
-                        source_ended = true;
-                        break;
-                    }
-                }
-                _ = status.tick() => {
-                    let _ = self.events.send(CallEvent::Status(self.status(started, seq)));
-                }
-            }
-        }
-        sink.finish()?;
-        let mut peers: Vec<PeerReport> = self.gone.iter().map(|p| p.report(true)).collect();
-        for peer in self.peers.values() {
-            peer.forward.abort();
-            peers.push(peer.report(true));
-        }
-        peers.sort_by_key(|p| p.leaf);
-        Ok(MediaOutcome {
-            sent: seq,
-            peers,
-            source_ended,
-        })
-    }
-}
-
-/// The signaling side of a running call: who is in it, and which epoch its keys are from.
-struct Control<'a, S: MdkStorageProvider> {
-    member: &'a GroupMember<S>,
-    group: &'a GroupRef,
-    offer: CallOffer,
-    me: TrackRef,
-    client: MoqClient,
-    media: mpsc::UnboundedSender<MediaCommand>,
-    participants: HashMap<PublicKey, TrackRef>,
-    epoch: u64,
-    epochs: Vec<u64>,
-    ever_answered: bool,
-}
-
-impl<S: MdkStorageProvider> Control<'_, S> {
-    fn add_peer(&mut self, pubkey: PublicKey, track: TrackRef) -> Result<(), CallError> {
-        if pubkey == self.member.public_key() {
-            return Ok(());
-        }
-        match self.participants.get(&pubkey) {
-            Some(t) if *t == track => return Ok(()),
-            // A member re-joining with a fresh track replaces its old one.
-            Some(_) => self.drop_member(pubkey, "re-joined with a new track"),
-            None => {}
-        }
-        let namespace = participant_namespace(&self.offer.namespace_hex(), &track.name_hex())?;
-        let remote = self.client.subscribe(namespace, &track.name_hex());
-        self.participants.insert(pubkey, track.clone());
-        let _ = self.media.send(MediaCommand::AddPeer {
-            pubkey,
-            track,
-            remote,
-        });
-        Ok(())
-    }
-
-    fn drop_member(&mut self, pubkey: PublicKey, why: &str) {
-        if self.participants.remove(&pubkey).is_some() {
-            let _ = self.media.send(MediaCommand::DropMember {
-                pubkey,
-                why: why.to_string(),
-            });
-        }
-    }
-
-    /// After a commit (or in case one was merged elsewhere): re-export the call secret,
-    /// drop participants no longer in the group, and rekey the media. `Err` ends the call.
-    fn follow_epoch(&mut self, on_event: &mut impl FnMut(&CallEvent)) -> Result<(), String> {
-        let me = self.member.public_key();
-        let leaves = self
-            .member
-            .leaf_map(self.group)
-            .map_err(|e| format!("reading the group: {e}"))?;
-        if !leaves.values().any(|pk| *pk == me) {
-            return Err("removed_from_group".into());
-        }
-        let next = export(self.member, self.group, &self.offer.call_id)
-            .map_err(|_| "removed_from_group".to_string())?;
-        if next.epoch == self.epoch {
-            return Ok(());
-        }
-        let gone: Vec<PublicKey> = self
-            .participants
-            .iter()
-            .filter(|(pk, t)| leaves.get(&t.leaf_index) != Some(*pk))
-            .map(|(pk, _)| *pk)
-            .collect();
-        for pk in gone {
-            self.drop_member(pk, "removed from the group");
-        }
-        self.epoch = next.epoch;
-        self.epochs.push(next.epoch);
-        let _ = self.media.send(MediaCommand::Rekey(next));
-        on_event(&CallEvent::Rekeyed { epoch: self.epoch });
-        Ok(())
-    }
-
-    /// A signaling message that arrived during the call. Returns why the call ends, if it
-    /// does.
-    fn on_rumor(
-        &mut self,
+/// What the control side (group events, the user) tells the media thread.
+enum ControlInput {
+    Rumor {
         sender: PublicKey,
         kind: Kind,
-        tags: &Tags,
-        on_event: &mut impl FnMut(&CallEvent),
-    ) -> Option<String> {
-        let leaves = self.member.leaf_map(self.group).unwrap_or_default();
-        let owns = |t: &TrackRef| leaves.get(&t.leaf_index) == Some(&sender);
-        if kind == KIND_ANSWER {
-            match CallAnswer::from_rumor(kind, tags) {
-                Ok(a) if a.call_id == self.offer.call_id => {
-                    if a.status != AnswerStatus::Accept {
-                        on_event(&CallEvent::PeerDeclined {
-                            npub: npub(&sender),
-                            status: match a.status {
-                                AnswerStatus::Busy => "busy",
-                                _ => "decline",
-                            }
-                            .into(),
-                            reason: a.reason.clone(),
-                        });
-                    }
-                    if let (AnswerStatus::Accept, Some(t)) = (a.status, a.track) {
-                        if !owns(&t) {
-                            tracing::warn!(
-                                "{} answered with a leaf that is not theirs",
-                                npub(&sender)
-                            );
-                        } else {
-                            self.ever_answered = true;
-                            if let Err(e) = self.add_peer(sender, t) {
-                                tracing::warn!("adding {}: {e}", npub(&sender));
-                            }
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("malformed answer from {}: {e}", npub(&sender)),
-            }
-        } else if kind == KIND_STATE {
-            match CallState::from_rumor(kind, tags) {
-                Ok(s) if s.call_id == self.offer.call_id => match s.action {
-                    StateAction::Leave => self.drop_member(sender, "left"),
-                    StateAction::End => return Some("ended_by_peer".into()),
-                    StateAction::Other(action) if self.participants.contains_key(&sender) => {
-                        let muted = match action.as_str() {
-                            "mute_audio" => Some(true),
-                            "unmute_audio" => Some(false),
-                            _ => None,
-                        };
-                        if let Some(muted) = muted {
-                            on_event(&CallEvent::PeerMuted {
-                                npub: npub(&sender),
-                                muted,
-                            });
-                        }
-                    }
-                    _ => {}
-                },
-                Ok(_) => {}
-                Err(e) => tracing::warn!("malformed call state from {}: {e}", npub(&sender)),
-            }
-        } else if kind == KIND_OFFER {
-            if let Ok(o) = CallOffer::from_rumor(kind, tags) {
-                if o.call_id == self.offer.call_id && sender != self.member.public_key() {
-                    tracing::warn!(
-                        "{} re-sent this call's offer; a reused call id is rejected",
-                        npub(&sender)
-                    );
-                }
-            }
-        }
-        None
-    }
+        tags: Tags,
+    },
+    Epoch {
+        epoch: u64,
+        secret: CallSecret,
+        leaves: BTreeMap<u32, PublicKey>,
+    },
+    Removed,
+    Command(UserCommand),
+}
 
-    /// After a commit that added members: the participant with the lowest leaf re-announces
-    /// the call (`call_info`), with every participant's track, so they can join it.
-    async fn announce_call_info(&self, before: &BTreeMap<u32, PublicKey>) {
-        let Ok(now) = self.member.leaf_map(self.group) else {
-            return;
-        };
-        if !now.keys().any(|leaf| !before.contains_key(leaf)) {
-            return;
-        }
-        let lowest = self
-            .participants
-            .values()
-            .map(|t| t.leaf_index)
-            .chain([self.me.leaf_index])
-            .min();
-        if lowest != Some(self.me.leaf_index) {
-            return;
-        }
-        let mut participants: Vec<TrackRef> = self.participants.values().cloned().collect();
-        participants.push(self.me.clone());
-        let state = CallState {
-            call_id: self.offer.call_id,
-            action: StateAction::CallInfo {
-                offer: Box::new(self.offer.clone()),
-                participants,
+impl ControlInput {
+    fn as_input(&self) -> Input<'_> {
+        match self {
+            Self::Rumor { sender, kind, tags } => Input::Rumor {
+                sender: *sender,
+                kind: *kind,
+                tags,
             },
-        };
-        if let Err(e) = self.member.send_rumor(self.group, state.to_rumor()).await {
-            tracing::warn!("re-announcing the call: {e}");
+            Self::Epoch {
+                epoch,
+                secret,
+                leaves,
+            } => Input::Epoch {
+                epoch: *epoch,
+                secret: secret.clone(),
+                leaves: leaves.clone(),
+            },
+            Self::Removed => Input::Removed,
+            Self::Command(c) => Input::Command(*c),
         }
     }
+}
+
+/// What the media thread hands the control side. Every message answers an input from the
+/// control side, a status tick or the end of the call, so the engine bounds their rate.
+enum MediaMessage {
+    Rumor(nostr_sdk::prelude::EventBuilder),
+    Event(CallEvent),
+    /// The farewell, if any, was sent before this.
+    Ended,
+}
+
+/// What the media thread leaves behind.
+struct MediaResult {
+    report: CallReport,
+    records: Option<FrameRecords>,
+    audio: AudioIoReport,
+    first_audio_at: Option<Instant>,
+}
+
+/// A frame from one peer's track: (track name, sequence, payload).
+type Arrival = ([u8; 8], u64, Bytes);
+
+/// Runs the engine with the audio devices and the MoQ tracks until the call ends.
+async fn media_loop(
+    mut engine: CallEngine,
+    mut audio: AudioIo,
+    client: MoqClient,
+    local: LocalTrack,
+    mut from_control: mpsc::Receiver<ControlInput>,
+    to_control: mpsc::UnboundedSender<MediaMessage>,
+) -> Result<MediaResult, CallError> {
+    let namespace = engine.offer().namespace_hex();
+    let (arrival_tx, mut arrivals) = mpsc::channel::<Arrival>(ARRIVAL_QUEUE);
+    let mut forwards: HashMap<[u8; 8], tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut rtt = tokio::time::interval(RTT_INTERVAL);
+    let result = loop {
+        let mut ended = None;
+        while let Some(out) = engine.poll_output() {
+            match out {
+                // Sent while the relay is unreachable, a frame is dropped and counted.
+                Output::Publish(f) => {
+                    local.send(f.seq, f.payload);
+                }
+                Output::Subscribe { track, .. } => {
+                    let name = track.name_hex();
+                    let mut remote =
+                        client.subscribe(participant_namespace(&namespace, &name)?, &name);
+                    let tx = arrival_tx.clone();
+                    let key = track.name;
+                    let forward = tokio::spawn(async move {
+                        while let Ok((seq, payload)) = remote.next().await {
+                            if tx.send((key, seq, payload)).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    if let Some(old) = forwards.insert(track.name, forward) {
+                        old.abort();
+                    }
+                }
+                Output::Unsubscribe { track } => {
+                    if let Some(f) = forwards.remove(&track) {
+                        f.abort();
+                    }
+                }
+                Output::Rumor(r) => {
+                    let _ = to_control.send(MediaMessage::Rumor(r));
+                }
+                Output::Play(pcm) => audio.play(&pcm)?,
+                Output::Event(e) => {
+                    let _ = to_control.send(MediaMessage::Event(e));
+                }
+                Output::Ended(reason) => ended = Some(reason),
+            }
+        }
+        if let Some(reason) = ended {
+            tracing::debug!("call ended: {reason}");
+            let _ = to_control.send(MediaMessage::Ended);
+            break Ok(());
+        }
+        let timeout = engine.poll_timeout();
+        let handled = tokio::select! {
+            biased;
+            input = from_control.recv() => match input {
+                Some(input) => engine.handle(input.as_input(), Instant::now()),
+                None => engine.handle(Input::Command(UserCommand::Leave), Instant::now()),
+            },
+            // Arrivals before the clock: a frame that is here is pushed before its slot plays.
+            Some((track, seq, payload)) = arrivals.recv() => engine.handle(
+                Input::Frame { track, seq, payload: &payload },
+                Instant::now(),
+            ),
+            event = audio.next() => match event {
+                Ok(AudioEvent::Captured(f)) => engine.handle(
+                    Input::Captured { pcm: &f.pcm, captured_at: f.captured_at },
+                    Instant::now(),
+                ),
+                Ok(AudioEvent::PlayoutDue { play_at }) => {
+                    engine.handle(Input::PlayoutDue { play_at }, Instant::now())
+                }
+                Ok(AudioEvent::SourceEnded) => engine.handle(Input::SourceEnded, Instant::now()),
+                Err(e) => break Err(CallError::from(e)),
+            },
+            () = async {
+                match timeout {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => engine.handle(Input::Timeout, Instant::now()),
+            _ = rtt.tick() => engine.handle(Input::RelayRtt(client.rtt()), Instant::now()),
+        };
+        if let Err(e) = handled {
+            break Err(CallError::from(e));
+        }
+    };
+    for f in forwards.into_values() {
+        f.abort();
+    }
+    let audio_report = audio.finish();
+    result?;
+    let now = Instant::now();
+    let mut report = engine.report(now);
+    report.relay_rtt_ms = client.rtt().map(super::timing::ms);
+    Ok(MediaResult {
+        first_audio_at: engine.first_audio_at(),
+        records: engine.take_records(),
+        audio: audio_report?,
+        report,
+    })
+}
+
+/// The call secret and members of the group's current epoch, as the engine takes them.
+fn epoch_input<S: MdkStorageProvider>(
+    member: &GroupMember<S>,
+    group: &GroupRef,
+    call_id: &[u8; 32],
+) -> ControlInput {
+    let leaves = match member.leaf_map(group) {
+        Ok(l) => l,
+        Err(_) => return ControlInput::Removed,
+    };
+    match member.export_call_secret(group, call_id) {
+        Ok(e) => ControlInput::Epoch {
+            epoch: e.epoch,
+            secret: e.secret,
+            leaves,
+        },
+        // No exporter secret for us: we are not in the group any more.
+        Err(_) => ControlInput::Removed,
+    }
+}
+
+/// A finished call: the report, and where catching up on the group stands.
+pub struct Session {
+    pub report: CallReport,
+    /// Covers every group event processed during the call.
+    pub cursor: Resume,
+    /// Per-frame times, when [`JoinOptions::record_frames`] asked for them.
+    pub records: Option<FrameRecords>,
+    /// Our track's name.
+    pub track: [u8; 8],
 }
 
 /// Takes part in a call of `group` until [`UserCommand::Leave`] (or the sender of
 /// `commands` is dropped), the duration passes, the source ends, or the call ends.
-/// `resume` is where catching up on the group stands; the returned one covers every group
-/// event processed during the call.
+/// `resume` is where catching up on the group stands.
 #[allow(clippy::too_many_arguments)]
 pub async fn run<S: MdkStorageProvider>(
     member: &GroupMember<S>,
     group: &GroupRef,
     resume: Resume,
     opts: &JoinOptions,
-    source: Box<dyn AudioSource>,
-    sink: Box<dyn AudioSink>,
+    input: AudioIn,
+    output: AudioOut,
+    commands: mpsc::UnboundedReceiver<UserCommand>,
+    on_event: impl FnMut(&CallEvent),
+) -> Result<(CallReport, Resume), CallError> {
+    let s = run_session(
+        member, group, resume, opts, input, output, commands, on_event,
+    )
+    .await?;
+    Ok((s.report, s.cursor))
+}
+
+/// [`run`], giving back everything the session measured.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_session<S: MdkStorageProvider>(
+    member: &GroupMember<S>,
+    group: &GroupRef,
+    resume: Resume,
+    opts: &JoinOptions,
+    input: AudioIn,
+    output: AudioOut,
     mut commands: mpsc::UnboundedReceiver<UserCommand>,
     mut on_event: impl FnMut(&CallEvent),
-) -> Result<(CallReport, Resume), CallError> {
+) -> Result<Session, CallError> {
+    let began = Instant::now();
     // Listen before catching up, so nothing published in between is missed; events seen
     // both ways are processed once.
     let mut events = member.group_events(group, Timestamp::now()).await?;
@@ -945,13 +566,7 @@ pub async fn run<S: MdkStorageProvider>(
     let (offer, participants) = match chosen {
         Some(call) => (call.offer, call.participants),
         None => {
-            let moq_url = opts.moq_relay.clone().ok_or_else(|| {
-                CallError::Protocol(
-                    "starting a call needs a MoQ relay: pass --moq-relay or set moq_relay in \
-                     config.toml"
-                        .into(),
-                )
-            })?;
+            let moq_url = opts.moq_relay.clone().ok_or(CallError::NoMoqRelay)?;
             let max_leaf = leaves.keys().copied().max().unwrap_or(0);
             let offer = CallOffer {
                 call_id: random(),
@@ -966,43 +581,16 @@ pub async fn run<S: MdkStorageProvider>(
             (offer, BTreeMap::new())
         }
     };
-    let layout =
-        KidLayout::new(offer.sender_bits).map_err(crate::media::sframe::FrameError::from)?;
-    layout.kid(MediaType::Audio, own_leaf, 0).map_err(|_| {
-        CallError::Protocol(format!(
-            "our leaf {own_leaf} does not fit the call's {} sender bits; start a new call",
-            offer.sender_bits
-        ))
-    })?;
-    let epoch = export(member, group, &offer.call_id)?;
-    let store = match &opts.counters {
-        Some(dir) => Some((
-            CounterStore::open(dir)
-                .map_err(|e| CallError::Protocol(format!("counter store: {e}")))?,
-            offer.call_id,
-        )),
+    let epoch = member.export_call_secret(group, &offer.call_id)?;
+    let counters = match &opts.counters {
+        Some(dir) => Some(CounterStore::open(dir).map_err(CallError::CounterStore)?),
         None => None,
-    };
-    let sender = SenderKeyring::new(
-        layout,
-        MediaType::Audio,
-        own_leaf,
-        epoch.epoch,
-        &epoch.secret,
-        store,
-    )
-    .map_err(|e| CallError::Protocol(e.to_string()))?;
-    let codec = match offer.privacy {
-        Privacy::Enhanced => CodecConfig::enhanced(offer.frame_ms),
-        Privacy::Standard => CodecConfig {
-            frame_ms: offer.frame_ms,
-            ..CodecConfig::default()
-        },
     };
 
     // Media first, then signaling: peers that hear of us can subscribe at once.
+    let relay = opts.moq_through.clone().unwrap_or(offer.moq_url.clone());
     let (client, driver) = MoqClient::new(ClientConfig::new(
-        offer.moq_url.clone(),
+        relay,
         opts.verification.clone(),
         Some(offer.token.to_vec()),
     ));
@@ -1011,65 +599,34 @@ pub async fn run<S: MdkStorageProvider>(
         participant_namespace(&offer.namespace_hex(), &me.name_hex())?,
         &me.name_hex(),
     );
-    tokio::time::timeout(Duration::from_secs(10), local.announced())
+    tokio::time::timeout(ANNOUNCE_TIMEOUT, local.announced())
         .await
-        .map_err(|_| {
-            CallError::Protocol("the MoQ relay did not accept our track within 10 s".into())
-        })??;
-    if started_call {
-        member.send_rumor(group, offer.to_rumor()).await?;
-        on_event(&CallEvent::Started {
-            call_id: hex::encode(offer.call_id),
-        });
-    } else {
-        member
-            .send_rumor(
-                group,
-                CallAnswer::accept(offer.call_id, me.clone()).to_rumor(),
-            )
-            .await?;
-        on_event(&CallEvent::Joined {
-            call_id: hex::encode(offer.call_id),
-            participants: participants.len(),
-        });
-    }
+        .map_err(|_| CallError::AnnounceTimeout(ANNOUNCE_TIMEOUT))??;
 
-    let (media_commands, command_rx) = mpsc::unbounded_channel();
-    let (arrivals, arrival_rx) = mpsc::unbounded_channel();
-    let (media_events, mut media_event_rx) = mpsc::unbounded_channel();
-    let (stop_media, stop_media_rx) = watch::channel(false);
-    let media = Media {
-        layout,
-        codec,
-        epoch: epoch.clone(),
-        sender,
-        local,
-        peers: HashMap::new(),
-        gone: Vec::new(),
-        arrivals,
-        events: media_events,
-        muted: false,
-    };
-    let mut control = Control {
-        member,
-        group,
-        offer,
-        me,
-        client,
-        media: media_commands,
-        participants: HashMap::new(),
-        epoch: epoch.epoch,
-        epochs: vec![epoch.epoch],
-        ever_answered: false,
-    };
-    // Queued for the media task before it starts, so a failure here leaves no thread.
-    for (pk, track) in participants {
-        control.add_peer(pk, track)?;
-    }
-    // Audio gets a thread of its own: MLS work on the caller's runtime (synchronous, tens of
-    // milliseconds for a commit) must never hold up a frame.
-    let (media_done, mut media_task) = oneshot::channel();
-    let media_future = media.run(source, sink, command_rx, arrival_rx, stop_media_rx);
+    let frame_ms = offer.frame_ms;
+    let call_id = offer.call_id;
+    let engine = CallEngine::new(
+        EngineConfig {
+            offer,
+            me: me.clone(),
+            my_pubkey: member.public_key(),
+            started: started_call,
+            participants,
+            epoch: epoch.epoch,
+            secret: epoch.secret,
+            leaves,
+            ring_timeout: Some(opts.ring_timeout),
+            duration: opts.duration,
+            counters,
+            record_frames: opts.record_frames,
+        },
+        Instant::now(),
+    )?;
+    let audio = AudioIo::new(input, output, frame_ms);
+
+    let (to_media, from_control) = mpsc::channel(CONTROL_QUEUE);
+    let (to_control, mut from_media) = mpsc::unbounded_channel();
+    let (media_done, media_result) = oneshot::channel();
     std::thread::Builder::new()
         .name("call-media".into())
         .spawn(move || {
@@ -1077,147 +634,120 @@ pub async fn run<S: MdkStorageProvider>(
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(media_future),
-                Err(e) => Err(CallError::Protocol(format!(
-                    "starting the media runtime: {e}"
-                ))),
+                Ok(rt) => rt.block_on(media_loop(
+                    engine,
+                    audio,
+                    client,
+                    local,
+                    from_control,
+                    to_control,
+                )),
+                Err(e) => Err(CallError::MediaThread(e.to_string())),
             };
             let _ = media_done.send(result);
         })
-        .map_err(|e| CallError::Protocol(format!("starting the media thread: {e}")))?;
+        .map_err(|e| CallError::MediaThread(e.to_string()))?;
 
-    let started = Instant::now();
-    let until = opts.duration.map(|d| tokio::time::Instant::now() + d);
-    let ring_until = (started_call && !opts.ring_timeout.is_zero())
-        .then(|| tokio::time::Instant::now() + opts.ring_timeout);
+    let mut last_epoch = epoch.epoch;
     let mut epoch_check = tokio::time::interval(Duration::from_secs(5));
     epoch_check.tick().await;
-    let mut media_result = None;
-    let ended_by = loop {
-        tokio::select! {
-            cmd = commands.recv() => match cmd {
-                Some(UserCommand::Mute(muted)) => {
-                    let _ = control.media.send(MediaCommand::Mute(muted));
-                    on_event(&CallEvent::Muted { muted });
-                    let state = CallState {
-                        call_id: control.offer.call_id,
-                        action: StateAction::Other(
-                            if muted { "mute_audio" } else { "unmute_audio" }.into(),
-                        ),
-                    };
-                    if let Err(e) = member.send_rumor(group, state.to_rumor()).await {
-                        tracing::warn!("telling the group about the mute: {e}");
+    let mut commands_open = true;
+    loop {
+        let input = tokio::select! {
+            message = from_media.recv() => match message {
+                Some(MediaMessage::Rumor(rumor)) => {
+                    match tokio::time::timeout(RUMOR_TIMEOUT, member.send_rumor(group, rumor)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!("sending a call message: {e}"),
+                        Err(_) => tracing::warn!("sending a call message: no relay answered in time"),
                     }
+                    continue;
                 }
-                Some(UserCommand::Leave) | None => break "stopped".to_string(),
+                Some(MediaMessage::Event(e)) => {
+                    on_event(&e);
+                    continue;
+                }
+                // Over (or the media thread is gone): its result says which.
+                Some(MediaMessage::Ended) | None => break,
             },
-            () = async {
-                match until {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
+            cmd = commands.recv(), if commands_open => match cmd {
+                Some(c) => ControlInput::Command(c),
+                None => {
+                    commands_open = false;
+                    ControlInput::Command(UserCommand::Leave)
                 }
-            } => break "duration".to_string(),
-            () = async {
-                match ring_until {
-                    Some(t) if !control.ever_answered => tokio::time::sleep_until(t).await,
-                    _ => std::future::pending().await,
-                }
-            } => break "no_answer".to_string(),
-            Some(e) = media_event_rx.recv() => on_event(&e),
-            res = &mut media_task => {
-                let ended = match &res {
-                    Ok(Ok(o)) if o.source_ended => "source_ended".to_string(),
-                    Ok(Ok(_)) => "stopped".to_string(),
-                    Ok(Err(e)) => format!("media failed: {e}"),
-                    Err(_) => "media thread failed".to_string(),
-                };
-                media_result = Some(res);
-                break ended;
-            }
+            },
             event = events.next() => {
                 let Some(event) = event else {
-                    break "stopped".to_string();
+                    // The relays closed on us: leave.
+                    let _ = to_media.send(ControlInput::Command(UserCommand::Leave)).await;
+                    continue;
                 };
                 if !processed.insert(event.id) {
                     continue;
                 }
-                let before = member.leaf_map(group).unwrap_or_default();
                 let outcome = member.process_group_event(events.h_tag(), &event).await;
                 crate::group::advance_cursor(&mut cursor, event.created_at, event.id);
                 match outcome {
-                    GroupEventOutcome::Message(r) => {
-                        if let Some(why) = control.on_rumor(r.sender, r.kind, &r.tags, &mut on_event) {
-                            break why;
-                        }
-                    }
+                    GroupEventOutcome::Message(r) => ControlInput::Rumor {
+                        sender: r.sender,
+                        kind: r.kind,
+                        tags: r.tags,
+                    },
                     GroupEventOutcome::Commit | GroupEventOutcome::CommittedProposal(..) => {
                         if let GroupEventOutcome::CommittedProposal(id, at) = outcome {
                             processed.insert(id);
                             crate::group::advance_cursor(&mut cursor, at, id);
                         }
-                        if let Err(why) = control.follow_epoch(&mut on_event) {
-                            break why;
+                        let input = epoch_input(member, group, &call_id);
+                        if let ControlInput::Epoch { epoch, .. } = &input {
+                            last_epoch = *epoch;
                         }
-                        control.announce_call_info(&before).await;
+                        input
                     }
-                    GroupEventOutcome::PendingProposal => {}
+                    GroupEventOutcome::PendingProposal => continue,
                     GroupEventOutcome::Ignored(why) => {
                         tracing::debug!(id = %event.id, "group event ignored: {why}");
+                        continue;
                     }
                 }
             }
             _ = epoch_check.tick() => {
                 // A commit merged outside this session (another command of the same user)
                 // produces no group event here; catch the new epoch this way.
-                if let Err(why) = control.follow_epoch(&mut on_event) {
-                    break why;
+                let input = epoch_input(member, group, &call_id);
+                match &input {
+                    ControlInput::Epoch { epoch, .. } if *epoch == last_epoch => continue,
+                    ControlInput::Epoch { epoch, .. } => last_epoch = *epoch,
+                    _ => {}
                 }
+                input
             }
-        }
-    };
-
-    let _ = stop_media.send(true);
-    let media_result = match media_result {
-        Some(r) => r,
-        None => media_task.await,
-    };
-    while let Ok(e) = media_event_rx.try_recv() {
-        on_event(&e);
-    }
-    // Say goodbye (best effort: the call is over for us either way).
-    if ended_by != "removed_from_group" {
-        let action = if ended_by == "no_answer" {
-            StateAction::End
-        } else {
-            StateAction::Leave
         };
-        let bye = CallState {
-            call_id: control.offer.call_id,
-            action,
-        };
-        match tokio::time::timeout(FAREWELL_TIMEOUT, member.send_rumor(group, bye.to_rumor())).await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!("telling the group we left: {e}"),
-            Err(_) => tracing::warn!("telling the group we left: no relay answered in time"),
+        if to_media.send(input).await.is_err() {
+            break;
         }
     }
+    drop(to_media);
     let media = media_result
-        .map_err(|_| CallError::Protocol("the media thread ended without a result".into()))??;
-    let relay_rtt_ms = control.client.rtt().map(|d| d.as_secs_f64() * 1000.0);
-    let report = CallReport {
-        call_id: hex::encode(control.offer.call_id),
-        started: started_call,
-        seconds: started.elapsed().as_secs_f64(),
-        epochs: control.epochs.clone(),
-        sent: media.sent,
-        ended_by,
-        relay_rtt_ms,
-        peers: media.peers,
-    };
-    drop(control);
+        .await
+        .map_err(|_| CallError::MediaThread("ended without a result".into()))??;
+    while let Ok(message) = from_media.try_recv() {
+        if let MediaMessage::Event(e) = message {
+            on_event(&e);
+        }
+    }
+    let mut report = media.report;
+    report.first_audio_ms = media.first_audio_at.map(|t| ms_between(began, t));
+    report.audio = media.audio;
+    // The media thread dropped the client: its driver winds down.
     let _ = tokio::time::timeout(Duration::from_secs(1), driver).await;
-    Ok((report, cursor))
+    Ok(Session {
+        report,
+        cursor,
+        records: media.records,
+        track: me.name,
+    })
 }
 
 #[cfg(test)]

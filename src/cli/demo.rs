@@ -195,7 +195,7 @@ fn print_human(out: &mut impl Write, r: &DemoReport) -> std::io::Result<()> {
         for peer in &p.peers {
             writeln!(
                 out,
-                "  from {}: {}/{} frames ({:.1}%), {} failed to decrypt, heard {} Hz (sent {:.0}), latency p50 {} ms p99 {} ms, jitter buffer {:.0} ms with {} concealed / {} FEC  {}",
+                "  from {}: {}/{} frames ({:.1}%), {} failed to decrypt, heard {} Hz (sent {:.0}), network p50 {} ms p99 {} ms, mouth-to-ear p50 {} ms p99 {} ms, jitter buffer {:.0} ms with {} concealed / {} FEC  {}",
                 peer.from,
                 peer.received,
                 peer.expected,
@@ -205,6 +205,8 @@ fn print_human(out: &mut impl Write, r: &DemoReport) -> std::io::Result<()> {
                 peer.tone_hz,
                 fmt_ms(peer.latency_p50_ms),
                 fmt_ms(peer.latency_p99_ms),
+                fmt_ms(peer.mouth_to_ear_ms.map(|l| l.p50)),
+                fmt_ms(peer.mouth_to_ear_ms.map(|l| l.p99)),
                 peer.jitter.target_delay_ms,
                 peer.jitter.concealed,
                 peer.jitter.fec_recovered,
@@ -212,13 +214,18 @@ fn print_human(out: &mut impl Write, r: &DemoReport) -> std::io::Result<()> {
             )?;
         }
     }
+    let m2e = r.mouth_to_ear_ms;
     writeln!(
         out,
-        "setup {:.0} ms, wall {:.0} ms, latency p50 {} ms p99 {} ms: {}",
+        "setup {:.0} ms, wall {:.0} ms, join to first audio p50 {} ms, network p50 {} ms p99 {} ms, mouth-to-ear p50 {} p95 {} p99 {} ms: {}",
         r.setup_ms,
         r.wall_ms,
+        fmt_ms(r.join_to_first_audio_ms.map(|l| l.p50)),
         fmt_ms(r.latency_p50_ms),
         fmt_ms(r.latency_p99_ms),
+        fmt_ms(m2e.map(|l| l.p50)),
+        fmt_ms(m2e.map(|l| l.p95)),
+        fmt_ms(m2e.map(|l| l.p99)),
         if r.ok {
             "every peer heard every other"
         } else {

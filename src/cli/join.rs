@@ -12,7 +12,9 @@ use super::config::CommonArgs;
 use super::demo::{parse_frame_ms, parse_privacy};
 use super::group::{connect, resolve_group, resume_of, save_cursor};
 use crate::call::loopback::{SinkSpec, SourceSpec};
-use crate::call::session::{self, CallEvent, CallReport, CallTarget, JoinOptions, UserCommand};
+use crate::call::session::{
+    self, CallEvent, CallReport, CallTarget, EndReason, JoinOptions, UserCommand,
+};
 use crate::call::signaling::Privacy;
 use crate::group::GroupRef;
 use crate::transport::CertVerification;
@@ -67,6 +69,8 @@ fn print_event(event: &CallEvent) {
         ),
         CallEvent::PeerJoined { npub, leaf } => eprintln!("+ {npub} (leaf {leaf})"),
         CallEvent::PeerLeft { npub, why } => eprintln!("- {npub}: {why}"),
+        CallEvent::PeerLost { npub } => eprintln!("? {npub}: nothing heard for 3 s"),
+        CallEvent::PeerBack { npub } => eprintln!("+ {npub} is back"),
         CallEvent::PeerDeclined {
             npub,
             status,
@@ -120,16 +124,27 @@ fn print_human(r: &CallReport) {
         r.epochs,
         r.ended_by
     );
+    if let Some(ms) = r.first_audio_ms {
+        println!("  first peer audio {ms:.0} ms after start");
+    }
+    let ms = |l: Option<crate::call::timing::LatencySummary>| {
+        l.map_or_else(
+            || "-".into(),
+            |l| format!("{:.0}/{:.0}/{:.0} ms", l.p50, l.p95, l.p99),
+        )
+    };
     for p in &r.peers {
         println!(
-            "  {} (leaf {}): {} frames, {} refused, {} concealed, heard {}",
+            "  {} (leaf {}): {} frames, {} refused, {} concealed, heard {}; receive→play {}, mouth-to-ear ≈ {} (p50/p95/p99)",
             p.npub,
             p.leaf,
             p.received,
             p.rejects.total(),
             p.jitter.concealed,
             p.heard_hz
-                .map_or_else(|| "nothing".into(), |f| format!("{f:.0} Hz"))
+                .map_or_else(|| "nothing".into(), |f| format!("{f:.0} Hz")),
+            ms(p.receive_to_play_ms),
+            ms(p.mouth_to_ear_ms),
         );
     }
 }
@@ -208,6 +223,8 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             duration: args.seconds.map(Duration::from_secs),
             ring_timeout: Duration::from_secs(args.ring_timeout),
             counters: Some(home.dir().join("counters")),
+            moq_through: None,
+            record_frames: false,
         };
         let commands = user_commands();
         let (report, cursor) = session::run(
@@ -240,9 +257,9 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
     } else {
         print_human(&report);
     }
-    Ok(match report.ended_by.as_str() {
-        "no_answer" => super::exit::CHECK_FAILED,
-        "removed_from_group" => super::exit::FAILURE,
+    Ok(match report.ended_by {
+        EndReason::NoAnswer => super::exit::CHECK_FAILED,
+        EndReason::RemovedFromGroup => super::exit::FAILURE,
         _ => super::exit::OK,
     })
 }

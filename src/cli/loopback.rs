@@ -26,6 +26,9 @@ pub struct LoopbackArgs {
     /// Constant bit rate and one packet size (privacy enhanced).
     #[arg(long)]
     pub enhanced: bool,
+    /// Opus frame duration in ms: 10 or 20.
+    #[arg(long, env = "CALL_FRAME_MS", default_value_t = 20, value_parser = super::demo::parse_frame_ms)]
+    pub frame_ms: u32,
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -44,9 +47,12 @@ pub async fn run(args: LoopbackArgs) -> anyhow::Result<u8> {
         sink: args.sink,
         seconds: args.seconds,
         codec: if args.enhanced {
-            CodecConfig::enhanced(20)
+            CodecConfig::enhanced(args.frame_ms)
         } else {
-            CodecConfig::default()
+            CodecConfig {
+                frame_ms: args.frame_ms,
+                ..CodecConfig::default()
+            }
         },
         loss: args.loss,
         seed: args.seed,
@@ -77,6 +83,29 @@ pub async fn run(args: LoopbackArgs) -> anyhow::Result<u8> {
                 .map_or_else(|| "silence".into(), |f| format!("{f:.1} Hz")),
             report.pipeline_us_per_frame
         )?;
+        if let Some(m) = report.mouth_to_ear_ms {
+            writeln!(
+                out,
+                "mouth-to-ear p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms ({} frames)",
+                m.p50, m.p95, m.p99, m.count
+            )?;
+        }
+        for (what, dev) in [
+            ("capture", &report.audio.capture),
+            ("playback", &report.audio.playback),
+        ] {
+            if let Some(d) = dev {
+                writeln!(
+                    out,
+                    "{what}: {} at {} Hz, {} channel(s), {}",
+                    d.device,
+                    d.sample_rate,
+                    d.channels,
+                    d.buffer_frames
+                        .map_or_else(|| "default buffer".into(), |n| format!("{n}-frame buffer"))
+                )?;
+            }
+        }
     }
     Ok(super::exit::OK)
 }

@@ -300,14 +300,6 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         self.publish(&event).await
     }
 
-    /// Subscribes to the group's kind-445 stream, decrypting application messages.
-    pub async fn inbox(&self, group: &GroupRef) -> Result<GroupInbox<'_, S>, GroupError> {
-        Ok(GroupInbox {
-            member: self,
-            events: self.subscribe_events(group, None).await?,
-        })
-    }
-
     /// Subscribes to the group's kind-445 events stamped `since` or later, undecrypted: the
     /// caller processes them with [`GroupMember::process_group_event`] (the same path as
     /// catching up), so commits and messages are handled alike.
@@ -411,46 +403,5 @@ impl GroupEvents {
                 return Some(*event);
             }
         }
-    }
-}
-
-/// Decrypted rumors of one group as they arrive.
-pub struct GroupInbox<'a, S: MdkStorageProvider> {
-    member: &'a GroupMember<S>,
-    events: GroupEvents,
-}
-
-impl<S: MdkStorageProvider> GroupInbox<'_, S> {
-    /// The next application message of this group; commits are merged by MDK on the way,
-    /// and events that do not decrypt are logged and skipped.
-    pub async fn next(&mut self, timeout: Duration) -> Result<Rumor, GroupError> {
-        let wait = async {
-            loop {
-                let event = self
-                    .events
-                    .next()
-                    .await
-                    .ok_or(GroupError::Timeout("group messages (client closed)"))?;
-                match self.member.mdk.process_message_with_context(&event) {
-                    Ok(out) => match out.result {
-                        MessageProcessingResult::ApplicationMessage(msg) => {
-                            return Ok(Rumor {
-                                sender: msg.pubkey,
-                                sender_leaf: out.context.sender_leaf_index,
-                                kind: msg.kind,
-                                tags: msg.tags,
-                                content: msg.content,
-                                epoch: msg.epoch,
-                            })
-                        }
-                        other => tracing::debug!("group event {}: {other:?}", event.id),
-                    },
-                    Err(e) => tracing::warn!(id = %event.id, "ignoring group event: {e}"),
-                }
-            }
-        };
-        tokio::time::timeout(timeout, wait)
-            .await
-            .map_err(|_| GroupError::Timeout("a group message"))?
     }
 }

@@ -13,9 +13,7 @@ pub use manage::{
 pub use mdk_sqlite_storage::MdkSqliteStorage;
 pub use mdk_storage_traits::groups::types::Group;
 pub use mdk_storage_traits::welcomes::types::Welcome;
-pub use member::{
-    CallSecretExport, GroupError, GroupEvents, GroupInbox, GroupMember, GroupRef, Rumor,
-};
+pub use member::{CallSecretExport, GroupError, GroupEvents, GroupMember, GroupRef, Rumor};
 
 /// MLS exporter label for call media keys (PROTOCOL.md §3).
 pub use crate::media::keys::EXPORTER_LABEL;

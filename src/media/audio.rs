@@ -1,10 +1,14 @@
 //! Audio in and out at the codec's 48 kHz mono: sound devices through cpal (resampled with
-//! rubato), and headless sources and sinks (tone, WAV, silence) for bots and tests. Headless
-//! ones are paced by the caller's timer, one frame per call, never by a sound card.
+//! rubato where the device does not run at 48 kHz), and headless sources and sinks (tone,
+//! WAV, silence) for bots and tests. Devices bring their own clock: capture hands out frames
+//! when the device has captured them and playback asks for audio when it needs it (see
+//! [`super::io`]). Headless ones are paced by the caller's timer, one frame per call.
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 use rubato::audioadapter_buffers::direct::InterleavedSlice;
@@ -143,6 +147,11 @@ impl StreamResampler {
 
     pub fn available(&self) -> usize {
         self.output.len()
+    }
+
+    /// The resampler's own delay, in output samples (0 when the rates are equal).
+    pub fn delay_samples(&self) -> usize {
+        self.inner.as_ref().map_or(0, |r| r.output_delay())
     }
 
     /// Takes up to `out.len()` samples; returns how many were written.
@@ -414,21 +423,417 @@ fn find_device(input: bool, name: Option<&str>) -> Result<cpal::Device, AudioErr
     }
 }
 
-/// Shared between a cpal callback thread and the call: 48 kHz mono samples.
-type SampleQueue = Arc<Mutex<StreamResampler>>;
+/// One frame of captured audio and when its first sample was captured.
+#[derive(Debug, Clone)]
+pub struct CapturedFrame {
+    pub pcm: Vec<i16>,
+    pub captured_at: Instant,
+}
 
-/// Microphone capture. The cpal stream lives on its own thread (cpal streams are not `Send`
-/// on every platform); frames are taken at the caller's pace.
+/// How a device was opened, for reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceSetup {
+    pub device: String,
+    pub sample_rate: u32,
+    pub channels: u16,
+    /// Frames per device period when a small fixed buffer was granted; `None` when the
+    /// device only runs with its default buffer.
+    pub buffer_frames: Option<u32>,
+}
+
+/// Frames the capture queue holds before the oldest is dropped (the call's side fell
+/// behind the device clock).
+const CAPTURE_QUEUE_FRAMES: usize = 2;
+/// Device periods of about this long are asked for (cpal `BufferSize::Fixed`).
+const DEVICE_PERIOD: Duration = Duration::from_millis(10);
+
+fn duration_of(samples: usize, rate: u32) -> Duration {
+    Duration::from_secs_f64(samples as f64 / f64::from(rate.max(1)))
+}
+
+/// A small fixed buffer where the device allows one.
+fn small_buffer(range: &cpal::SupportedBufferSize, rate: u32) -> cpal::BufferSize {
+    let want = (f64::from(rate) * DEVICE_PERIOD.as_secs_f64()) as u32;
+    match range {
+        cpal::SupportedBufferSize::Range { min, max } => {
+            cpal::BufferSize::Fixed(want.clamp(*min, (*max).max(*min)))
+        }
+        cpal::SupportedBufferSize::Unknown => cpal::BufferSize::Fixed(want),
+    }
+}
+
+/// The device's configuration at 48 kHz when it supports that rate in f32 (no resampling),
+/// else its default.
+fn pick_config(
+    device: &cpal::Device,
+    input: bool,
+) -> Result<cpal::SupportedStreamConfig, AudioError> {
+    let label = device_name(device);
+    let default = if input {
+        device.default_input_config()
+    } else {
+        device.default_output_config()
+    }
+    .map_err(|e| AudioError::Device(format!("{label}: {e}")))?;
+    let ranges: Vec<cpal::SupportedStreamConfigRange> = if input {
+        device
+            .supported_input_configs()
+            .map(|r| r.collect())
+            .unwrap_or_default()
+    } else {
+        device
+            .supported_output_configs()
+            .map(|r| r.collect())
+            .unwrap_or_default()
+    };
+    let native = ranges
+        .into_iter()
+        .filter(|r| r.sample_format() == cpal::SampleFormat::F32)
+        .filter(|r| r.channels() == default.channels() || r.channels() == 1)
+        .find_map(|r| r.try_with_sample_rate(SAMPLE_RATE));
+    Ok(native.unwrap_or(default))
+}
+
+/// Builds a stream with a small fixed buffer, or with the device's default buffer when the
+/// device refuses it.
+fn build_with_fallback(
+    config: &cpal::SupportedStreamConfig,
+    build: impl Fn(cpal::StreamConfig) -> Result<cpal::Stream, cpal::Error>,
+) -> Result<(cpal::Stream, Option<u32>), AudioError> {
+    let mut stream_config = config.config();
+    let fixed = small_buffer(config.buffer_size(), config.sample_rate());
+    stream_config.buffer_size = fixed;
+    match build(stream_config.clone()) {
+        Ok(s) => Ok((
+            s,
+            match fixed {
+                cpal::BufferSize::Fixed(n) => Some(n),
+                cpal::BufferSize::Default => None,
+            },
+        )),
+        Err(e) => {
+            tracing::info!("a {fixed:?} device buffer was refused ({e}); using the default");
+            stream_config.buffer_size = cpal::BufferSize::Default;
+            build(stream_config)
+                .map(|s| (s, None))
+                .map_err(|e| AudioError::Device(e.to_string()))
+        }
+    }
+}
+
+/// Microphone capture, clocked by the device: frames come out when the device has
+/// captured them, each with the time its first sample was captured (cpal's capture
+/// timestamp). The cpal stream lives on its own thread (cpal streams are not `Send` on
+/// every platform).
 pub struct DeviceCapture {
-    queue: SampleQueue,
+    frames: tokio::sync::mpsc::Receiver<CapturedFrame>,
+    frame_samples: Arc<AtomicUsize>,
+    dropped: Arc<AtomicU64>,
+    setup: DeviceSetup,
     _stream: StreamThread,
 }
 
-/// Speaker playback, fed at the caller's pace.
-pub struct DevicePlayback {
-    queue: Arc<Mutex<VecDeque<f32>>>,
+/// What the capture callback keeps between calls.
+struct CaptureState {
+    channels: usize,
+    rate: u32,
+    mono: Vec<f32>,
     resampler: StreamResampler,
+    pending: Vec<i16>,
+    scratch: Vec<i16>,
+    frame_samples: Arc<AtomicUsize>,
+    frames: tokio::sync::mpsc::Sender<CapturedFrame>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl CaptureState {
+    fn on_data(&mut self, data: &[f32], info: &cpal::InputCallbackInfo) {
+        let now = Instant::now();
+        let ts = info.timestamp();
+        // How long ago the buffer's first sample was captured.
+        let age = ts
+            .callback
+            .checked_duration_since(ts.capture)
+            .unwrap_or_default();
+        downmix_to_f32(data, self.channels, &mut self.mono);
+        let buffer_end = now
+            .checked_sub(age)
+            .unwrap_or(now)
+            .checked_add(duration_of(self.mono.len(), self.rate))
+            .unwrap_or(now);
+        if self.resampler.push(&self.mono).is_err() {
+            return;
+        }
+        self.scratch.resize(self.resampler.available(), 0);
+        let n = self.resampler.pull(&mut self.scratch);
+        self.pending.extend_from_slice(&self.scratch[..n]);
+        let spf = self.frame_samples.load(Ordering::Relaxed).max(1);
+        let delay = self.resampler.delay_samples();
+        while self.pending.len() >= spf {
+            // The frame's first sample lies this far before the end of what we hold.
+            let behind = self.pending.len() + delay;
+            let captured_at = buffer_end
+                .checked_sub(duration_of(behind, SAMPLE_RATE))
+                .unwrap_or(buffer_end);
+            let pcm: Vec<i16> = self.pending.drain(..spf).collect();
+            if self
+                .frames
+                .try_send(CapturedFrame { pcm, captured_at })
+                .is_err()
+            {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl DeviceCapture {
+    /// Opens the input device (`None`: the default one). Frames are 20 ms until
+    /// [`Self::set_frame_samples`] says otherwise.
+    pub fn open(name: Option<&str>) -> Result<Self, AudioError> {
+        let device = find_device(true, name)?;
+        let config = pick_config(&device, true)?;
+        let rate = config.sample_rate();
+        let channels = config.channels();
+        let (tx, frames) = tokio::sync::mpsc::channel(CAPTURE_QUEUE_FRAMES);
+        let frame_samples = Arc::new(AtomicUsize::new(SAMPLE_RATE as usize / 50));
+        let dropped = Arc::new(AtomicU64::new(0));
+        // Only the callback locks it: the lock is never contended.
+        let state = Arc::new(Mutex::new(CaptureState {
+            channels: usize::from(channels),
+            rate,
+            mono: Vec::new(),
+            resampler: StreamResampler::new(rate, SAMPLE_RATE)?,
+            pending: Vec::new(),
+            scratch: Vec::new(),
+            frame_samples: frame_samples.clone(),
+            frames: tx,
+            dropped: dropped.clone(),
+        }));
+        let label = device_id(&device);
+        let (stream, buffer_frames) = spawn_stream(move || {
+            build_with_fallback(&config, |c| {
+                let state = state.clone();
+                device.build_input_stream::<f32, _, _>(
+                    c,
+                    move |data: &[f32], info: &cpal::InputCallbackInfo| {
+                        if let Ok(mut s) = state.lock() {
+                            s.on_data(data, info);
+                        }
+                    },
+                    |e| tracing::warn!("capture: {e}"),
+                    None,
+                )
+            })
+        })?;
+        Ok(Self {
+            frames,
+            frame_samples,
+            dropped,
+            setup: DeviceSetup {
+                device: label,
+                sample_rate: rate,
+                channels,
+                buffer_frames,
+            },
+            _stream: stream,
+        })
+    }
+
+    /// Samples (at 48 kHz) per frame handed out.
+    pub fn set_frame_samples(&self, n: usize) {
+        self.frame_samples.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// The next captured frame; `None` if the device stream died.
+    pub async fn next_frame(&mut self) -> Option<CapturedFrame> {
+        self.frames.recv().await
+    }
+
+    /// Frames dropped because the call did not take them in time.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn setup(&self) -> &DeviceSetup {
+        &self.setup
+    }
+}
+
+/// Between the playback callback and the call.
+struct PlaybackShared {
+    state: Mutex<PlaybackState>,
+    /// Woken when the device's queue falls below its low-water mark.
+    want: tokio::sync::Notify,
+}
+
+struct PlaybackState {
+    queue: VecDeque<f32>,
+    /// When the sample at the head of the queue will be played (after the last callback).
+    head_play_at: Option<Instant>,
+    /// The call is asked for audio while fewer than this many device samples are queued.
+    low_water: usize,
+    /// More than this many queued device samples and the oldest are dropped.
+    cap: usize,
+    underrun_samples: u64,
+    dropped_samples: u64,
+}
+
+/// Speaker playback, clocked by the device: the device's callback asks for audio (through
+/// [`Self::wants`] / [`Self::demand`]) when less than about one frame plus one device
+/// period is queued, so what waits between the call and the sound card stays about one
+/// frame long and the device's clock, not a timer, paces playout.
+pub struct DevicePlayback {
+    shared: Arc<PlaybackShared>,
+    resampler: StreamResampler,
+    rate: u32,
+    period: usize,
+    scratch: Vec<f32>,
+    converted: Vec<i16>,
+    setup: DeviceSetup,
     _stream: StreamThread,
+}
+
+impl DevicePlayback {
+    pub fn open(name: Option<&str>) -> Result<Self, AudioError> {
+        let device = find_device(false, name)?;
+        let config = pick_config(&device, false)?;
+        let rate = config.sample_rate();
+        let channels = config.channels();
+        let per_frame = rate as usize / 50;
+        let shared = Arc::new(PlaybackShared {
+            state: Mutex::new(PlaybackState {
+                queue: VecDeque::new(),
+                head_play_at: None,
+                low_water: per_frame * 2,
+                cap: per_frame * 4,
+                underrun_samples: 0,
+                dropped_samples: 0,
+            }),
+            want: tokio::sync::Notify::new(),
+        });
+        let label = device_id(&device);
+        let cb_shared = shared.clone();
+        let ch = usize::from(channels).max(1);
+        let (stream, buffer_frames) = spawn_stream(move || {
+            build_with_fallback(&config, |c| {
+                let shared = cb_shared.clone();
+                device.build_output_stream::<f32, _, _>(
+                    c,
+                    move |data: &mut [f32], info: &cpal::OutputCallbackInfo| {
+                        let now = Instant::now();
+                        let ts = info.timestamp();
+                        let lead = ts
+                            .playback
+                            .checked_duration_since(ts.callback)
+                            .unwrap_or_default();
+                        let Ok(mut st) = shared.state.lock() else {
+                            return;
+                        };
+                        let frames = data.len() / ch;
+                        for frame in data.chunks_mut(ch) {
+                            let v = match st.queue.pop_front() {
+                                Some(v) => v,
+                                None => {
+                                    st.underrun_samples += 1;
+                                    0.0
+                                }
+                            };
+                            frame.fill(v);
+                        }
+                        st.head_play_at = Some(now + lead + duration_of(frames, rate));
+                        let low = st.queue.len() < st.low_water;
+                        drop(st);
+                        if low {
+                            shared.want.notify_one();
+                        }
+                    },
+                    |e| tracing::warn!("playback: {e}"),
+                    None,
+                )
+            })
+        })?;
+        let period = buffer_frames.map_or(per_frame, |n| n as usize);
+        let this = Self {
+            shared,
+            resampler: StreamResampler::new(SAMPLE_RATE, rate)?,
+            rate,
+            period,
+            scratch: Vec::new(),
+            converted: Vec::new(),
+            setup: DeviceSetup {
+                device: label,
+                sample_rate: rate,
+                channels,
+                buffer_frames,
+            },
+            _stream: stream,
+        };
+        this.set_frame_samples(SAMPLE_RATE as usize / 50);
+        Ok(this)
+    }
+
+    /// Samples (at 48 kHz) per frame the call writes: the queue is kept near one frame
+    /// plus one device period.
+    pub fn set_frame_samples(&self, n: usize) {
+        let per_frame = n * self.rate as usize / SAMPLE_RATE as usize;
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.low_water = per_frame + self.period;
+            st.cap = 2 * (per_frame + self.period) + per_frame;
+        }
+    }
+
+    /// When the device wants another frame: the time that frame's first sample will be
+    /// played, or `None` while enough is queued.
+    pub fn wants(&self) -> Option<Instant> {
+        let st = self.shared.state.lock().ok()?;
+        if st.queue.len() >= st.low_water {
+            return None;
+        }
+        let head = st.head_play_at.unwrap_or_else(Instant::now);
+        Some(head + duration_of(st.queue.len(), self.rate))
+    }
+
+    /// Waits until the device's callback has asked for audio.
+    pub async fn demand(&self) {
+        self.shared.want.notified().await;
+    }
+
+    /// Queues one frame of 48 kHz mono PCM.
+    pub fn write(&mut self, pcm: &[i16]) -> Result<(), AudioError> {
+        self.scratch.clear();
+        self.scratch
+            .extend(pcm.iter().map(|&s| f32::from(s) / f32::from(i16::MAX)));
+        self.resampler.push(&self.scratch)?;
+        self.converted.resize(self.resampler.available(), 0);
+        let n = self.resampler.pull(&mut self.converted);
+        let mut st = self
+            .shared
+            .state
+            .lock()
+            .map_err(|_| AudioError::Device("playback queue poisoned".into()))?;
+        st.queue.extend(
+            self.converted[..n]
+                .iter()
+                .map(|&s| f32::from(s) / f32::from(i16::MAX)),
+        );
+        // Bounded: if the call ever writes faster than the device plays, drop the oldest.
+        let excess = st.queue.len().saturating_sub(st.cap);
+        if excess > 0 {
+            st.queue.drain(..excess);
+            st.dropped_samples += excess as u64;
+        }
+        Ok(())
+    }
+
+    /// Device samples played as silence because nothing was queued.
+    pub fn underrun_samples(&self) -> u64 {
+        self.shared.state.lock().map_or(0, |st| st.underrun_samples)
+    }
+
+    pub fn setup(&self) -> &DeviceSetup {
+        &self.setup
+    }
 }
 
 /// Keeps a cpal stream alive on a thread until dropped.
@@ -446,21 +851,22 @@ impl Drop for StreamThread {
     }
 }
 
-fn spawn_stream<F>(build: F) -> Result<StreamThread, AudioError>
+fn spawn_stream<F, T>(build: F) -> Result<(StreamThread, T), AudioError>
 where
-    F: FnOnce() -> Result<cpal::Stream, AudioError> + Send + 'static,
+    F: FnOnce() -> Result<(cpal::Stream, T), AudioError> + Send + 'static,
+    T: Send + 'static,
 {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
         .name("call-audio".into())
         .spawn(move || {
-            match build().and_then(|s| {
+            match build().and_then(|(s, extra)| {
                 s.play().map_err(|e| AudioError::Device(e.to_string()))?;
-                Ok(s)
+                Ok((s, extra))
             }) {
-                Ok(stream) => {
-                    let _ = ready_tx.send(Ok(()));
+                Ok((stream, extra)) => {
+                    let _ = ready_tx.send(Ok(extra));
                     // Blocks until the owner drops the sender.
                     let _ = stop_rx.recv();
                     drop(stream);
@@ -471,120 +877,16 @@ where
             }
         })
         .map_err(|e| AudioError::Device(e.to_string()))?;
-    ready_rx
+    let extra = ready_rx
         .recv()
         .map_err(|_| AudioError::Device("audio thread ended during start-up".into()))??;
-    Ok(StreamThread {
-        stop: Some(stop_tx),
-        handle: Some(handle),
-    })
-}
-
-impl DeviceCapture {
-    pub fn open(name: Option<&str>) -> Result<Self, AudioError> {
-        let device = find_device(true, name)?;
-        let config = device
-            .default_input_config()
-            .map_err(|e| AudioError::Device(format!("{}: {e}", device_name(&device))))?;
-        let rate = config.sample_rate();
-        let channels = usize::from(config.channels());
-        let queue: SampleQueue = Arc::new(Mutex::new(StreamResampler::new(rate, SAMPLE_RATE)?));
-        let q = queue.clone();
-        let stream = spawn_stream(move || {
-            let mut mono = Vec::new();
-            device
-                .build_input_stream::<f32, _, _>(
-                    config.into(),
-                    move |data: &[f32], _| {
-                        downmix_to_f32(data, channels, &mut mono);
-                        if let Ok(mut r) = q.lock() {
-                            let _ = r.push(&mono);
-                        }
-                    },
-                    |e| tracing::warn!("capture: {e}"),
-                    None,
-                )
-                .map_err(|e| AudioError::Device(e.to_string()))
-        })?;
-        Ok(Self {
-            queue,
-            _stream: stream,
-        })
-    }
-}
-
-impl AudioSource for DeviceCapture {
-    /// Whatever the microphone delivered since the last call, up to one frame; a shortfall
-    /// is filled with silence (the device and our timer run on different clocks).
-    fn read_frame(&mut self, out: &mut [i16]) -> Result<bool, AudioError> {
-        let n = self
-            .queue
-            .lock()
-            .map_err(|_| AudioError::Device("capture queue poisoned".into()))?
-            .pull(out);
-        out[n..].fill(0);
-        Ok(true)
-    }
-}
-
-impl DevicePlayback {
-    pub fn open(name: Option<&str>) -> Result<Self, AudioError> {
-        let device = find_device(false, name)?;
-        let config = device
-            .default_output_config()
-            .map_err(|e| AudioError::Device(format!("{}: {e}", device_name(&device))))?;
-        let rate = config.sample_rate();
-        let channels = usize::from(config.channels());
-        let queue = Arc::new(Mutex::new(VecDeque::<f32>::new()));
-        let q = queue.clone();
-        let stream = spawn_stream(move || {
-            device
-                .build_output_stream::<f32, _, _>(
-                    config.into(),
-                    move |data: &mut [f32], _| {
-                        let mut q = match q.lock() {
-                            Ok(q) => q,
-                            Err(_) => return,
-                        };
-                        for frame in data.chunks_mut(channels.max(1)) {
-                            frame.fill(q.pop_front().unwrap_or(0.0));
-                        }
-                    },
-                    |e| tracing::warn!("playback: {e}"),
-                    None,
-                )
-                .map_err(|e| AudioError::Device(e.to_string()))
-        })?;
-        Ok(Self {
-            queue,
-            resampler: StreamResampler::new(SAMPLE_RATE, rate)?,
-            _stream: stream,
-        })
-    }
-}
-
-impl AudioSink for DevicePlayback {
-    fn write_frame(&mut self, pcm: &[i16]) -> Result<(), AudioError> {
-        let f: Vec<f32> = pcm
-            .iter()
-            .map(|&s| f32::from(s) / f32::from(i16::MAX))
-            .collect();
-        self.resampler.push(&f)?;
-        let mut out = vec![0i16; self.resampler.available()];
-        let n = self.resampler.pull(&mut out);
-        let mut q = self
-            .queue
-            .lock()
-            .map_err(|_| AudioError::Device("playback queue poisoned".into()))?;
-        q.extend(out[..n].iter().map(|&s| f32::from(s) / f32::from(i16::MAX)));
-        // Never let more than half a second pile up if the device clock runs slow.
-        let cap = SAMPLE_RATE as usize / 2;
-        if q.len() > cap {
-            let excess = q.len() - cap;
-            q.drain(..excess);
-        }
-        Ok(())
-    }
+    Ok((
+        StreamThread {
+            stop: Some(stop_tx),
+            handle: Some(handle),
+        },
+        extra,
+    ))
 }
 
 #[cfg(test)]

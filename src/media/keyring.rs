@@ -69,6 +69,9 @@ pub enum Reject {
 /// A frame that authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decrypted {
+    /// The transport sequence the caller gave with the frame ([`ReceiverKeyring::decrypt_seq`];
+    /// 0 through [`ReceiverKeyring::decrypt`]), so frames released from hold keep their place.
+    pub seq: u64,
     pub leaf_index: u32,
     pub epoch: u64,
     pub ctr: u64,
@@ -91,6 +94,7 @@ struct EpochKeys {
 
 struct HeldFrame {
     since: Instant,
+    seq: u64,
     frame: Vec<u8>,
 }
 
@@ -169,7 +173,7 @@ impl ReceiverKeyring {
         let held = std::mem::take(&mut self.held);
         let mut out = Vec::new();
         for h in held {
-            match self.decrypt(&h.frame, now) {
+            match self.decrypt_seq(h.seq, &h.frame, now) {
                 Ok(Received::Frame(d)) => out.push(d),
                 // Still ahead of us: keep its original arrival time.
                 Ok(Received::Held) => {
@@ -219,12 +223,24 @@ impl ReceiverKeyring {
 
     /// Authenticates one frame. Every `Err` is counted in [`Self::rejects`].
     pub fn decrypt(&mut self, frame: &[u8], now: Instant) -> Result<Received, Reject> {
+        self.decrypt_seq(0, frame, now)
+    }
+
+    /// [`Self::decrypt`] for a frame that arrived with transport sequence `seq`; the
+    /// sequence comes back with the frame, also when it is released from hold later.
+    pub fn decrypt_seq(
+        &mut self,
+        seq: u64,
+        frame: &[u8],
+        now: Instant,
+    ) -> Result<Received, Reject> {
         self.retire(now);
         let err = match self.keys.decrypt(frame) {
             Ok((info, payload)) => {
                 let parts = self.layout.split(info.kid);
                 let payload = payload.to_vec();
                 return Ok(Received::Frame(Decrypted {
+                    seq,
                     leaf_index: parts.leaf_index,
                     epoch: self.epoch_of(info.kid).unwrap_or_default(),
                     ctr: info.ctr,
@@ -232,7 +248,7 @@ impl ReceiverKeyring {
                 }));
             }
             Err(FrameError::UnknownKid(kid)) => match self.classify_unknown(kid) {
-                None => return self.hold(kid, frame, now),
+                None => return self.hold(kid, seq, frame, now),
                 Some(reject) => reject,
             },
             Err(FrameError::Oversize(n)) => Reject::Oversize(n),
@@ -256,12 +272,13 @@ impl ReceiverKeyring {
         reject
     }
 
-    fn hold(&mut self, kid: u64, frame: &[u8], now: Instant) -> Result<Received, Reject> {
+    fn hold(&mut self, kid: u64, seq: u64, frame: &[u8], now: Instant) -> Result<Received, Reject> {
         if self.held.len() >= MAX_HELD_FRAMES {
             return Err(self.count(Reject::UnknownKid(kid)));
         }
         self.held.push_back(HeldFrame {
             since: now,
+            seq,
             frame: frame.to_vec(),
         });
         Ok(Received::Held)
