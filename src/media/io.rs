@@ -144,6 +144,10 @@ pub struct AudioIo {
     output: AudioOut,
     frame: Duration,
     spf: usize,
+    /// A headless side's clock: made on the first [`AudioIo::next`], so that it belongs to
+    /// the runtime that polls it (a timer of another runtime is woken by that runtime's
+    /// driver, late whenever that runtime is busy).
+    timed: bool,
     tick: Option<tokio::time::Interval>,
     pending: VecDeque<AudioEvent>,
     source_ended: bool,
@@ -161,19 +165,13 @@ impl AudioIo {
             d.set_frame_samples(spf);
         }
         let timed = matches!(input, AudioIn::Timer(_)) || matches!(output, AudioOut::Timer(_));
-        let tick = timed.then(|| {
-            let mut t = tokio::time::interval(frame);
-            // A headless source keeps the stream's pace after a stall (frames are sent in
-            // a burst); the sink side skips the slots whose time has passed (below).
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            t
-        });
         Self {
             input,
             output,
             frame,
             spf,
-            tick,
+            timed,
+            tick: None,
             pending: VecDeque::new(),
             source_ended: false,
             scratch: vec![0; spf],
@@ -188,6 +186,13 @@ impl AudioIo {
     /// The next thing to hand to the engine. Cancel-safe: an event is taken from its
     /// source only when it is returned.
     pub async fn next(&mut self) -> Result<AudioEvent, AudioError> {
+        if self.timed && self.tick.is_none() {
+            let mut t = tokio::time::interval(self.frame);
+            // A headless source keeps the stream's pace after a stall (frames are sent in
+            // a burst); the sink side skips the slots whose time has passed (below).
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            self.tick = Some(t);
+        }
         loop {
             if let Some(e) = self.pending.pop_front() {
                 return Ok(e);
