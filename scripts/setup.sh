@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the build needs: cmake (libopus is built from source by the
-# opus crate), ALSA headers (cpal), pkg-config and OpenSSL headers (SQLCipher in mdk-sqlite-storage). Safe to run again.
+# opus crate), ALSA headers (cpal), pkg-config and OpenSSL headers (SQLCipher in mdk-sqlite-storage),
+# and a user-space PulseAudio with ALSA's pulse plugin, whose null sinks give the device tests a
+# real clocked sound card on machines without one. Safe to run again.
 set -euo pipefail
 
-packages=(cmake libasound2-dev pkg-config libssl-dev)
+packages=(cmake libasound2-dev pkg-config libssl-dev pulseaudio pulseaudio-utils libasound2-plugins)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -285,7 +285,8 @@ impl Sim {
             self.leaves.remove(&self.nodes[r].leaf);
         }
         for &a in add {
-            self.leaves.insert(self.nodes[a].leaf, self.nodes[a].pubkey());
+            self.leaves
+                .insert(self.nodes[a].leaf, self.nodes[a].pubkey());
         }
         self.epoch += 1;
         self.secret = secret();
@@ -437,7 +438,12 @@ impl Sim {
         sim.join(2);
         sim.run(Duration::from_millis(500));
         for i in 0..3 {
-            assert_eq!(sim.joined_peers(i), 2, "node {i}: {:?}", sim.nodes[i].events);
+            assert_eq!(
+                sim.joined_peers(i),
+                2,
+                "node {i}: {:?}",
+                sim.nodes[i].events
+            );
         }
         sim
     }
@@ -500,7 +506,10 @@ fn a_rekey_holds_the_new_epochs_frames_until_the_commit_arrives_and_loses_none()
             assert_eq!(p.rejects.total(), 0, "node {i} from {from}: {p:?}");
             // Every frame since the subscription, the held ones too (at most a few were
             // sent before it reached the relay, and two are in flight at the end).
-            assert!(p.received + 8 >= sent, "node {i} from {from}: {p:?}, sent {sent}");
+            assert!(
+                p.received + 8 >= sent,
+                "node {i} from {from}: {p:?}, sent {sent}"
+            );
             // The held frames came 200 ms late, so up to that much was concealed, and the
             // playout point was held back so that the frames after them were not late.
             assert!(p.jitter.concealed <= 10, "node {i}: {:?}", p.jitter);
@@ -518,7 +527,9 @@ fn removal_ends_the_removed_members_call_and_drops_it_for_the_others() {
     sim.run(Duration::from_millis(500));
     assert_eq!(sim.nodes[2].ended, Some(EndReason::RemovedFromGroup));
     assert!(
-        sim.rumors[rumors_before..].iter().all(|(from, _)| *from != 2),
+        sim.rumors[rumors_before..]
+            .iter()
+            .all(|(from, _)| *from != 2),
         "a removed member says nothing to the group"
     );
     let gone = sim.npub(2);
@@ -570,7 +581,12 @@ fn after_an_add_the_lowest_leaf_re_announces_the_call_and_the_new_member_joins_f
     sim.join(2);
     sim.run(Duration::from_secs(1));
     for i in 0..3 {
-        assert_eq!(sim.joined_peers(i), 2, "node {i}: {:?}", sim.nodes[i].events);
+        assert_eq!(
+            sim.joined_peers(i),
+            2,
+            "node {i}: {:?}",
+            sim.nodes[i].events
+        );
     }
     let r = sim.report(2);
     assert_eq!(r.peers.len(), 2);
@@ -593,10 +609,12 @@ fn mute_is_told_to_the_others_and_keeps_the_stream_going_in_silence() {
     sim.handle(0, Input::Command(UserCommand::Mute(true)));
     sim.run(Duration::from_secs(1));
     let muter = sim.npub(0);
-    assert!(sim.events(1).any(
-        |e| matches!(e, CallEvent::PeerMuted { npub, muted: true } if *npub == muter)
-    ));
-    assert!(sim.events(0).any(|e| matches!(e, CallEvent::Muted { muted: true })));
+    assert!(sim
+        .events(1)
+        .any(|e| matches!(e, CallEvent::PeerMuted { npub, muted: true } if *npub == muter)));
+    assert!(sim
+        .events(0)
+        .any(|e| matches!(e, CallEvent::Muted { muted: true })));
     // Frames keep coming at the stream's pace, and they are silence.
     let received_after = sim.report(1).peers[0].received;
     assert!(received_after >= received_before + 45, "{received_after}");
@@ -615,7 +633,8 @@ fn a_peer_that_stops_sending_is_shown_lost_then_dropped_while_the_others_talk_on
     sim.run(Duration::from_millis(2_800));
     for i in [0, 2] {
         assert!(
-            !sim.events(i).any(|e| matches!(e, CallEvent::PeerLost { .. })),
+            !sim.events(i)
+                .any(|e| matches!(e, CallEvent::PeerLost { .. })),
             "lost too early"
         );
     }

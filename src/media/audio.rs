@@ -451,9 +451,25 @@ fn duration_of(samples: usize, rate: u32) -> Duration {
     Duration::from_secs_f64(samples as f64 / f64::from(rate.max(1)))
 }
 
+/// The device period asked for: [`DEVICE_PERIOD`], or `CALL_DEVICE_PERIOD_MS` (1..=100;
+/// 0 keeps the device's default buffer).
+fn device_period() -> Option<Duration> {
+    match std::env::var("CALL_DEVICE_PERIOD_MS")
+        .ok()
+        .map(|v| v.parse::<u64>())
+    {
+        Some(Ok(0)) => None,
+        Some(Ok(ms)) if ms <= 100 => Some(Duration::from_millis(ms)),
+        _ => Some(DEVICE_PERIOD),
+    }
+}
+
 /// A small fixed buffer where the device allows one.
 fn small_buffer(range: &cpal::SupportedBufferSize, rate: u32) -> cpal::BufferSize {
-    let want = (f64::from(rate) * DEVICE_PERIOD.as_secs_f64()) as u32;
+    let Some(period) = device_period() else {
+        return cpal::BufferSize::Default;
+    };
+    let want = (f64::from(rate) * period.as_secs_f64()) as u32;
     match range {
         cpal::SupportedBufferSize::Range { min, max } => {
             cpal::BufferSize::Fixed(want.clamp(*min, (*max).max(*min)))
@@ -494,31 +510,54 @@ fn pick_config(
     Ok(native.unwrap_or(default))
 }
 
-/// Builds a stream with a small fixed buffer, or with the device's default buffer when the
-/// device refuses it.
+/// How long a stream with a small fixed buffer must run without an error to be kept.
+const BUFFER_PROBE: Duration = Duration::from_millis(300);
+
+/// Counts a stream's errors and logs the first of them (a broken stream can report one
+/// per period, which must not flood the terminal).
+fn error_counter(what: &'static str, errors: Arc<AtomicU64>) -> impl FnMut(cpal::Error) + Send {
+    move |e| {
+        let n = errors.fetch_add(1, Ordering::Relaxed);
+        if n == 0 || n.is_power_of_two() {
+            tracing::warn!("{what} device: {e} ({} so far)", n + 1);
+        }
+    }
+}
+
+/// Starts a stream with a small fixed buffer, or with the device's default buffer when the
+/// device refuses the small one, or accepts it but then fails while playing (PulseAudio's
+/// ALSA plugin does: every period ends in an I/O error).
 fn build_with_fallback(
     config: &cpal::SupportedStreamConfig,
-    build: impl Fn(cpal::StreamConfig) -> Result<cpal::Stream, cpal::Error>,
+    build: impl Fn(cpal::StreamConfig, Arc<AtomicU64>) -> Result<cpal::Stream, cpal::Error>,
 ) -> Result<(cpal::Stream, Option<u32>), AudioError> {
     let mut stream_config = config.config();
     let fixed = small_buffer(config.buffer_size(), config.sample_rate());
-    stream_config.buffer_size = fixed;
-    match build(stream_config.clone()) {
-        Ok(s) => Ok((
-            s,
-            match fixed {
-                cpal::BufferSize::Fixed(n) => Some(n),
-                cpal::BufferSize::Default => None,
-            },
-        )),
-        Err(e) => {
-            tracing::info!("a {fixed:?} device buffer was refused ({e}); using the default");
-            stream_config.buffer_size = cpal::BufferSize::Default;
-            build(stream_config)
-                .map(|s| (s, None))
-                .map_err(|e| AudioError::Device(e.to_string()))
+    if let cpal::BufferSize::Fixed(n) = fixed {
+        stream_config.buffer_size = fixed;
+        let errors = Arc::new(AtomicU64::new(0));
+        match build(stream_config.clone(), errors.clone()) {
+            Ok(s) => {
+                s.play().map_err(|e| AudioError::Device(e.to_string()))?;
+                std::thread::sleep(BUFFER_PROBE);
+                let failed = errors.load(Ordering::Relaxed);
+                if failed == 0 {
+                    return Ok((s, Some(n)));
+                }
+                tracing::info!(
+                    "a {n}-frame device buffer failed {failed} times in {BUFFER_PROBE:?}; \
+                     using the device's default"
+                );
+            }
+            Err(e) => {
+                tracing::info!("a {n}-frame device buffer was refused ({e}); using the default")
+            }
         }
     }
+    stream_config.buffer_size = cpal::BufferSize::Default;
+    build(stream_config, Arc::new(AtomicU64::new(0)))
+        .map(|s| (s, None))
+        .map_err(|e| AudioError::Device(e.to_string()))
 }
 
 /// Microphone capture, clocked by the device: frames come out when the device has
@@ -612,7 +651,7 @@ impl DeviceCapture {
         }));
         let label = device_id(&device);
         let (stream, buffer_frames) = spawn_stream(move || {
-            build_with_fallback(&config, |c| {
+            build_with_fallback(&config, |c, errors| {
                 let state = state.clone();
                 device.build_input_stream::<f32, _, _>(
                     c,
@@ -621,7 +660,7 @@ impl DeviceCapture {
                             s.on_data(data, info);
                         }
                     },
-                    |e| tracing::warn!("capture: {e}"),
+                    error_counter("capture", errors),
                     None,
                 )
             })
@@ -671,12 +710,23 @@ struct PlaybackState {
     queue: VecDeque<f32>,
     /// When the sample at the head of the queue will be played (after the last callback).
     head_play_at: Option<Instant>,
-    /// The call is asked for audio while fewer than this many device samples are queued.
+    /// The call is asked for audio while fewer than this many device samples are queued
+    /// (or than the largest callback seen, plus a millisecond).
     low_water: usize,
+    /// The most device samples one callback took.
+    callback_frames: usize,
     /// More than this many queued device samples and the oldest are dropped.
     cap: usize,
     underrun_samples: u64,
     dropped_samples: u64,
+}
+
+impl PlaybackState {
+    fn low_mark(&self, rate: u32) -> usize {
+        self.low_water
+            .max(self.callback_frames + rate as usize / 1000)
+            .min(self.cap)
+    }
 }
 
 /// Speaker playback, clocked by the device: the device's callback asks for audio (through
@@ -706,6 +756,7 @@ impl DevicePlayback {
                 queue: VecDeque::new(),
                 head_play_at: None,
                 low_water: per_frame * 2,
+                callback_frames: 0,
                 cap: per_frame * 4,
                 underrun_samples: 0,
                 dropped_samples: 0,
@@ -716,7 +767,7 @@ impl DevicePlayback {
         let cb_shared = shared.clone();
         let ch = usize::from(channels).max(1);
         let (stream, buffer_frames) = spawn_stream(move || {
-            build_with_fallback(&config, |c| {
+            build_with_fallback(&config, |c, errors| {
                 let shared = cb_shared.clone();
                 device.build_output_stream::<f32, _, _>(
                     c,
@@ -742,13 +793,14 @@ impl DevicePlayback {
                             frame.fill(v);
                         }
                         st.head_play_at = Some(now + lead + duration_of(frames, rate));
-                        let low = st.queue.len() < st.low_water;
+                        st.callback_frames = st.callback_frames.max(frames);
+                        let low = st.queue.len() < st.low_mark(rate);
                         drop(st);
                         if low {
                             shared.want.notify_one();
                         }
                     },
-                    |e| tracing::warn!("playback: {e}"),
+                    error_counter("playback", errors),
                     None,
                 )
             })
@@ -773,13 +825,15 @@ impl DevicePlayback {
         Ok(this)
     }
 
-    /// Samples (at 48 kHz) per frame the call writes: the queue is kept near one frame
-    /// plus one device period.
+    /// Samples (at 48 kHz) per frame the call writes. The call is asked for another frame
+    /// while less than one device period (plus a millisecond) is queued: the next callback
+    /// then finds what it needs, and what waits averages about half a frame more than that.
     pub fn set_frame_samples(&self, n: usize) {
         let per_frame = n * self.rate as usize / SAMPLE_RATE as usize;
+        let margin = self.rate as usize / 1000;
         if let Ok(mut st) = self.shared.state.lock() {
-            st.low_water = per_frame + self.period;
-            st.cap = 2 * (per_frame + self.period) + per_frame;
+            st.low_water = self.period + margin;
+            st.cap = 2 * (per_frame + self.period + margin);
         }
     }
 
@@ -787,7 +841,7 @@ impl DevicePlayback {
     /// played, or `None` while enough is queued.
     pub fn wants(&self) -> Option<Instant> {
         let st = self.shared.state.lock().ok()?;
-        if st.queue.len() >= st.low_water {
+        if st.queue.len() >= st.low_mark(self.rate) {
             return None;
         }
         let head = st.head_play_at.unwrap_or_else(Instant::now);
