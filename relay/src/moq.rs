@@ -9,8 +9,10 @@
 //! late subscriber starts from it at once.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -25,6 +27,7 @@ use moq_transport::session::{PublishedNamespace, Publisher, Session, Subscribed,
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::throttle::LogThrottle;
 use crate::{AuthMode, RelayConfig};
 
 type Upstream = watch::Receiver<Option<Result<Arc<Hub>, ServeError>>>;
@@ -46,6 +49,8 @@ pub(crate) struct Policy {
     pub max_tracks_per_session: usize,
     pub max_object_bytes: usize,
     pub max_unsent_groups: usize,
+    pub setup_timeout: Duration,
+    pub max_sessions_per_address: usize,
 }
 
 impl From<&RelayConfig> for Policy {
@@ -57,6 +62,9 @@ impl From<&RelayConfig> for Policy {
             max_tracks_per_session: c.max_tracks_per_session,
             max_object_bytes: c.max_object_bytes,
             max_unsent_groups: c.max_unsent_groups,
+            setup_timeout: Duration::from_secs(c.setup_timeout),
+            max_sessions_per_address: usize::try_from(c.max_sessions_per_address)
+                .unwrap_or(usize::MAX),
         }
     }
 }
@@ -79,6 +87,11 @@ pub(crate) struct Routes {
     tracks: Mutex<HashMap<FullTrackName, TrackEntry>>,
     /// Every live session's transport, so shutdown can close them all with a reason.
     live: Mutex<HashMap<u64, moq_transport::session::transport::Session>>,
+    /// Sessions (admitted, with or without SETUP yet) per source address key
+    /// ([`address_key`]); an entry goes with its last session.
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+    /// Refusals come in floods; one log line per second says how many.
+    refusal_log: LogThrottle,
     next_id: AtomicU64,
     pub(crate) stats: Stats,
 }
@@ -98,6 +111,10 @@ pub(crate) struct Stats {
     pub behind: AtomicU64,
     /// Sessions, announces and subscribes refused (tokens, limits).
     pub refused: AtomicU64,
+    /// Sessions closed because no SETUP arrived in time (not in `refused`).
+    pub setup_timeouts: AtomicU64,
+    /// Sessions refused because their source address had too many (also in `refused`).
+    pub refused_per_address: AtomicU64,
 }
 
 /// What one session presented and holds.
@@ -351,6 +368,8 @@ impl Routes {
             bindings: Mutex::default(),
             tracks: Mutex::default(),
             live: Mutex::default(),
+            per_address: Mutex::default(),
+            refusal_log: LogThrottle::new(Duration::from_secs(1)),
             next_id: AtomicU64::new(0),
             stats: Stats::default(),
         }
@@ -671,7 +690,25 @@ impl Routes {
         self: Arc<Self>,
         transport: moq_transport::session::transport::Session,
         kind: moq_transport::session::Transport,
+        remote: SocketAddr,
     ) {
+        // Checked before the relay-wide limit, so one address's flood takes no more than
+        // its share of `max_sessions`.
+        let Some(_slot) = AddressSlot::take(&self, remote.ip()) else {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .refused_per_address
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = self.refusal_log.allow() {
+                tracing::warn!(
+                    limit = self.policy.max_sessions_per_address,
+                    suppressed,
+                    "session refused: too many sessions from one address"
+                );
+            }
+            transport.close(REFUSED_SESSION, "too many sessions from this address");
+            return;
+        };
         let sessions = self.stats.sessions.fetch_add(1, Ordering::AcqRel) + 1;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.live
@@ -692,21 +729,42 @@ impl Routes {
     ) {
         if sessions > self.policy.max_sessions {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                limit = self.policy.max_sessions,
-                "session refused: relay full"
-            );
+            if let Some(suppressed) = self.refusal_log.allow() {
+                tracing::warn!(
+                    limit = self.policy.max_sessions,
+                    suppressed,
+                    "session refused: relay full"
+                );
+            }
             transport.close(REFUSED_SESSION, "relay session limit reached");
             return;
         }
-        let (session, publisher, subscriber) =
-            match Session::accept(transport.clone(), None, kind).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!("moq setup failed: {e}");
-                    return;
-                }
-            };
+        // A session holds a slot from its QUIC handshake on; one that never sends SETUP
+        // would hold it for as long as its peer keeps the connection alive.
+        let accepted = tokio::time::timeout(
+            self.policy.setup_timeout,
+            Session::accept(transport.clone(), None, kind),
+        )
+        .await;
+        let Ok(accepted) = accepted else {
+            self.stats.setup_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(session = id, "no SETUP in time: session closed");
+            transport.close(
+                REFUSED_SESSION,
+                &format!(
+                    "no SETUP within {} s",
+                    self.policy.setup_timeout.as_secs_f32()
+                ),
+            );
+            return;
+        };
+        let (session, publisher, subscriber) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("moq setup failed: {e}");
+                return;
+            }
+        };
         let token_hashes = match moq_transport::setup::decode_setup_tokens(session.setup_params()) {
             Ok(tokens) => tokens.iter().map(|t| sha256(t.value)).collect(),
             Err(e) => {
@@ -795,9 +853,82 @@ impl Routes {
     }
 }
 
+/// The key sessions are counted under for the per-address limit: an IPv4 address (also
+/// when it arrives IPv4-mapped on a dual-stack socket), or an IPv6 address's /64 prefix,
+/// which is what one IPv6 host is usually given.
+pub(crate) fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+    }
+}
+
+/// One session's place in its address's count; released on drop.
+struct AddressSlot<'a> {
+    routes: &'a Routes,
+    key: IpAddr,
+}
+
+impl<'a> AddressSlot<'a> {
+    fn take(routes: &'a Routes, ip: IpAddr) -> Option<Self> {
+        let key = address_key(ip);
+        let mut map = routes.per_address.lock().expect("address lock");
+        let count = map.entry(key).or_default();
+        if *count >= routes.policy.max_sessions_per_address {
+            if *count == 0 {
+                map.remove(&key);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(Self { routes, key })
+    }
+}
+
+impl Drop for AddressSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.routes.per_address.lock().expect("address lock");
+        if let Some(count) = map.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// Accepts QUIC connections until the server closes.
 pub(crate) async fn accept_loop(mut server: quic::Server, routes: Arc<Routes>) {
     while let Some((transport, info)) = server.accept().await {
-        tokio::spawn(routes.clone().session(transport, info.transport));
+        tokio::spawn(
+            routes
+                .clone()
+                .session(transport, info.transport, info.remote_address),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::address_key;
+    use std::net::IpAddr;
+
+    #[test]
+    fn address_keys_group_ipv6_by_64_and_unmap_ipv4() {
+        let k = |s: &str| address_key(s.parse::<IpAddr>().unwrap());
+        assert_eq!(k("192.0.2.7"), k("::ffff:192.0.2.7"));
+        assert_ne!(k("192.0.2.7"), k("192.0.2.8"));
+        assert_eq!(k("2001:db8:1:2:aaaa::1"), k("2001:db8:1:2:bbbb::2"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_eq!(
+            k("2001:db8:1:2:aaaa::1"),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
     }
 }
