@@ -231,11 +231,7 @@ impl Front {
         let from_library = async {
             while let Some(Ok(msg)) = inner_rx.next().await {
                 match msg {
-                    Message::Text(_) => {
-                        if out.send(msg).await.is_err() {
-                            return;
-                        }
-                    }
+                    Message::Text(_) if out.send(msg).await.is_err() => return,
                     Message::Close(_) => return,
                     _ => {}
                 }
