@@ -21,6 +21,12 @@ use url::Url;
 
 pub use tls::ServerCert;
 
+/// Entry points for fuzzing (`relay/fuzz`, and the bounded loops in the tests); not an API.
+#[doc(hidden)]
+pub mod fuzz {
+    pub use crate::moq::{fuzz_setup_and_namespace, FuzzOutcome};
+}
+
 /// Configuration of both relays. Every flag has a `CALL_RELAY_*` environment variable.
 #[derive(Parser, Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields, default)]
