@@ -18,7 +18,7 @@ targets="setup_tokens"
 # Seeds: valid inputs written by the unit test that fuzzes the same function.
 seeds="$target_dir/seeds"
 CALL_RELAY_FUZZ_WRITE_SEEDS="$seeds" CALL_RELAY_FUZZ_CASES=1 \
-    cargo test -q -p call-relay --lib fuzz_setup_tokens -- --quiet >/dev/null
+    cargo test -q -p call-relay --lib fuzz_setup_tokens >/dev/null
 
 cd "$root/relay/fuzz"
 CARGO_TARGET_DIR="$target_dir" cargo afl build --release

@@ -1159,14 +1159,20 @@ mod tests {
             *outcomes.entry(outcome).or_default() += 1;
         }
         eprintln!("{cases} cases in {:?}: {outcomes:?}", started.elapsed());
-        for outcome in [
-            FuzzOutcome::BadSetup,
-            FuzzOutcome::BadToken,
-            FuzzOutcome::BadNamespace,
-            FuzzOutcome::Refused,
-            FuzzOutcome::Bound,
-        ] {
-            assert!(outcomes.contains_key(&outcome), "{outcome:?} never reached");
+        // Too few cases (as when only writing seeds) need not reach every outcome.
+        let outcomes_expected = if cases >= 10_000 {
+            &[
+                FuzzOutcome::BadSetup,
+                FuzzOutcome::BadToken,
+                FuzzOutcome::BadNamespace,
+                FuzzOutcome::Refused,
+                FuzzOutcome::Bound,
+            ][..]
+        } else {
+            &[]
+        };
+        for outcome in outcomes_expected {
+            assert!(outcomes.contains_key(outcome), "{outcome:?} never reached");
         }
     }
 
