@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 mod moq;
+mod nostr;
+mod throttle;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -14,9 +16,16 @@ use clap::Parser;
 use moq_native_ietf::quic;
 use nostr_relay_builder::prelude::{LocalRelay, RateLimit, RelayBuilder};
 use serde::Deserialize;
+use tokio::task::JoinHandle;
 use url::Url;
 
 pub use tls::ServerCert;
+
+/// Entry points for fuzzing (`relay/fuzz`, and the bounded loops in the tests); not an API.
+#[doc(hidden)]
+pub mod fuzz {
+    pub use crate::moq::{fuzz_setup_and_namespace, FuzzOutcome};
+}
 
 /// Configuration of both relays. Every flag has a `CALL_RELAY_*` environment variable.
 #[derive(Parser, Deserialize, Debug, Clone)]
@@ -79,7 +88,33 @@ pub struct RelayConfig {
     /// not a growing backlog of stale ones. 0 = no limit.
     #[arg(long, env = "CALL_RELAY_MAX_UNSENT_GROUPS", default_value_t = 32)]
     pub max_unsent_groups: usize,
-    /// Seconds between one-line MoQ stats logs (0 = never).
+    /// Seconds a MoQ session may take to send SETUP after its QUIC (or WebTransport)
+    /// handshake; then it is closed with a reason and counted (`setup_timeouts`).
+    #[arg(long, env = "CALL_RELAY_SETUP_TIMEOUT", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub setup_timeout: u64,
+    /// Concurrent MoQ sessions from one source address (IPv4 address or IPv6 /64);
+    /// further sessions are closed with a reason and counted (`refused_per_address`).
+    #[arg(long, env = "CALL_RELAY_MAX_SESSIONS_PER_ADDRESS", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_sessions_per_address: u64,
+    /// Largest Nostr event (its JSON) accepted, in bytes: a bigger event gets `OK false`,
+    /// and a WebSocket message over this plus 1 KiB closes the connection (code 1009).
+    #[arg(long, env = "CALL_RELAY_NOSTR_MAX_EVENT_BYTES", default_value_t = 65536,
+          value_parser = clap::value_parser!(u64).range(1024..=(1 << 30)))]
+    pub nostr_max_event_bytes: u64,
+    /// Bytes of Nostr events (JSON size) the relay stores; events past it get `OK false`.
+    #[arg(
+        long,
+        env = "CALL_RELAY_NOSTR_MAX_STORED_BYTES",
+        default_value_t = 256 << 20
+    )]
+    pub nostr_max_stored_bytes: u64,
+    /// Seconds a Nostr client may take for its WebSocket handshake before it is dropped.
+    #[arg(long, env = "CALL_RELAY_NOSTR_HANDSHAKE_TIMEOUT", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub nostr_handshake_timeout: u64,
+    /// Seconds between one-line stats logs (0 = never).
     #[arg(long, env = "CALL_RELAY_STATS_INTERVAL", default_value_t = 10)]
     pub stats_interval: u64,
 }
@@ -115,10 +150,12 @@ impl RelayConfig {
 pub struct Relay {
     server: quic::Server,
     moq_addr: SocketAddr,
-    nostr: LocalRelay,
+    nostr: NostrGuard,
     nostr_url: Url,
     fingerprint: String,
     routes: Arc<moq::Routes>,
+    nostr_stats: Arc<nostr::Stats>,
+    store: Arc<nostr::Store>,
     stats_interval: std::time::Duration,
 }
 
@@ -158,34 +195,49 @@ impl Relay {
         let server = endpoint.server.context("MoQ endpoint has no server side")?;
         let moq_addr = server.local_addr()?;
 
-        let nostr_port = match config.nostr_bind.port() {
-            0 => std::net::TcpListener::bind(config.nostr_bind)
-                .and_then(|l| l.local_addr())
-                .context("picking a Nostr port")?
-                .port(),
-            p => p,
-        };
-        let nostr = LocalRelay::new(
+        // Our own listener and WebSocket front (see `nostr.rs`); the library serves the
+        // connections it hands over and never listens itself.
+        let listener = tokio::net::TcpListener::bind(config.nostr_bind)
+            .await
+            .with_context(|| format!("binding the Nostr listener on {}", config.nostr_bind))?;
+        let nostr_addr = listener.local_addr()?;
+        let nostr_stats = Arc::new(nostr::Stats::default());
+        let store = Arc::new(nostr::Store::new(
+            config.nostr_max_stored_bytes,
+            nostr_stats.clone(),
+        ));
+        let relay = LocalRelay::new(
             RelayBuilder::default()
-                .addr(config.nostr_bind.ip())
-                .port(nostr_port)
+                .addr(nostr_addr.ip())
+                .port(nostr_addr.port())
+                .database(store.clone())
+                .write_policy(nostr::QuotaPolicy(store.clone()))
                 .rate_limit(RateLimit {
                     max_reqs: 500,
                     notes_per_minute: config.nostr_events_per_minute,
                 }),
         );
-        nostr
-            .run()
-            .await
-            .with_context(|| format!("starting the Nostr relay on port {nostr_port}"))?;
-        let nostr_url = Url::parse(nostr.url().await.as_str())?;
+        let limits = nostr::Limits {
+            max_event_bytes: usize::try_from(config.nostr_max_event_bytes)
+                .context("--nostr-max-event-bytes")?,
+            handshake_timeout: std::time::Duration::from_secs(config.nostr_handshake_timeout),
+        };
+        let front = Arc::new(nostr::Front::new(
+            relay.clone(),
+            limits,
+            nostr_stats.clone(),
+        ));
+        let accept = tokio::spawn(front.accept_loop(listener));
+        let nostr_url = Url::parse(&format!("ws://{nostr_addr}"))?;
         Ok(Self {
             server,
             moq_addr,
-            nostr,
+            nostr: NostrGuard { relay, accept },
             nostr_url,
             fingerprint: cert.fingerprint,
             routes: Arc::new(moq::Routes::new(moq::Policy::from(config))),
+            nostr_stats,
+            store,
             stats_interval: std::time::Duration::from_secs(config.stats_interval),
         })
     }
@@ -203,14 +255,18 @@ impl Relay {
         &self.fingerprint
     }
 
-    /// A snapshot of the MoQ side's counters.
+    /// A snapshot of the counters.
     pub fn stats(&self) -> RelayStats {
-        self.routes.stats()
+        self.stats_handle().get()
     }
 
-    /// A handle reading the MoQ counters while [`Relay::run`] owns the relay.
+    /// A handle reading the counters while [`Relay::run`] owns the relay.
     pub fn stats_handle(&self) -> StatsHandle {
-        StatsHandle(self.routes.clone())
+        StatsHandle {
+            routes: self.routes.clone(),
+            nostr: self.nostr_stats.clone(),
+            store: self.store.clone(),
+        }
     }
 
     /// Serves MoQ sessions until dropped; the Nostr relay stops with it.
@@ -221,9 +277,9 @@ impl Relay {
     /// Serves until `shutdown` resolves (or this future is dropped), then closes every MoQ
     /// session with a reason and stops the Nostr relay.
     pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) {
-        let _nostr = NostrGuard(self.nostr);
+        let stats_log = log_stats(self.stats_handle(), self.stats_interval);
+        let _nostr = self.nostr;
         let _sessions = SessionsGuard(self.routes.clone());
-        let stats_log = log_stats(self.routes.clone(), self.stats_interval);
         tokio::select! {
             () = moq::accept_loop(self.server, self.routes.clone()) => {}
             () = shutdown => tracing::info!("shutting down"),
@@ -241,16 +297,16 @@ impl Drop for SessionsGuard {
     }
 }
 
-async fn log_stats(routes: Arc<moq::Routes>, every: std::time::Duration) {
+async fn log_stats(stats: StatsHandle, every: std::time::Duration) {
     if every.is_zero() {
         return std::future::pending().await;
     }
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
-    let mut last = routes.stats();
+    let mut last = stats.get();
     loop {
         tick.tick().await;
-        let now = routes.stats();
+        let now = stats.get();
         let secs = every.as_secs_f64();
         tracing::info!(
             "moq sessions={} tracks={} subscriptions={} objects_in/s={:.0} objects_out/s={:.0} drops={} behind={} refused={}",
@@ -263,29 +319,69 @@ async fn log_stats(routes: Arc<moq::Routes>, every: std::time::Duration) {
             now.behind - last.behind,
             now.refused - last.refused,
         );
+        if now.setup_timeouts != last.setup_timeouts
+            || now.refused_per_address != last.refused_per_address
+        {
+            tracing::info!(
+                "moq setup_timeouts={} refused_per_address={}",
+                now.setup_timeouts - last.setup_timeouts,
+                now.refused_per_address - last.refused_per_address,
+            );
+        }
+        tracing::info!(
+            "nostr connections={} stored_bytes={} too_big={} malformed={} handshake_timeouts={} quota_refused={} accept_errors={}",
+            now.nostr_connections,
+            now.nostr_stored_bytes,
+            now.nostr_too_big - last.nostr_too_big,
+            now.nostr_malformed - last.nostr_malformed,
+            now.nostr_handshake_timeouts - last.nostr_handshake_timeouts,
+            now.nostr_quota_refused - last.nostr_quota_refused,
+            now.nostr_accept_errors - last.nostr_accept_errors,
+        );
         last = now;
     }
 }
 
-struct NostrGuard(LocalRelay);
+/// The Nostr relay and our accept loop in front of it; both stop when the relay is dropped,
+/// whether or not it ever ran.
+struct NostrGuard {
+    relay: LocalRelay,
+    accept: JoinHandle<()>,
+}
 
 impl Drop for NostrGuard {
     fn drop(&mut self) {
-        self.0.shutdown();
+        self.accept.abort();
+        self.relay.shutdown();
     }
 }
 
-/// Reads the MoQ counters of a running relay.
+/// Reads the counters of a running relay.
 #[derive(Clone)]
-pub struct StatsHandle(Arc<moq::Routes>);
+pub struct StatsHandle {
+    routes: Arc<moq::Routes>,
+    nostr: Arc<nostr::Stats>,
+    store: Arc<nostr::Store>,
+}
 
 impl StatsHandle {
     pub fn get(&self) -> RelayStats {
-        self.0.stats()
+        let n = &self.nostr;
+        RelayStats {
+            nostr_connections: n.connections.load(Ordering::Relaxed),
+            nostr_stored_bytes: self.store.stored_bytes(),
+            nostr_too_big: n.too_big.load(Ordering::Relaxed),
+            nostr_malformed: n.malformed.load(Ordering::Relaxed),
+            nostr_handshake_timeouts: n.handshake_timeouts.load(Ordering::Relaxed),
+            nostr_handshake_failures: n.handshake_failures.load(Ordering::Relaxed),
+            nostr_quota_refused: n.quota_refused.load(Ordering::Relaxed),
+            nostr_accept_errors: n.accept_errors.load(Ordering::Relaxed),
+            ..self.routes.stats()
+        }
     }
 }
 
-/// MoQ relay counters.
+/// Relay counters (MoQ, then Nostr), since start unless said otherwise.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RelayStats {
     pub sessions: u64,
@@ -301,6 +397,26 @@ pub struct RelayStats {
     pub behind: u64,
     /// Sessions, announces and subscribes refused (token, limits) since start.
     pub refused: u64,
+    /// MoQ sessions closed because SETUP did not arrive within `--setup-timeout`.
+    pub setup_timeouts: u64,
+    /// MoQ sessions refused by `--max-sessions-per-address` (also in `refused`).
+    pub refused_per_address: u64,
+    /// Open Nostr WebSocket connections (now).
+    pub nostr_connections: u64,
+    /// Bytes of stored Nostr events (JSON size, now).
+    pub nostr_stored_bytes: u64,
+    /// Nostr events or messages refused for their size.
+    pub nostr_too_big: u64,
+    /// Nostr messages that were not NIP-01 client messages (answered with NOTICE).
+    pub nostr_malformed: u64,
+    /// Nostr connections dropped because the WebSocket handshake took too long.
+    pub nostr_handshake_timeouts: u64,
+    /// Nostr connections whose WebSocket handshake failed.
+    pub nostr_handshake_failures: u64,
+    /// Nostr events refused because the stored-bytes quota was reached.
+    pub nostr_quota_refused: u64,
+    /// Failed `accept` calls on the Nostr listener (each followed by a back-off pause).
+    pub nostr_accept_errors: u64,
 }
 
 impl moq::Routes {
@@ -314,6 +430,9 @@ impl moq::Routes {
             drops: self.stats.drops.load(Ordering::Relaxed),
             behind: self.stats.behind.load(Ordering::Relaxed),
             refused: self.stats.refused.load(Ordering::Relaxed),
+            setup_timeouts: self.stats.setup_timeouts.load(Ordering::Relaxed),
+            refused_per_address: self.stats.refused_per_address.load(Ordering::Relaxed),
+            ..RelayStats::default()
         }
     }
 }

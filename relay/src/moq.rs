@@ -9,8 +9,10 @@
 //! late subscriber starts from it at once.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -25,6 +27,7 @@ use moq_transport::session::{PublishedNamespace, Publisher, Session, Subscribed,
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::throttle::LogThrottle;
 use crate::{AuthMode, RelayConfig};
 
 type Upstream = watch::Receiver<Option<Result<Arc<Hub>, ServeError>>>;
@@ -46,6 +49,8 @@ pub(crate) struct Policy {
     pub max_tracks_per_session: usize,
     pub max_object_bytes: usize,
     pub max_unsent_groups: usize,
+    pub setup_timeout: Duration,
+    pub max_sessions_per_address: usize,
 }
 
 impl From<&RelayConfig> for Policy {
@@ -57,6 +62,9 @@ impl From<&RelayConfig> for Policy {
             max_tracks_per_session: c.max_tracks_per_session,
             max_object_bytes: c.max_object_bytes,
             max_unsent_groups: c.max_unsent_groups,
+            setup_timeout: Duration::from_secs(c.setup_timeout),
+            max_sessions_per_address: usize::try_from(c.max_sessions_per_address)
+                .unwrap_or(usize::MAX),
         }
     }
 }
@@ -79,6 +87,11 @@ pub(crate) struct Routes {
     tracks: Mutex<HashMap<FullTrackName, TrackEntry>>,
     /// Every live session's transport, so shutdown can close them all with a reason.
     live: Mutex<HashMap<u64, moq_transport::session::transport::Session>>,
+    /// Sessions (admitted, with or without SETUP yet) per source address key
+    /// ([`address_key`]); an entry goes with its last session.
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+    /// Refusals come in floods; one log line per second says how many.
+    refusal_log: LogThrottle,
     next_id: AtomicU64,
     pub(crate) stats: Stats,
 }
@@ -98,6 +111,10 @@ pub(crate) struct Stats {
     pub behind: AtomicU64,
     /// Sessions, announces and subscribes refused (tokens, limits).
     pub refused: AtomicU64,
+    /// Sessions closed because no SETUP arrived in time (not in `refused`).
+    pub setup_timeouts: AtomicU64,
+    /// Sessions refused because their source address had too many (also in `refused`).
+    pub refused_per_address: AtomicU64,
 }
 
 /// What one session presented and holds.
@@ -343,6 +360,15 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// SHA-256 of each AUTHORIZATION TOKEN value in a SETUP's options, in order: all the relay
+/// keeps of a token.
+fn token_hashes(
+    params: &moq_transport::coding::KeyValuePairs,
+) -> Result<Vec<[u8; 32]>, moq_transport::setup::TokenError> {
+    let tokens = moq_transport::setup::decode_setup_tokens(params)?;
+    Ok(tokens.iter().map(|t| sha256(t.value)).collect())
+}
+
 impl Routes {
     pub(crate) fn new(policy: Policy) -> Self {
         Self {
@@ -351,6 +377,8 @@ impl Routes {
             bindings: Mutex::default(),
             tracks: Mutex::default(),
             live: Mutex::default(),
+            per_address: Mutex::default(),
+            refusal_log: LogThrottle::new(Duration::from_secs(1)),
             next_id: AtomicU64::new(0),
             stats: Stats::default(),
         }
@@ -671,7 +699,25 @@ impl Routes {
         self: Arc<Self>,
         transport: moq_transport::session::transport::Session,
         kind: moq_transport::session::Transport,
+        remote: SocketAddr,
     ) {
+        // Checked before the relay-wide limit, so one address's flood takes no more than
+        // its share of `max_sessions`.
+        let Some(_slot) = AddressSlot::take(&self, remote.ip()) else {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .refused_per_address
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = self.refusal_log.allow() {
+                tracing::warn!(
+                    limit = self.policy.max_sessions_per_address,
+                    suppressed,
+                    "session refused: too many sessions from one address"
+                );
+            }
+            transport.close(REFUSED_SESSION, "too many sessions from this address");
+            return;
+        };
         let sessions = self.stats.sessions.fetch_add(1, Ordering::AcqRel) + 1;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.live
@@ -692,23 +738,44 @@ impl Routes {
     ) {
         if sessions > self.policy.max_sessions {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                limit = self.policy.max_sessions,
-                "session refused: relay full"
-            );
+            if let Some(suppressed) = self.refusal_log.allow() {
+                tracing::warn!(
+                    limit = self.policy.max_sessions,
+                    suppressed,
+                    "session refused: relay full"
+                );
+            }
             transport.close(REFUSED_SESSION, "relay session limit reached");
             return;
         }
-        let (session, publisher, subscriber) =
-            match Session::accept(transport.clone(), None, kind).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!("moq setup failed: {e}");
-                    return;
-                }
-            };
-        let token_hashes = match moq_transport::setup::decode_setup_tokens(session.setup_params()) {
-            Ok(tokens) => tokens.iter().map(|t| sha256(t.value)).collect(),
+        // A session holds a slot from its QUIC handshake on; one that never sends SETUP
+        // would hold it for as long as its peer keeps the connection alive.
+        let accepted = tokio::time::timeout(
+            self.policy.setup_timeout,
+            Session::accept(transport.clone(), None, kind),
+        )
+        .await;
+        let Ok(accepted) = accepted else {
+            self.stats.setup_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(session = id, "no SETUP in time: session closed");
+            transport.close(
+                REFUSED_SESSION,
+                &format!(
+                    "no SETUP within {} s",
+                    self.policy.setup_timeout.as_secs_f32()
+                ),
+            );
+            return;
+        };
+        let (session, publisher, subscriber) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("moq setup failed: {e}");
+                return;
+            }
+        };
+        let token_hashes = match token_hashes(session.setup_params()) {
+            Ok(hashes) => hashes,
             Err(e) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("session refused: bad AUTHORIZATION TOKEN: {e}");
@@ -795,9 +862,330 @@ impl Routes {
     }
 }
 
+/// What [`fuzz_setup_and_namespace`] found an input to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FuzzOutcome {
+    /// The SETUP message did not decode.
+    BadSetup,
+    /// SETUP decoded; its AUTHORIZATION TOKEN options did not.
+    BadToken,
+    /// The namespace did not decode.
+    BadNamespace,
+    /// The namespace was refused (no token).
+    Refused,
+    /// The namespace was bound to the session's token.
+    Bound,
+}
+
+/// One fuzz input through what a client controls before any access decision: `data[0]`
+/// picks the token scope (1..=32) and where SETUP ends; the SETUP bytes go through the
+/// relay's token parsing ([`token_hashes`]), the rest decodes as a namespace that is then
+/// bound, used by another session with the same and with a different token, and released.
+///
+/// Must not panic for any input. Panics (as a failed check) if the binding rules break:
+/// the token's owner and a session with the same token are admitted, a different token
+/// is refused, and releasing every session leaves no binding behind.
+pub fn fuzz_setup_and_namespace(data: &[u8]) -> FuzzOutcome {
+    use moq_transport::coding::Decode;
+    let Some((&head, rest)) = data.split_first() else {
+        return FuzzOutcome::BadSetup;
+    };
+    let scope = usize::from(head % 32) + 1;
+    let split = (usize::from(head) * rest.len()) / 256;
+    let (mut setup_bytes, mut ns_bytes) = rest.split_at(split);
+    let Ok(setup) = moq_transport::setup::Setup::decode(&mut setup_bytes) else {
+        return FuzzOutcome::BadSetup;
+    };
+    let Ok(hashes) = token_hashes(&setup.params) else {
+        return FuzzOutcome::BadToken;
+    };
+    let Ok(ns) = TrackNamespace::decode(&mut ns_bytes) else {
+        return FuzzOutcome::BadNamespace;
+    };
+    let routes = Routes::new(Policy {
+        auth: AuthMode::Token,
+        token_scope: scope,
+        max_sessions: 4,
+        max_tracks_per_session: 4,
+        max_object_bytes: 1024,
+        max_unsent_groups: 4,
+        setup_timeout: Duration::from_secs(1),
+        max_sessions_per_address: 4,
+    });
+    let session = |id: u64, token_hashes: Vec<[u8; 32]>| SessionCtx {
+        id,
+        token_hashes,
+        used: Mutex::default(),
+        tracks: AtomicUsize::new(0),
+    };
+    let owner = session(1, hashes.clone());
+    let outcome = match routes.authorize(&owner, &ns) {
+        Err(Refusal::MissingToken) if hashes.is_empty() => FuzzOutcome::Refused,
+        Err(other) => panic!("first use refused with tokens present: {other:?}"),
+        Ok(()) => {
+            assert!(!hashes.is_empty(), "bound without a token");
+            let same = session(2, hashes[..1].to_vec());
+            assert!(routes.authorize(&same, &ns).is_ok(), "same token refused");
+            let mut other_token = hashes[0];
+            other_token[0] ^= 1;
+            let stranger = session(3, vec![other_token]);
+            assert!(
+                matches!(routes.authorize(&stranger, &ns), Err(Refusal::WrongToken)),
+                "different token admitted"
+            );
+            routes.release_bindings(&same);
+            routes.release_bindings(&stranger);
+            FuzzOutcome::Bound
+        }
+    };
+    routes.release_bindings(&owner);
+    assert!(
+        routes.bindings.lock().expect("bindings lock").is_empty(),
+        "a binding outlived its sessions"
+    );
+    outcome
+}
+
+/// The key sessions are counted under for the per-address limit: an IPv4 address (also
+/// when it arrives IPv4-mapped on a dual-stack socket), or an IPv6 address's /64 prefix,
+/// which is what one IPv6 host is usually given.
+pub(crate) fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+    }
+}
+
+/// One session's place in its address's count; released on drop.
+struct AddressSlot<'a> {
+    routes: &'a Routes,
+    key: IpAddr,
+}
+
+impl<'a> AddressSlot<'a> {
+    fn take(routes: &'a Routes, ip: IpAddr) -> Option<Self> {
+        let key = address_key(ip);
+        let mut map = routes.per_address.lock().expect("address lock");
+        let count = map.entry(key).or_default();
+        if *count >= routes.policy.max_sessions_per_address {
+            if *count == 0 {
+                map.remove(&key);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(Self { routes, key })
+    }
+}
+
+impl Drop for AddressSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.routes.per_address.lock().expect("address lock");
+        if let Some(count) = map.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// Accepts QUIC connections until the server closes.
 pub(crate) async fn accept_loop(mut server: quic::Server, routes: Arc<Routes>) {
     while let Some((transport, info)) = server.accept().await {
-        tokio::spawn(routes.clone().session(transport, info.transport));
+        tokio::spawn(
+            routes
+                .clone()
+                .session(transport, info.transport, info.remote_address),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{address_key, fuzz_setup_and_namespace, FuzzOutcome};
+    use moq_transport::coding::{Encode, KeyValuePair, KeyValuePairs, TrackNamespace, VarInt};
+    use rand::{Rng, SeedableRng};
+    use std::collections::HashMap;
+    use std::net::IpAddr;
+
+    /// Valid inputs for [`fuzz_setup_and_namespace`]: SETUPs with 0..=3 tokens (USE_VALUE
+    /// and REGISTER forms), then a namespace; mutations start from these.
+    fn seeds() -> Vec<Vec<u8>> {
+        let mut seeds = Vec::new();
+        let namespaces = [
+            "call/00112233445566778899aabbccddeeff",
+            "call/ab/cd/ef",
+            "x",
+        ];
+        for tokens in 0..=3usize {
+            for (n, path) in namespaces.iter().enumerate() {
+                let mut params = KeyValuePairs::new();
+                for t in 0..tokens {
+                    let mut value = Vec::new();
+                    if (t + n) % 2 == 0 {
+                        VarInt::from(3u64).encode(&mut value).unwrap(); // USE_VALUE
+                    } else {
+                        VarInt::from(1u64).encode(&mut value).unwrap(); // REGISTER
+                        VarInt::from(7u64).encode(&mut value).unwrap(); // its alias
+                    }
+                    VarInt::from(t as u64).encode(&mut value).unwrap(); // token type
+                    value.extend_from_slice(&[t as u8 + 1; 32]);
+                    params.0.push(KeyValuePair::new_bytes(3, value));
+                }
+                let mut setup = Vec::new();
+                moq_transport::setup::Setup { params }
+                    .encode(&mut setup)
+                    .unwrap();
+                let mut ns = Vec::new();
+                TrackNamespace::from_utf8_path(path)
+                    .encode(&mut ns)
+                    .unwrap();
+                // data[0] decides where SETUP ends: pick the byte that splits right here.
+                let rest = setup.len() + ns.len();
+                let head = (0..=255u8)
+                    .find(|h| (usize::from(*h) * rest) / 256 == setup.len())
+                    .unwrap_or(128);
+                let mut input = vec![head];
+                input.extend_from_slice(&setup);
+                input.extend_from_slice(&ns);
+                seeds.push(input);
+            }
+        }
+        seeds
+    }
+
+    fn mutate(rng: &mut impl Rng, input: &mut Vec<u8>, seeds: &[Vec<u8>]) {
+        const INTERESTING: [u8; 8] = [0, 1, 0x3f, 0x40, 0x7f, 0x80, 0xc0, 0xff];
+        for _ in 0..rng.gen_range(1..=4) {
+            let len = input.len();
+            match rng.gen_range(0..7) {
+                0 if len > 0 => input[rng.gen_range(0..len)] ^= 1 << rng.gen_range(0..8),
+                1 if len > 0 => {
+                    input[rng.gen_range(0..len)] = INTERESTING[rng.gen_range(0..INTERESTING.len())]
+                }
+                2 => {
+                    let at = rng.gen_range(0..=len);
+                    let n = rng.gen_range(1..=16);
+                    let bytes: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+                    input.splice(at..at, bytes);
+                }
+                3 if len > 1 => {
+                    let a = rng.gen_range(0..len);
+                    let b = rng.gen_range(a..=len.min(a + 16));
+                    input.drain(a..b);
+                }
+                4 if len > 0 => input.truncate(rng.gen_range(0..len)),
+                5 if len > 1 => {
+                    let a = rng.gen_range(0..len);
+                    let b = rng.gen_range(a..=len.min(a + 32));
+                    let chunk = input[a..b].to_vec();
+                    let at = rng.gen_range(0..=len);
+                    input.splice(at..at, chunk);
+                }
+                6 => {
+                    let other = &seeds[rng.gen_range(0..seeds.len())];
+                    let cut = rng.gen_range(0..=len);
+                    let from = rng.gen_range(0..=other.len());
+                    input.truncate(cut);
+                    input.extend_from_slice(&other[from..]);
+                }
+                _ if len > 0 => input[0] = rng.gen(),
+                _ => input.push(rng.gen()),
+            }
+        }
+    }
+
+    /// Stable-toolchain fuzzing of the relay's SETUP token parsing and namespace binding:
+    /// seeded mutations of valid inputs and pure random bytes, a bounded number of cases
+    /// (`CALL_RELAY_FUZZ_CASES`, default 100,000), no panics, and every outcome reached.
+    #[test]
+    fn fuzz_setup_tokens_and_namespace_bindings() {
+        let cases: u64 = std::env::var("CALL_RELAY_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let seed: u64 = std::env::var("CALL_RELAY_FUZZ_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(11);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let seeds = seeds();
+        for input in &seeds {
+            assert_ne!(
+                fuzz_setup_and_namespace(input),
+                FuzzOutcome::BadSetup,
+                "{input:x?}"
+            );
+        }
+        // `scripts/fuzz.sh` starts AFL from these.
+        if let Ok(dir) = std::env::var("CALL_RELAY_FUZZ_WRITE_SEEDS") {
+            std::fs::create_dir_all(&dir).unwrap();
+            for (i, input) in seeds.iter().enumerate() {
+                std::fs::write(format!("{dir}/seed-{i:02}"), input).unwrap();
+            }
+        }
+        // Inputs that once failed (crashes AFL found go here) stay tests.
+        let regressions = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/regressions");
+        if let Ok(dir) = std::fs::read_dir(regressions) {
+            for entry in dir {
+                let path = entry.unwrap().path();
+                if path.extension().is_none_or(|e| e != "md") {
+                    let input = std::fs::read(&path).unwrap();
+                    let replay = std::panic::catch_unwind(|| fuzz_setup_and_namespace(&input));
+                    assert!(replay.is_ok(), "regression {}", path.display());
+                }
+            }
+        }
+        let mut outcomes: HashMap<FuzzOutcome, u64> = HashMap::new();
+        let started = std::time::Instant::now();
+        for case in 0..cases {
+            let input = if case % 10 == 0 {
+                let n = rng.gen_range(0..128);
+                (0..n).map(|_| rng.gen()).collect()
+            } else {
+                let mut input = seeds[rng.gen_range(0..seeds.len())].clone();
+                mutate(&mut rng, &mut input, &seeds);
+                input
+            };
+            let outcome = std::panic::catch_unwind(|| fuzz_setup_and_namespace(&input))
+                .unwrap_or_else(|_| panic!("seed {seed}, case {case}: input {input:x?}"));
+            *outcomes.entry(outcome).or_default() += 1;
+        }
+        eprintln!("{cases} cases in {:?}: {outcomes:?}", started.elapsed());
+        // Too few cases (as when only writing seeds) need not reach every outcome.
+        let outcomes_expected = if cases >= 10_000 {
+            &[
+                FuzzOutcome::BadSetup,
+                FuzzOutcome::BadToken,
+                FuzzOutcome::BadNamespace,
+                FuzzOutcome::Refused,
+                FuzzOutcome::Bound,
+            ][..]
+        } else {
+            &[]
+        };
+        for outcome in outcomes_expected {
+            assert!(outcomes.contains_key(outcome), "{outcome:?} never reached");
+        }
+    }
+
+    #[test]
+    fn address_keys_group_ipv6_by_64_and_unmap_ipv4() {
+        let k = |s: &str| address_key(s.parse::<IpAddr>().unwrap());
+        assert_eq!(k("192.0.2.7"), k("::ffff:192.0.2.7"));
+        assert_ne!(k("192.0.2.7"), k("192.0.2.8"));
+        assert_eq!(k("2001:db8:1:2:aaaa::1"), k("2001:db8:1:2:bbbb::2"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_eq!(
+            k("2001:db8:1:2:aaaa::1"),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
     }
 }

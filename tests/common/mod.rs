@@ -12,6 +12,7 @@ pub struct TestRelay {
     pub nostr_url: Url,
     pub fingerprint: String,
     stats: Box<dyn Fn() -> call_relay::RelayStats + Send + Sync>,
+    stats_handle: call_relay::StatsHandle,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -45,6 +46,7 @@ impl TestRelay {
         };
         let stats = relay.stats_handle();
         Self {
+            stats_handle: stats.clone(),
             stats: Box::new(move || stats.get()),
             moq_url: relay.moq_url(),
             nostr_url: relay.nostr_url(),
@@ -70,6 +72,12 @@ impl TestRelay {
 
     pub fn stats(&self) -> call_relay::RelayStats {
         (self.stats)()
+    }
+
+    /// A function reading the relay's counters, for tasks that outlive a borrow.
+    pub fn stats_fn(&self) -> impl Fn() -> call_relay::RelayStats + Send + 'static {
+        let stats = self.stats_handle.clone();
+        move || stats.get()
     }
 }
 
