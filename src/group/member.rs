@@ -33,6 +33,8 @@ pub enum GroupError {
     Timeout(&'static str),
     #[error("no relay accepted the commit, so it was not applied (pending commit cleared): {0}")]
     CommitNotAccepted(String),
+    #[error(transparent)]
+    Fetch(#[from] super::fetch::FetchError),
 }
 
 /// The two ids of a Marmot group.
@@ -156,17 +158,10 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         Ok(out.val)
     }
 
-    /// Fetches from the relays that are connected now (a relay that is down would make
-    /// every query wait for the whole timeout). Publishing does the same.
-    pub(super) async fn fetch(&self, filter: Filter) -> Result<Events, GroupError> {
-        Ok(self
-            .client
-            .fetch_events_from(self.connected_relays().await?, filter, self.timeout)
-            .await?)
-    }
-
-    /// The configured relays that are connected now; an error if none is.
-    async fn connected_relays(&self) -> Result<Vec<RelayUrl>, GroupError> {
+    /// The configured relays that are connected now; an error if none is. Fetches and
+    /// publishes use only these: a relay that is down would make every query wait for the
+    /// whole timeout.
+    pub(super) async fn connected_relays(&self) -> Result<Vec<RelayUrl>, GroupError> {
         let connected: Vec<RelayUrl> = self
             .client
             .relays()
@@ -208,8 +203,12 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         let filter = Filter::new()
             .kinds([KIND_KEY_PACKAGE, Kind::MlsKeyPackage])
             .author(author);
-        let events = self.fetch(filter).await?;
-        events
+        // Paged: a flood of key packages must not hide the newest one.
+        let fetched = self
+            .fetch_all("key packages", filter, super::fetch::horizon())
+            .await?;
+        fetched
+            .events
             .into_iter()
             .max_by_key(|e| (e.kind == KIND_KEY_PACKAGE, e.created_at))
             .ok_or(GroupError::NoKeyPackage(author))
@@ -335,6 +334,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         Ok(GroupEvents {
             h: group.h_tag(),
             notifications,
+            held_back: 0,
         })
     }
 
@@ -377,16 +377,23 @@ impl<S: MdkStorageProvider> GroupMember<S> {
 }
 
 /// One group's kind-445 events as relays deliver them (duplicates included: several relays
-/// may deliver one event).
+/// may deliver one event). Events stamped beyond now + `MAX_CLOCK_SKEW` are held back
+/// (counted, not returned): the next catch-up fetches them once they are due.
 pub struct GroupEvents {
     h: String,
     notifications: tokio::sync::broadcast::Receiver<RelayPoolNotification>,
+    held_back: usize,
 }
 
 impl GroupEvents {
     /// The group's `h` tag value, for [`GroupMember::process_group_event`].
     pub fn h_tag(&self) -> &str {
         &self.h
+    }
+
+    /// Future-dated events held back so far.
+    pub fn held_back(&self) -> usize {
+        self.held_back
     }
 
     /// The next event of the group; `None` once the client is shut down.
@@ -407,6 +414,11 @@ impl GroupEvents {
                     .find(TagKind::h())
                     .and_then(|t| t.content())
                     .is_some_and(|h| h == self.h);
+            if ours && super::fetch::is_future_dated(&event) {
+                tracing::warn!(id = %event.id, "holding back a future-dated group event");
+                self.held_back += 1;
+                continue;
+            }
             if ours {
                 return Some(*event);
             }
