@@ -32,7 +32,11 @@ async fn publish_all(relay: &TestRelay, events: Vec<Event>, connections: usize) 
         tasks.push(tokio::spawn(async move {
             for ev in &chunk {
                 let out = client.send_event(ev).await.unwrap();
-                assert!(!out.success.is_empty(), "relay refused junk: {:?}", out.failed);
+                assert!(
+                    !out.success.is_empty(),
+                    "relay refused junk: {:?}",
+                    out.failed
+                );
             }
             client.disconnect().await;
             chunk.len()
@@ -53,7 +57,10 @@ fn garbage(i: usize) -> String {
 
 fn base64_like(bytes: &[u8]) -> String {
     const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    bytes.iter().map(|b| A[(*b as usize) % 64] as char).collect()
+    bytes
+        .iter()
+        .map(|b| A[(*b as usize) % 64] as char)
+        .collect()
 }
 
 async fn nostr_group_id(user: &User, group: &str) -> String {
@@ -132,7 +139,10 @@ async fn a_future_dated_event_does_not_freeze_the_group() {
     assert_eq!(g["dropped"]["future_dated"], 1, "{synced}");
     assert_eq!(g["fetched"], 0, "{synced}");
     let now = Timestamp::now().as_secs();
-    assert!(sync_cursor_at(&b) <= now + 300, "cursor moved to the future");
+    assert!(
+        sync_cursor_at(&b) <= now + 300,
+        "cursor moved to the future"
+    );
 
     // The admin commits; nothing waits for 2100 (bounded by the timeout).
     c.ok(&["keys", "publish"]).await;
@@ -188,7 +198,10 @@ async fn six_hundred_junk_group_events_after_a_commit_do_not_split_the_group() {
 
     let synced = b.ok(&["sync"]).await;
     let g = &synced["groups"][0];
-    assert_eq!(g["commits"], 1, "the commit was pushed out of view: {synced}");
+    assert_eq!(
+        g["commits"], 1,
+        "the commit was pushed out of view: {synced}"
+    );
     assert_eq!(g["fetched"], 601, "{synced}");
     assert_eq!(g["dropped"]["undecryptable"], 600, "{synced}");
     assert_eq!(g["ignored"], 600, "{synced}");
@@ -232,7 +245,11 @@ async fn six_hundred_junk_gift_wraps_do_not_hide_a_welcome() {
 
     let pending = b.ok(&["group", "pending"]).await;
     let list = pending["pending"].as_array().unwrap();
-    assert_eq!(list.len(), 1, "the welcome was pushed out of view: {pending}");
+    assert_eq!(
+        list.len(),
+        1,
+        "the welcome was pushed out of view: {pending}"
+    );
     assert_eq!(list[0]["group_name"], "wrapped");
     assert_eq!(pending["gift_wraps"]["fetched"], 601, "{pending}");
     assert_eq!(
@@ -282,7 +299,6 @@ async fn kill_9_during_invite_then_the_next_command_resends_and_the_invitee_join
         let finished = child.try_wait().unwrap().is_some();
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        eprintln!("trial {trial}: killed after {delay:?} of {full:?} (finished: {finished})");
 
         // The next command (the same invite again) finishes the job, whatever was done.
         let again = tokio::time::timeout(
@@ -294,6 +310,10 @@ async fn kill_9_during_invite_then_the_next_command_resends_and_the_invitee_join
         let added = again["added"].as_array().unwrap().len();
         let already = again["already_members"].as_array().unwrap().len();
         assert_eq!(added + already, 1, "{again}");
+        eprintln!(
+            "trial {trial}: killed after {delay:?} of {full:?} (had finished: {finished}); \
+             next invite: added {added}, already a member {already}"
+        );
         accept_only_welcome(&x, "crashy").await;
         everyone.push(x);
     }
@@ -377,4 +397,53 @@ async fn a_stream_opened_before_catch_up_repeats_only_events_the_catch_up_report
         "{again:?}"
     );
     bm.disconnect().await;
+}
+
+/// `call join` right after `call sync`: the catch-up inside `join` fetches the event the
+/// cursor already covers, and the live stream repeats it; MLS must not see it twice
+/// (before the fix: `ERROR … SecretReuseError` on every join after the first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_join_after_call_sync_logs_no_mls_error() {
+    let relay = TestRelay::start().await;
+    let (a, b) = (
+        User::new("ja", &[&relay.nostr_url]),
+        User::new("jb", &[&relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    create_and_join("joiners", &a, &[(&b, &b_npub)]).await;
+    {
+        let (_home, am) = a.open_member(&relay.nostr_url).await;
+        let g = group_ref(&am, "joiners");
+        am.send_rumor(&g, EventBuilder::new(Kind::Custom(9), "before the call"))
+            .await
+            .unwrap();
+        am.disconnect().await;
+    }
+    let synced = b.ok(&["sync"]).await;
+    assert_eq!(synced["groups"][0]["messages"].as_array().unwrap().len(), 1);
+    let moq = relay.moq_url.to_string();
+    let out = b
+        .run(&[
+            "join",
+            "joiners",
+            "--source",
+            "tone:440",
+            "--sink",
+            "null",
+            "--seconds",
+            "2",
+            "--moq-relay",
+            &moq,
+            "--moq-fingerprint",
+            &relay.fingerprint,
+        ])
+        .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(3)),
+        "join failed: {stderr}"
+    );
+    assert!(!stderr.contains("SecretReuse"), "{stderr}");
+    assert!(!stderr.contains("ERROR"), "{stderr}");
 }
