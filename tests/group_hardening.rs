@@ -447,3 +447,72 @@ async fn call_join_after_call_sync_logs_no_mls_error() {
     assert!(!stderr.contains("SecretReuse"), "{stderr}");
     assert!(!stderr.contains("ERROR"), "{stderr}");
 }
+
+/// More events in one second than a relay returns per page cannot be paged past: the catch-up
+/// says so and moves nothing (refusing is safe; guessing could skip a real commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_that_cannot_complete_says_so_and_keeps_the_cursor() {
+    let relay = TestRelay::start().await;
+    let (a, b) = (
+        User::new("sa", &[&relay.nostr_url]),
+        User::new("sb", &[&relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    create_and_join("packed", &a, &[(&b, &b_npub)]).await;
+    b.ok(&["sync"]).await;
+    let before = std::fs::read(b.home.join("sync.json")).unwrap();
+    let h = nostr_group_id(&a, "packed").await;
+    let second = Timestamp::now() + Duration::from_secs(1);
+    let junk: Vec<Event> = (0..call::group::PAGE_LIMIT + 1)
+        .map(|i| {
+            EventBuilder::new(Kind::MlsGroupMessage, garbage(i))
+                .tag(Tag::custom(TagKind::h(), [h.clone()]))
+                .custom_created_at(second)
+                .sign_with_keys(&Keys::generate())
+                .unwrap()
+        })
+        .collect();
+    publish_all(&relay, junk, 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let out = b.run(&["sync"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in the same second"), "{stderr}");
+    assert!(stderr.contains("cursor did not move"), "{stderr}");
+    assert_eq!(std::fs::read(b.home.join("sync.json")).unwrap(), before);
+}
+
+/// A damaged home is explained in one sentence, without SQLCipher's own log lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_home_gives_one_clear_sentence() {
+    let relay = TestRelay::start().await;
+    let a = User::new("dmg", &[&relay.nostr_url]);
+    a.new_identity().await;
+    a.ok(&["keys", "publish"]).await;
+    let db = a.home.join("mdk.sqlite");
+    let key = a.home.join("storage.key");
+    let good_db = std::fs::read(&db).unwrap();
+
+    let error_of = |out: std::process::Output| {
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!stderr.to_lowercase().contains("sqlcipher"), "{stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        lines[0].to_string()
+    };
+
+    std::fs::write(&db, b"").unwrap();
+    let e = error_of(a.run(&["group", "list"]).await);
+    assert!(e.contains("is empty (0 bytes)"), "{e}");
+
+    std::fs::write(&db, &good_db).unwrap();
+    let good_key = std::fs::read(&key).unwrap();
+    std::fs::write(&key, "ab".repeat(32)).unwrap();
+    let e = error_of(a.run(&["group", "list"]).await);
+    assert!(e.contains("cannot be decrypted with the key"), "{e}");
+
+    std::fs::write(&key, &good_key).unwrap();
+    a.ok(&["group", "list"]).await;
+}

@@ -46,8 +46,20 @@ pub enum HomeError {
     BadSecret { path: PathBuf, reason: String },
     #[error("not a valid nsec or hex secret key: {0}")]
     BadKey(String),
-    #[error("MLS storage: {0}")]
-    Storage(#[from] mdk_sqlite_storage::error::Error),
+    #[error("MLS storage {path}: {reason}")]
+    Storage { path: PathBuf, reason: String },
+    #[error(
+        "{0} is empty (0 bytes): the MLS state was lost (a crash while it was first written?); \
+         move it away to start again without groups (you will need new invites)"
+    )]
+    EmptyDatabase(PathBuf),
+    #[error(
+        "{db} cannot be decrypted with the key in {key}: the key file was replaced, or the \
+         database is damaged or from another home; restore the matching storage.key"
+    )]
+    WrongStorageKey { db: PathBuf, key: PathBuf },
+    #[error("{0} is not encrypted, so it was not made by `call`; move it away")]
+    UnencryptedDatabase(PathBuf),
     #[error("{path}: corrupt sync state: {reason}")]
     BadSyncState { path: PathBuf, reason: String },
     #[error("{path}: corrupt list of unsent welcomes: {reason}")]
@@ -185,10 +197,22 @@ impl Home {
                 path: key_path.clone(),
                 reason: "not 32 bytes of hex".into(),
             })?;
-        Ok(MdkSqliteStorage::new_with_key(
-            &db_path,
-            EncryptionConfig::new(key),
-        )?)
+        if fs::metadata(&db_path).is_ok_and(|m| m.len() == 0) {
+            return Err(HomeError::EmptyDatabase(db_path));
+        }
+        quiet_sqlcipher();
+        use mdk_sqlite_storage::error::Error as E;
+        MdkSqliteStorage::new_with_key(&db_path, EncryptionConfig::new(key)).map_err(|e| match e {
+            E::WrongEncryptionKey => HomeError::WrongStorageKey {
+                db: db_path.clone(),
+                key: key_path.clone(),
+            },
+            E::UnencryptedDatabaseWithEncryption => HomeError::UnencryptedDatabase(db_path.clone()),
+            other => HomeError::Storage {
+                path: db_path.clone(),
+                reason: other.to_string(),
+            },
+        })
     }
 
     /// Per group (MLS group id hex): where catching up resumes.
@@ -238,6 +262,19 @@ impl Home {
             .and_then(|d| d.sync_all())
             .map_err(io_err(&self.dir))
     }
+}
+
+/// SQLCipher writes its own log lines to stderr (e.g. "ERROR CORE sqlcipher_page_cipher:
+/// hmac check failed") when a key does not fit; `call` reports that case in one sentence.
+/// The log filter is global to the library, so one throwaway connection sets it (the source
+/// filter, because the level is reset to WARN when SQLCipher is first activated).
+fn quiet_sqlcipher() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(conn) = rusqlite::Connection::open_in_memory() {
+            let _ = conn.execute_batch("PRAGMA cipher_log_source = NONE;");
+        }
+    });
 }
 
 /// Accepts `nsec1…` or 64 hex digits.
