@@ -301,12 +301,18 @@ async fn kill_9_during_invite_then_the_next_command_resends_and_the_invitee_join
         child.wait().unwrap();
 
         // The next command (the same invite again) finishes the job, whatever was done.
-        let again = tokio::time::timeout(
+        let out = tokio::time::timeout(
             Duration::from_secs(60),
-            a.ok(&["group", "invite", "crashy", &x_npub]),
+            a.run(&["group", "invite", "crashy", &x_npub]),
         )
         .await
         .expect("second invite hung");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        let again: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for line in stderr.lines() {
+            eprintln!("  trial {trial}, next invite: {line}");
+        }
         let added = again["added"].as_array().unwrap().len();
         let already = again["already_members"].as_array().unwrap().len();
         assert_eq!(added + already, 1, "{again}");

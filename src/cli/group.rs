@@ -185,6 +185,10 @@ async fn sync_groups(
             .await
             .with_context(|| format!("catching up on group {}", group.name))?;
         save_outcome(home, group, &outcome)?;
+        // After a complete catch-up, a pending commit of ours is one a crash kept from
+        // ever reaching a relay (published, it would have been applied just now); it would
+        // block every later commit.
+        member.drop_unpublished_commit(&group.mls_group_id)?;
         flush_outbox(home, member, group).await?;
         out.push((group.clone(), outcome));
     }
@@ -284,8 +288,6 @@ async fn invite(
     if new.is_empty() {
         return Ok((Vec::new(), already));
     }
-    // A pending commit left by a crash before publishing blocks new commits.
-    member.drop_unpublished_commit(&group.mls_group_id)?;
     let prepared = member.prepare_invite(&group.mls_group_id, &new).await?;
     let gid = group_id_hex(group);
     let mut outbox = home.outbox()?;
@@ -430,15 +432,21 @@ pub async fn run_sync(settings: &Settings) -> anyhow::Result<u8> {
             "groups": results.iter().map(|(g, o)| sync_json(g, o)).collect::<Vec<_>>(),
         }),
         || {
-            let mut s = format!("{} pending welcome(s)", welcomes.len());
+            let mut s = format!(
+                "{} pending welcome(s); {} gift wrap(s) refused",
+                welcomes.len(),
+                fetched.dropped.total()
+            );
             for (g, o) in &results {
                 s.push_str(&format!(
-                    "\n{}: {} event(s), {} commit(s), {} message(s), {} ignored",
+                    "\n{}: {} event(s), {} commit(s), {} message(s), {} ignored, {} held back \
+                     (future-dated)",
                     g.name,
                     o.fetched,
                     o.commits + o.committed_proposals,
                     o.messages.len(),
-                    o.ignored
+                    o.ignored,
+                    o.dropped.future_dated
                 ));
                 for m in &o.messages {
                     s.push_str(&format!("\n  {}: {}", npub(&m.sender), m.content));
@@ -588,7 +596,8 @@ async fn run_group_connected(
                     .mdk()
                     .get_group(&w.mls_group_id)?
                     .context("the joined group is missing from local state")?;
-                start_cursor(home, &group, w.event.created_at)?;
+                // The rumor's stamp is the inviter's clock: never start in the future.
+                start_cursor(home, &group, w.event.created_at.min(Timestamp::now()))?;
                 joined.push(group);
             }
             // The key package the welcome used is spent: publish a fresh one.
@@ -678,7 +687,6 @@ async fn run_group_connected(
             let removed = parse_pubkeys(npubs)?;
             let group = find(group)?;
             sync_groups(home, member, std::slice::from_ref(&group)).await?;
-            member.drop_unpublished_commit(&group.mls_group_id)?;
             let outcome = member
                 .remove(&group.mls_group_id, &removed, resume_of(home, &group)?)
                 .await?;
@@ -696,7 +704,6 @@ async fn run_group_connected(
         GroupCommand::Leave { group } => {
             let group = find(group)?;
             sync_groups(home, member, std::slice::from_ref(&group)).await?;
-            member.drop_unpublished_commit(&group.mls_group_id)?;
             let demotion = member
                 .leave(&group.mls_group_id, resume_of(home, &group)?)
                 .await?;

@@ -7,8 +7,8 @@
 //! - `storage.key`   the 32-byte SQLCipher key of `mdk.sqlite` (hex), mode 0600
 //! - `mdk.sqlite`    MDK state (groups, MLS epochs, welcomes), encrypted
 //! - `sync.json`     per group: `created_at` of the last group event processed (0600)
-//! - `outbox.json`   welcomes made with a commit and not yet sent (0600); written before the
-//!                   commit is published, so a crash cannot leave an invitee unwelcomed
+//! - `outbox.json`   welcomes made with a commit and not yet sent (0600); written before
+//!   the commit is published, so a crash cannot leave an invitee unwelcomed
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};

@@ -33,8 +33,15 @@ pub enum GroupError {
     Timeout(&'static str),
     #[error("no relay accepted the commit, so it was not applied (pending commit cleared): {0}")]
     CommitNotAccepted(String),
+    /// Boxed: it names a relay URL, and every `Result` of this crate carries this enum.
     #[error(transparent)]
-    Fetch(#[from] super::fetch::FetchError),
+    Fetch(Box<super::fetch::FetchError>),
+}
+
+impl From<super::fetch::FetchError> for GroupError {
+    fn from(e: super::fetch::FetchError) -> Self {
+        Self::Fetch(Box::new(e))
+    }
 }
 
 /// The two ids of a Marmot group.
