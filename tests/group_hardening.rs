@@ -196,7 +196,9 @@ async fn six_hundred_junk_group_events_after_a_commit_do_not_split_the_group() {
     // Let the junk's stamps (up to 5 s ahead) pass, so nothing is held back for time.
     tokio::time::sleep(Duration::from_secs(6)).await;
 
+    let t0 = std::time::Instant::now();
     let synced = b.ok(&["sync"]).await;
+    eprintln!("sync over 601 group events took {:?}", t0.elapsed());
     let g = &synced["groups"][0];
     assert_eq!(
         g["commits"], 1,
@@ -210,7 +212,9 @@ async fn six_hundred_junk_group_events_after_a_commit_do_not_split_the_group() {
     assert_eq!(members.len(), 3);
     // Another commit after the flood still reaches everyone.
     a.ok(&["group", "remove", "flooded", &c_npub]).await;
+    let t0 = std::time::Instant::now();
     let synced = b.ok(&["sync"]).await;
+    eprintln!("second sync (the junk again) took {:?}", t0.elapsed());
     assert_eq!(synced["groups"][0]["commits"], 1, "{synced}");
     let (members, epoch2) = assert_same_view("flooded", &[&a, &b]).await;
     assert_eq!((members.len(), epoch2), (2, epoch + 1));
@@ -243,7 +247,9 @@ async fn six_hundred_junk_gift_wraps_do_not_hide_a_welcome() {
     publish_all(&relay, junk, 3).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    let t0 = std::time::Instant::now();
     let pending = b.ok(&["group", "pending"]).await;
+    eprintln!("group pending over 601 gift wraps took {:?}", t0.elapsed());
     let list = pending["pending"].as_array().unwrap();
     assert_eq!(
         list.len(),
