@@ -528,3 +528,43 @@ async fn a_damaged_home_gives_one_clear_sentence() {
     std::fs::write(&key, &good_key).unwrap();
     a.ok(&["group", "list"]).await;
 }
+
+/// Events over the client's size limit are refused before they are stored or processed,
+/// and counted (`dropped.oversized`), not only logged; the real welcome and commit remain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_events_are_refused_and_counted() {
+    let relay = TestRelay::start().await;
+    let (a, b) = (
+        User::new("oa", &[&relay.nostr_url]),
+        User::new("ob", &[&relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    b.ok(&["keys", "publish"]).await;
+    a.ok(&["group", "create", "big", "--invite", &b_npub]).await;
+    let h = nostr_group_id(&a, "big").await;
+    let b_pk = PublicKey::parse(&b_npub).unwrap();
+    // 40 kB: under the relay's limits, over the 32 KiB this client is given below.
+    let big = "A".repeat(40_000);
+    let wrap = EventBuilder::new(Kind::GiftWrap, big.clone())
+        .tag(Tag::public_key(b_pk))
+        .sign_with_keys(&Keys::generate())
+        .unwrap();
+    let group_event = EventBuilder::new(Kind::MlsGroupMessage, big)
+        .tag(Tag::custom(TagKind::h(), [h]))
+        .sign_with_keys(&Keys::generate())
+        .unwrap();
+    publish_all(&relay, vec![wrap, group_event], 1).await;
+
+    let (_home, bm) = b.open_member(&relay.nostr_url).await;
+    let bm = bm.with_max_event_bytes(32 * 1024);
+    let welcomes = bm.fetch_welcomes_counted().await.unwrap();
+    assert_eq!(welcomes.dropped.oversized, 1, "{welcomes:?}");
+    assert_eq!(welcomes.pending.len(), 1);
+    bm.accept(&welcomes.pending[0]).unwrap();
+    let group = bm.groups().unwrap().into_iter().next().unwrap();
+    let synced = bm.sync_group(&group, None, &[]).await.unwrap();
+    assert_eq!(synced.dropped.oversized, 1, "{:?}", synced.dropped);
+    assert_eq!(synced.fetched, 0);
+    bm.disconnect().await;
+}

@@ -8,6 +8,8 @@
 //! (pages of different relays cannot be merged into one `until`), within a bound on work.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mdk_storage_traits::MdkStorageProvider;
@@ -29,6 +31,97 @@ pub const MAX_PAGES: usize = 40;
 
 /// Most distinct events one fetch collects over all relays before giving up.
 pub const MAX_FETCH_EVENTS: usize = 20_000;
+
+/// Largest event (content plus tag values, in bytes) the client accepts from a relay. Below
+/// nostr-sdk's own 5 MB message cap, so every event refused for size is refused here and
+/// counted, not dropped inside the library with only a log line. 4 MiB leaves room for the
+/// welcome of a large group (it carries the ratchet tree, twice encrypted).
+pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Ids of distinct events refused for their size (bounded: past this many ids, each
+/// delivery counts).
+const OVERSIZED_IDS_KEPT: usize = 100_000;
+
+/// Shared state of a [`SizeGate`]: its limit and the distinct oversized events it refused.
+#[derive(Debug, Clone)]
+pub struct OversizedCounter {
+    max: Arc<AtomicUsize>,
+    refused: Arc<Mutex<(HashSet<EventId>, usize)>>,
+}
+
+impl OversizedCounter {
+    /// Distinct oversized events refused so far.
+    pub fn get(&self) -> usize {
+        self.refused.lock().map(|g| g.1).unwrap_or(0)
+    }
+
+    /// Changes the limit (bytes) for events received from now on.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    fn record(&self, id: EventId) {
+        if let Ok(mut g) = self.refused.lock() {
+            let (ids, n) = &mut *g;
+            if ids.len() >= OVERSIZED_IDS_KEPT || ids.insert(id) {
+                *n += 1;
+            }
+        }
+    }
+}
+
+/// nostr-sdk admission hook: refuses (and counts) events larger than the limit before
+/// they are stored, notified or returned by a fetch.
+#[derive(Debug)]
+pub struct SizeGate {
+    state: OversizedCounter,
+}
+
+impl SizeGate {
+    pub fn new(max: usize) -> Self {
+        Self {
+            state: OversizedCounter {
+                max: Arc::new(AtomicUsize::new(max)),
+                refused: Arc::default(),
+            },
+        }
+    }
+
+    pub fn counter(&self) -> OversizedCounter {
+        self.state.clone()
+    }
+}
+
+/// Size of an event as counted against [`MAX_EVENT_BYTES`]: content and tag values (the
+/// rest is fixed-size); cheaper than serializing every event.
+pub fn event_size(event: &Event) -> usize {
+    event.content.len()
+        + event
+            .tags
+            .iter()
+            .map(|t| t.as_slice().iter().map(|v| v.len() + 4).sum::<usize>())
+            .sum::<usize>()
+}
+
+impl AdmitPolicy for SizeGate {
+    fn admit_event<'a>(
+        &'a self,
+        _relay_url: &'a RelayUrl,
+        _subscription_id: &'a SubscriptionId,
+        event: &'a Event,
+    ) -> BoxedFuture<'a, Result<AdmitStatus, PolicyError>> {
+        Box::pin(async move {
+            let size = event_size(event);
+            let max = self.state.max.load(Ordering::Relaxed);
+            if size > max {
+                self.state.record(event.id);
+                tracing::warn!(id = %event.id, size, max, "refusing an oversized event");
+                return Ok(AdmitStatus::rejected("oversized"));
+            }
+            Ok(AdmitStatus::success())
+        })
+    }
+}
 
 /// The newest `created_at` that may be processed now.
 pub fn horizon() -> Timestamp {
@@ -76,6 +169,8 @@ pub struct Fetched {
     pub pages: usize,
     /// Events delivered more than once (by several relays, or on overlapping pages).
     pub duplicates: usize,
+    /// Distinct events refused for their size during this fetch.
+    pub oversized: usize,
 }
 
 impl<S: MdkStorageProvider> GroupMember<S> {
@@ -90,6 +185,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     ) -> Result<Fetched, GroupError> {
         let mut all: HashMap<EventId, Event> = HashMap::new();
         let mut out = Fetched::default();
+        let oversized_before = self.oversized.get();
         for relay in self.connected_relays().await? {
             let mut seen_here: HashSet<EventId> = HashSet::new();
             let mut until = until;
@@ -148,6 +244,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             }
         }
         out.events = all.into_values().collect();
+        out.oversized = self.oversized.get().saturating_sub(oversized_before);
         Ok(out)
     }
 

@@ -45,6 +45,8 @@ pub enum DropReason {
     Unsupported,
     /// Delivered again (by several relays, or on overlapping pages).
     Duplicate,
+    /// Larger than `MAX_EVENT_BYTES`: refused before it is stored or processed.
+    Oversized,
 }
 
 /// An event refused, with the reason for counting and a detail for the log.
@@ -77,6 +79,7 @@ pub struct Dropped {
     pub undecryptable: usize,
     pub unsupported: usize,
     pub duplicate: usize,
+    pub oversized: usize,
 }
 
 impl Dropped {
@@ -87,11 +90,17 @@ impl Dropped {
             DropReason::Undecryptable => &mut self.undecryptable,
             DropReason::Unsupported => &mut self.unsupported,
             DropReason::Duplicate => &mut self.duplicate,
+            DropReason::Oversized => &mut self.oversized,
         } += 1;
     }
 
     pub fn total(&self) -> usize {
-        self.future_dated + self.invalid + self.undecryptable + self.unsupported + self.duplicate
+        self.future_dated
+            + self.invalid
+            + self.undecryptable
+            + self.unsupported
+            + self.duplicate
+            + self.oversized
     }
 }
 
@@ -350,6 +359,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             ..Default::default()
         };
         out.dropped.duplicate = fetched.duplicates;
+        out.dropped.oversized = fetched.oversized;
         out.dropped.future_dated = self.count_future_dated(filter).await?;
         for wrap in &fetched.events {
             if let Err(refused) = self.process_gift_wrap(wrap).await {
@@ -408,6 +418,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             ..Default::default()
         };
         out.dropped.duplicate = fetched.duplicates;
+        out.dropped.oversized = fetched.oversized;
         out.dropped.future_dated = self.count_future_dated(filter).await?;
         out.seen_ids = fetched.events.iter().map(|e| e.id).collect();
         let mut events: Vec<Event> = fetched

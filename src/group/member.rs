@@ -84,6 +84,8 @@ pub struct GroupMember<S: MdkStorageProvider> {
     pub(super) client: Client,
     pub(super) relays: Vec<RelayUrl>,
     pub(super) timeout: Duration,
+    /// Distinct events refused for their size so far (see `fetch::SizeGate`).
+    pub(super) oversized: super::fetch::OversizedCounter,
 }
 
 impl<S: MdkStorageProvider> std::fmt::Debug for GroupMember<S> {
@@ -98,7 +100,12 @@ impl<S: MdkStorageProvider> std::fmt::Debug for GroupMember<S> {
 impl<S: MdkStorageProvider> GroupMember<S> {
     /// Connects to `relays` as `keys`, with MLS state in `storage`.
     pub async fn connect(keys: Keys, storage: S, relays: &[RelayUrl]) -> Result<Self, GroupError> {
-        let client = Client::new(keys.clone());
+        let size_gate = super::fetch::SizeGate::new(super::fetch::MAX_EVENT_BYTES);
+        let oversized = size_gate.counter();
+        let client = Client::builder()
+            .signer(keys.clone())
+            .admit_policy(size_gate)
+            .build();
         for url in relays {
             client.add_relay(url.clone()).await?;
         }
@@ -128,12 +135,20 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             client,
             relays: relays.to_vec(),
             timeout: Duration::from_secs(10),
+            oversized,
         })
     }
 
     /// How long relay queries wait for answers (default 10 s).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Largest event accepted from relays (default `MAX_EVENT_BYTES`); larger ones are
+    /// refused and counted as `oversized`.
+    pub fn with_max_event_bytes(self, max: usize) -> Self {
+        self.oversized.set_max(max);
         self
     }
 

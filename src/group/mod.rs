@@ -7,8 +7,8 @@ mod manage;
 mod member;
 
 pub use fetch::{
-    horizon, is_future_dated, FetchError, Fetched, MAX_CLOCK_SKEW, MAX_FETCH_EVENTS, MAX_PAGES,
-    PAGE_LIMIT,
+    event_size, horizon, is_future_dated, FetchError, Fetched, MAX_CLOCK_SKEW, MAX_EVENT_BYTES,
+    MAX_FETCH_EVENTS, MAX_PAGES, PAGE_LIMIT,
 };
 pub use home::{parse_secret_key, Home, HomeError, OutboxWelcome, SyncCursor, SECRET_FILES};
 pub use manage::{
