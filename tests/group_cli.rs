@@ -282,11 +282,15 @@ async fn malformed_group_events_are_logged_and_skipped() {
         .sign_with_keys(&junk_keys)
         .unwrap();
     match admin.process_group_event(&h, &wrong_kind).await {
-        call::group::GroupEventOutcome::Ignored(why) => assert!(why.contains("kind"), "{why}"),
+        call::group::GroupEventOutcome::Ignored(why) => {
+            assert!(why.detail.contains("kind"), "{why}")
+        }
         other => panic!("accepted a wrong kind: {other:?}"),
     }
     match admin.process_group_event(&h, &stolen).await {
-        call::group::GroupEventOutcome::Ignored(why) => assert!(why.contains("h tag"), "{why}"),
+        call::group::GroupEventOutcome::Ignored(why) => {
+            assert!(why.detail.contains("h tag"), "{why}")
+        }
         other => panic!("accepted a wrong h tag: {other:?}"),
     }
     // And a good message after the junk.

@@ -9,8 +9,8 @@ use serde_json::json;
 
 use super::config::Settings;
 use crate::group::{
-    CommitOutcome, Group, GroupMember, Home, MdkSqliteStorage, Resume, SyncCursor, SyncOutcome,
-    Welcome,
+    CommitOutcome, Group, GroupError, GroupMember, Home, MdkSqliteStorage, OutboxWelcome, Resume,
+    SyncCursor, SyncOutcome, Welcome,
 };
 
 type Member = GroupMember<MdkSqliteStorage>;
@@ -185,9 +185,158 @@ async fn sync_groups(
             .await
             .with_context(|| format!("catching up on group {}", group.name))?;
         save_outcome(home, group, &outcome)?;
+        // After a complete catch-up, a pending commit of ours is one a crash kept from
+        // ever reaching a relay (published, it would have been applied just now); it would
+        // block every later commit.
+        member.drop_unpublished_commit(&group.mls_group_id)?;
+        flush_outbox(home, member, group).await?;
         out.push((group.clone(), outcome));
     }
     Ok(out)
+}
+
+/// Sends the welcomes of `group` left unsent by an earlier command (a crash between
+/// publishing a commit and sending its welcomes) and drops those that can no longer be
+/// used. Returns the invitees whose welcome was sent now. Run only right after a complete
+/// catch-up on `group`: a commit of ours not applied by then never reached a relay.
+async fn flush_outbox(
+    home: &Home,
+    member: &Member,
+    group: &Group,
+) -> anyhow::Result<Vec<PublicKey>> {
+    let outbox = home.outbox()?;
+    let gid = group_id_hex(group);
+    if !outbox.iter().any(|w| w.group == gid) {
+        return Ok(Vec::new());
+    }
+    let group = member
+        .mdk()
+        .get_group(&group.mls_group_id)?
+        .context("group missing from local state")?;
+    let members: Vec<PublicKey> = member
+        .mdk()
+        .group_leaf_map(&group.mls_group_id)
+        .map(|m| m.into_values().collect())
+        .unwrap_or_default();
+    let mut keep = Vec::new();
+    let mut sent = Vec::new();
+    for w in outbox {
+        if w.group != gid {
+            keep.push(w);
+            continue;
+        }
+        if group.epoch <= w.epoch {
+            tracing::warn!(group = %group.name, "dropping a welcome whose commit never reached a relay");
+            member.drop_unpublished_commit(&group.mls_group_id)?;
+            continue;
+        }
+        let invitee = PublicKey::from_hex(&w.invitee).context("outbox: invitee")?;
+        if !members.contains(&invitee) {
+            tracing::warn!(group = %group.name, invitee = %w.invitee, "dropping a welcome: the invitee is not in the group (our commit lost, or removed since)");
+            continue;
+        }
+        let rumor: UnsignedEvent =
+            serde_json::from_value(w.rumor.clone()).context("outbox: welcome rumor")?;
+        match member.send_welcome(&invitee, rumor).await {
+            Ok(_) => sent.push(invitee),
+            Err(e) => {
+                tracing::warn!(invitee = %w.invitee, "could not send a welcome yet: {e}");
+                keep.push(w);
+            }
+        }
+    }
+    home.save_outbox(&keep)?;
+    Ok(sent)
+}
+
+/// Removes the welcomes of `group` for `invitees` from the outbox (sent, or void).
+fn forget_welcomes(home: &Home, group: &Group, invitees: &[PublicKey]) -> anyhow::Result<()> {
+    let gid = group_id_hex(group);
+    let hex: Vec<String> = invitees.iter().map(|p| p.to_hex()).collect();
+    let mut outbox = home.outbox()?;
+    outbox.retain(|w| !(w.group == gid && hex.contains(&w.invitee)));
+    Ok(home.save_outbox(&outbox)?)
+}
+
+/// `call group invite`: welcomes are stored before the commit is published and removed
+/// once sent, so a crash at any point leaves either nothing published or a welcome that the
+/// next command sends. Invitees already in the group get their unsent welcome, not a new
+/// commit (MLS refuses to add a member twice).
+async fn invite(
+    home: &Home,
+    member: &Member,
+    group: &Group,
+    invitees: &[PublicKey],
+) -> anyhow::Result<(Vec<PublicKey>, Vec<PublicKey>)> {
+    // Catching up also sends any welcome a crashed command left unsent.
+    sync_groups(home, member, std::slice::from_ref(group)).await?;
+    let members: Vec<PublicKey> = member
+        .mdk()
+        .group_leaf_map(&group.mls_group_id)?
+        .into_values()
+        .collect();
+    let new: Vec<PublicKey> = invitees
+        .iter()
+        .filter(|p| !members.contains(p))
+        .copied()
+        .collect();
+    let already: Vec<PublicKey> = invitees
+        .iter()
+        .filter(|p| members.contains(p))
+        .copied()
+        .collect();
+    if new.is_empty() {
+        return Ok((Vec::new(), already));
+    }
+    let prepared = member.prepare_invite(&group.mls_group_id, &new).await?;
+    let gid = group_id_hex(group);
+    let mut outbox = home.outbox()?;
+    for (invitee, rumor) in &prepared.welcomes {
+        outbox.push(OutboxWelcome {
+            group: gid.clone(),
+            epoch: prepared.epoch,
+            invitee: invitee.to_hex(),
+            rumor: serde_json::to_value(rumor)?,
+        });
+    }
+    if let Err(e) = home.save_outbox(&outbox) {
+        member.drop_unpublished_commit(&group.mls_group_id)?;
+        return Err(e.into());
+    }
+    let outcome = match member
+        .publish_then_merge(
+            &group.mls_group_id,
+            &prepared.commit,
+            resume_of(home, group)?,
+        )
+        .await
+    {
+        Ok(o) => o,
+        Err(e) => {
+            if matches!(e, GroupError::CommitNotAccepted(_)) {
+                // Not published: the welcomes are void.
+                forget_welcomes(home, group, &new)?;
+            }
+            return Err(e.into());
+        }
+    };
+    if !outcome.merged {
+        forget_welcomes(home, group, &new)?;
+    }
+    settle(home, group, &outcome)?;
+    for (invitee, rumor) in prepared.welcomes {
+        member
+            .send_welcome(&invitee, rumor)
+            .await
+            .with_context(|| {
+                format!(
+                    "sending the welcome to {} (it is kept; the next command resends it)",
+                    npub(&invitee)
+                )
+            })?;
+        forget_welcomes(home, group, &[invitee])?;
+    }
+    Ok((new, already))
 }
 
 /// Saves what a commit processed; fails if another commit won the epoch.
@@ -235,6 +384,7 @@ fn sync_json(g: &Group, o: &SyncOutcome) -> serde_json::Value {
         "committed_proposals": o.committed_proposals,
         "pending_proposals": o.pending_proposals,
         "ignored": o.ignored,
+        "dropped": o.dropped,
         "messages": o.messages.iter().map(|m| json!({
             "sender": npub(&m.sender),
             "kind": m.kind.as_u16(),
@@ -265,7 +415,8 @@ pub async fn run_keys(settings: &Settings, cmd: &KeysCommand) -> anyhow::Result<
 
 pub async fn run_sync(settings: &Settings) -> anyhow::Result<u8> {
     let (home, member) = connect(settings).await?;
-    let welcomes = member.fetch_welcomes().await?;
+    let fetched = member.fetch_welcomes_counted().await?;
+    let welcomes = &fetched.pending;
     let groups: Vec<Group> = member
         .groups()?
         .into_iter()
@@ -277,18 +428,25 @@ pub async fn run_sync(settings: &Settings) -> anyhow::Result<u8> {
         settings,
         json!({
             "pending_welcomes": welcomes.len(),
+            "gift_wraps": { "fetched": fetched.fetched, "dropped": fetched.dropped },
             "groups": results.iter().map(|(g, o)| sync_json(g, o)).collect::<Vec<_>>(),
         }),
         || {
-            let mut s = format!("{} pending welcome(s)", welcomes.len());
+            let mut s = format!(
+                "{} pending welcome(s); {} gift wrap(s) refused",
+                welcomes.len(),
+                fetched.dropped.total()
+            );
             for (g, o) in &results {
                 s.push_str(&format!(
-                    "\n{}: {} event(s), {} commit(s), {} message(s), {} ignored",
+                    "\n{}: {} event(s), {} commit(s), {} message(s), {} ignored, {} held back \
+                     (future-dated)",
                     g.name,
                     o.fetched,
                     o.commits + o.committed_proposals,
                     o.messages.len(),
-                    o.ignored
+                    o.ignored,
+                    o.dropped.future_dated
                 ));
                 for m in &o.messages {
                     s.push_str(&format!("\n  {}: {}", npub(&m.sender), m.content));
@@ -346,23 +504,30 @@ async fn run_group_connected(
         GroupCommand::Invite { group, npubs } => {
             let invitees = parse_pubkeys(npubs)?;
             let group = find(group)?;
-            sync_groups(home, member, std::slice::from_ref(&group)).await?;
-            let outcome = member
-                .invite(&group.mls_group_id, &invitees, resume_of(home, &group)?)
-                .await?;
-            settle(home, &group, &outcome)?;
+            let (added, already) = invite(home, member, &group, &invitees).await?;
             let group = find(&group_id_hex(&group))?;
-            print(settings, group_json(&group), || {
-                format!(
+            let mut value = group_json(&group);
+            value["added"] = json!(added.iter().map(npub).collect::<Vec<_>>());
+            value["already_members"] = json!(already.iter().map(npub).collect::<Vec<_>>());
+            print(settings, value, || {
+                let mut s = format!(
                     "invited {} to {} (epoch {})",
-                    invitees.len(),
+                    added.len(),
                     group.name,
                     group.epoch
-                )
+                );
+                if !already.is_empty() {
+                    s.push_str(&format!(
+                        "; already members (any unsent welcome was sent): {}",
+                        already.iter().map(npub).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                s
             });
         }
         GroupCommand::Pending => {
-            let welcomes = member.fetch_welcomes().await?;
+            let fetched = member.fetch_welcomes_counted().await?;
+            let welcomes = &fetched.pending;
             let list: Vec<serde_json::Value> = welcomes
                 .iter()
                 .map(|w| {
@@ -375,24 +540,29 @@ async fn run_group_connected(
                     })
                 })
                 .collect();
-            print(settings, json!({ "pending": list }), || {
-                if welcomes.is_empty() {
-                    return "no pending welcomes".into();
-                }
-                welcomes
-                    .iter()
-                    .map(|w| {
-                        format!(
-                            "{}  {}  from {} ({} members)",
-                            welcome_id(w),
-                            w.group_name,
-                            npub(&w.welcomer),
-                            w.member_count
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
+            let counts = json!({ "fetched": fetched.fetched, "dropped": fetched.dropped });
+            print(
+                settings,
+                json!({ "pending": list, "gift_wraps": counts }),
+                || {
+                    if welcomes.is_empty() {
+                        return "no pending welcomes".into();
+                    }
+                    welcomes
+                        .iter()
+                        .map(|w| {
+                            format!(
+                                "{}  {}  from {} ({} members)",
+                                welcome_id(w),
+                                w.group_name,
+                                npub(&w.welcomer),
+                                w.member_count
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
         }
         GroupCommand::Accept { welcome } => {
             let pending = member.fetch_welcomes().await?;
@@ -426,7 +596,8 @@ async fn run_group_connected(
                     .mdk()
                     .get_group(&w.mls_group_id)?
                     .context("the joined group is missing from local state")?;
-                start_cursor(home, &group, w.event.created_at)?;
+                // The rumor's stamp is the inviter's clock: never start in the future.
+                start_cursor(home, &group, w.event.created_at.min(Timestamp::now()))?;
                 joined.push(group);
             }
             // The key package the welcome used is spent: publish a fresh one.

@@ -6,7 +6,9 @@
 //! - `nostr.key`     the Nostr secret key (nsec, bech32), mode 0600
 //! - `storage.key`   the 32-byte SQLCipher key of `mdk.sqlite` (hex), mode 0600
 //! - `mdk.sqlite`    MDK state (groups, MLS epochs, welcomes), encrypted
-//! - `sync.json`     per group: `created_at` of the last group event processed
+//! - `sync.json`     per group: `created_at` of the last group event processed (0600)
+//! - `outbox.json`   welcomes made with a commit and not yet sent (0600); written before
+//!   the commit is published, so a crash cannot leave an invitee unwelcomed
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -23,6 +25,7 @@ const NOSTR_KEY_FILE: &str = "nostr.key";
 const STORAGE_KEY_FILE: &str = "storage.key";
 const DATABASE_FILE: &str = "mdk.sqlite";
 const SYNC_FILE: &str = "sync.json";
+const OUTBOX_FILE: &str = "outbox.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HomeError {
@@ -43,10 +46,24 @@ pub enum HomeError {
     BadSecret { path: PathBuf, reason: String },
     #[error("not a valid nsec or hex secret key: {0}")]
     BadKey(String),
-    #[error("MLS storage: {0}")]
-    Storage(#[from] mdk_sqlite_storage::error::Error),
+    #[error("MLS storage {path}: {reason}")]
+    Storage { path: PathBuf, reason: String },
+    #[error(
+        "{0} is empty (0 bytes): the MLS state was lost (a crash while it was first written?); \
+         move it away to start again without groups (you will need new invites)"
+    )]
+    EmptyDatabase(PathBuf),
+    #[error(
+        "{db} cannot be decrypted with the key in {key}: the key file was replaced, or the \
+         database is damaged or from another home; restore the matching storage.key"
+    )]
+    WrongStorageKey { db: PathBuf, key: PathBuf },
+    #[error("{0} is not encrypted, so it was not made by `call`; move it away")]
+    UnencryptedDatabase(PathBuf),
     #[error("{path}: corrupt sync state: {reason}")]
     BadSyncState { path: PathBuf, reason: String },
+    #[error("{path}: corrupt list of unsent welcomes: {reason}")]
+    BadOutbox { path: PathBuf, reason: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
@@ -62,6 +79,22 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
 pub struct SyncCursor {
     pub at: u64,
     pub seen: Vec<String>,
+}
+
+/// A welcome made with one of our commits and not yet delivered to a relay. It is kept
+/// until sent: once the group is past `epoch` with the invitee in it, the next command that
+/// catches up on the group sends it; if the group is past `epoch` without the invitee (our
+/// commit lost, or the invitee was removed since), it is dropped.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OutboxWelcome {
+    /// MLS group id (hex).
+    pub group: String,
+    /// The group's epoch before the commit that adds the invitee.
+    pub epoch: u64,
+    /// The invitee's public key (hex).
+    pub invitee: String,
+    /// The kind-444 welcome rumor (unsigned event JSON); gift-wrapped when sent.
+    pub rumor: serde_json::Value,
 }
 
 /// An open, locked home directory. The lock is released when this is dropped.
@@ -164,10 +197,22 @@ impl Home {
                 path: key_path.clone(),
                 reason: "not 32 bytes of hex".into(),
             })?;
-        Ok(MdkSqliteStorage::new_with_key(
-            &db_path,
-            EncryptionConfig::new(key),
-        )?)
+        if fs::metadata(&db_path).is_ok_and(|m| m.len() == 0) {
+            return Err(HomeError::EmptyDatabase(db_path));
+        }
+        quiet_sqlcipher();
+        use mdk_sqlite_storage::error::Error as E;
+        MdkSqliteStorage::new_with_key(&db_path, EncryptionConfig::new(key)).map_err(|e| match e {
+            E::WrongEncryptionKey => HomeError::WrongStorageKey {
+                db: db_path.clone(),
+                key: key_path.clone(),
+            },
+            E::UnencryptedDatabaseWithEncryption => HomeError::UnencryptedDatabase(db_path.clone()),
+            other => HomeError::Storage {
+                path: db_path.clone(),
+                reason: other.to_string(),
+            },
+        })
     }
 
     /// Per group (MLS group id hex): where catching up resumes.
@@ -188,12 +233,48 @@ impl Home {
         &self,
         cursors: &BTreeMap<String, SyncCursor>,
     ) -> Result<(), HomeError> {
-        let path = self.dir.join(SYNC_FILE);
-        let tmp = self.dir.join(format!("{SYNC_FILE}.tmp"));
         let bytes = serde_json::to_vec_pretty(cursors).expect("cursors serialize");
-        fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        write_private_atomic(&self.dir, SYNC_FILE, &bytes)
     }
+}
+
+impl Home {
+    /// Welcomes not yet sent (see [`OutboxWelcome`]).
+    pub fn outbox(&self) -> Result<Vec<OutboxWelcome>, HomeError> {
+        let path = self.dir.join(OUTBOX_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| HomeError::BadOutbox {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Replaces the unsent welcomes atomically (fsynced before it returns: the caller
+    /// publishes a commit next and relies on these surviving a crash).
+    pub fn save_outbox(&self, outbox: &[OutboxWelcome]) -> Result<(), HomeError> {
+        let bytes = serde_json::to_vec_pretty(outbox).expect("outbox serializes");
+        write_private_atomic(&self.dir, OUTBOX_FILE, &bytes)?;
+        // The rename itself must be durable too.
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))
+    }
+}
+
+/// SQLCipher writes its own log lines to stderr (e.g. "ERROR CORE sqlcipher_page_cipher:
+/// hmac check failed") when a key does not fit; `call` reports that case in one sentence.
+/// The log filter is global to the library, so one throwaway connection sets it (the source
+/// filter, because the level is reset to WARN when SQLCipher is first activated).
+fn quiet_sqlcipher() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(conn) = rusqlite::Connection::open_in_memory() {
+            let _ = conn.execute_batch("PRAGMA cipher_log_source = NONE;");
+        }
+    });
 }
 
 /// Accepts `nsec1…` or 64 hex digits.
@@ -222,6 +303,24 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), HomeError> {
         .map_err(io_err(path))?;
     file.write_all(bytes).map_err(io_err(path))?;
     file.sync_all().map_err(io_err(path))
+}
+
+/// Replaces `dir/name` atomically with `bytes`, mode 0600 from the start: the file says
+/// which groups we are in and when we last heard from them (metadata worth keeping private).
+fn write_private_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), HomeError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    // A leftover temporary file (a crash mid-write) may have any mode: start afresh.
+    let _ = fs::remove_file(&tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    file.write_all(bytes).map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))
 }
 
 /// Reads a secret file, refusing it if group or others may read it.

@@ -9,7 +9,12 @@ use mdk_storage_traits::welcomes::types::Welcome;
 use mdk_storage_traits::MdkStorageProvider;
 use nostr_sdk::prelude::*;
 
+use super::fetch::{horizon, is_future_dated, MAX_CLOCK_SKEW};
 use super::member::{GroupError, GroupMember, Rumor, GIFT_WRAP_LOOKBACK};
+
+/// Longest a commit waits after publishing for a competitor of the same second to reach
+/// the relays. Wall-clock, so no timestamp from the network can make a command wait longer.
+const MAX_SETTLE: Duration = Duration::from_secs(2);
 
 /// What became of one group event.
 #[derive(Debug)]
@@ -23,8 +28,90 @@ pub enum GroupEventOutcome {
     CommittedProposal(EventId, Timestamp),
     /// A proposal left for an admin to commit.
     PendingProposal,
-    /// Not usable; the reason is logged.
-    Ignored(String),
+    /// Not usable; the reason is logged and counted.
+    Ignored(Refused),
+}
+
+/// Why an event was refused or dropped (each reason has its own counter in [`Dropped`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Stamped beyond now + [`MAX_CLOCK_SKEW`]: held back until it is due.
+    FutureDated,
+    /// Not what it claims: wrong kind, wrong `h` tag, a malformed welcome.
+    Invalid,
+    /// MLS or NIP-59 refused it: it does not decrypt or verify with any key we hold.
+    Undecryptable,
+    /// Well-formed but of a type we do not act on (e.g. a gift wrap that is not a welcome).
+    Unsupported,
+    /// Delivered again (by several relays, or on overlapping pages).
+    Duplicate,
+    /// Larger than `MAX_EVENT_BYTES`: refused before it is stored or processed.
+    Oversized,
+}
+
+/// An event refused, with the reason for counting and a detail for the log.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub reason: DropReason,
+    pub detail: String,
+}
+
+impl Refused {
+    fn new(reason: DropReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+/// Events refused or dropped by one fetch, by reason: nothing is dropped uncounted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Dropped {
+    pub future_dated: usize,
+    pub invalid: usize,
+    pub undecryptable: usize,
+    pub unsupported: usize,
+    pub duplicate: usize,
+    pub oversized: usize,
+}
+
+impl Dropped {
+    pub fn count(&mut self, reason: DropReason) {
+        *match reason {
+            DropReason::FutureDated => &mut self.future_dated,
+            DropReason::Invalid => &mut self.invalid,
+            DropReason::Undecryptable => &mut self.undecryptable,
+            DropReason::Unsupported => &mut self.unsupported,
+            DropReason::Duplicate => &mut self.duplicate,
+            DropReason::Oversized => &mut self.oversized,
+        } += 1;
+    }
+
+    pub fn total(&self) -> usize {
+        self.future_dated
+            + self.invalid
+            + self.undecryptable
+            + self.unsupported
+            + self.duplicate
+            + self.oversized
+    }
+}
+
+/// Result of fetching gift-wrapped welcomes.
+#[derive(Debug, Default)]
+pub struct WelcomeFetch {
+    /// Every pending welcome (new or from earlier fetches).
+    pub pending: Vec<Welcome>,
+    /// Gift wraps fetched (distinct).
+    pub fetched: usize,
+    pub dropped: Dropped,
 }
 
 /// Where catching up on a group resumes: `created_at` of the newest event processed and
@@ -40,6 +127,16 @@ pub struct CommitOutcome {
     pub sync: SyncOutcome,
 }
 
+/// A commit adding members, made but not yet published, with its welcomes.
+#[derive(Debug)]
+pub struct PreparedInvite {
+    /// The group's epoch before the commit.
+    pub epoch: u64,
+    pub commit: Event,
+    /// Each invitee with its welcome rumor (kind 444).
+    pub welcomes: Vec<(PublicKey, UnsignedEvent)>,
+}
+
 /// Result of catching up on one group.
 #[derive(Debug, Default)]
 pub struct SyncOutcome {
@@ -49,11 +146,18 @@ pub struct SyncOutcome {
     pub committed_proposals: usize,
     /// Proposals stored for an admin to commit (we are not one).
     pub pending_proposals: usize,
+    /// Events fetched but not usable (sum of `dropped` except future-dated and duplicate).
     pub ignored: usize,
-    /// Every event processed, and those that were commits and applied.
+    /// Every event refused or dropped, by reason.
+    pub dropped: Dropped,
+    /// Every event fetched: processed or refused now, or processed by an earlier run (the
+    /// cursor's own second is fetched again). A live stream opened before this catch-up
+    /// receives all of them again and must skip them (MLS refuses a message twice).
     pub seen_ids: Vec<EventId>,
+    /// Events that were commits and applied.
     pub commit_ids: Vec<EventId>,
-    /// `created_at` of the newest event seen, and the ids of every event seen at that second.
+    /// `created_at` of the newest event processed and the ids of the events at that second
+    /// (see [`SyncOutcome::seen_ids`]); refused events never move it.
     pub cursor: Option<(Timestamp, Vec<EventId>)>,
 }
 
@@ -62,7 +166,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     /// if none did, the pending commit is cleared so the group stays at its epoch.
     ///
     /// Merging goes through the relays (MIP-03 order): after publishing we wait until the
-    /// clock has passed the commit's second, fetch the group's events from `resume` on —
+    /// clock has passed the commit's second (at most [`MAX_SETTLE`]), fetch the group's events from `resume` on —
     /// our own commit among them — and process them oldest first (`created_at`, then id).
     /// If another commit for this epoch sorts first, it is applied and ours is dropped
     /// (`merged: false`), exactly as every other member processing the same events does.
@@ -74,14 +178,18 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         commit: &Event,
         resume: Resume,
     ) -> Result<CommitOutcome, GroupError> {
-        let commit = &stamp_after(commit, resume.as_ref().map(|(t, _)| *t)).await?;
+        let commit = &stamp_after(commit, resume.as_ref().map(|(t, _)| *t))?;
         if let Err(e) = self.publish(commit).await {
             self.mdk.clear_pending_commit(group_id)?;
             return Err(GroupError::CommitNotAccepted(e.to_string()));
         }
         // A competitor stamped with the same second has had that second to reach a relay.
+        // Bounded by wall-clock time: our stamp may follow a (skewed) stamp from the network.
         let settle_until = commit.created_at.as_secs() + 1;
-        while Timestamp::now().as_secs() < settle_until {
+        let settle_deadline = tokio::time::Instant::now() + MAX_SETTLE;
+        while Timestamp::now().as_secs() < settle_until
+            && tokio::time::Instant::now() < settle_deadline
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -117,37 +225,77 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     }
 
     /// Adds `invitees` (by their newest key package) to the group: publish the commit,
-    /// merge it, then gift-wrap each welcome to its invitee.
+    /// merge it, then gift-wrap each welcome to its invitee. A crash between publishing and
+    /// sending loses the welcomes: callers that persist state use [`Self::prepare_invite`],
+    /// store its welcomes, then [`Self::publish_then_merge`] and [`Self::send_welcome`].
     pub async fn invite(
         &self,
         group_id: &GroupId,
         invitees: &[PublicKey],
         resume: Resume,
     ) -> Result<CommitOutcome, GroupError> {
+        let prepared = self.prepare_invite(group_id, invitees).await?;
+        let outcome = self
+            .publish_then_merge(group_id, &prepared.commit, resume)
+            .await?;
+        if !outcome.merged {
+            return Ok(outcome);
+        }
+        for (invitee, rumor) in prepared.welcomes {
+            self.send_welcome(&invitee, rumor).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Makes (does not publish) the commit adding `invitees` and their welcomes. MDK keeps
+    /// the commit pending until it is merged or cleared.
+    pub async fn prepare_invite(
+        &self,
+        group_id: &GroupId,
+        invitees: &[PublicKey],
+    ) -> Result<PreparedInvite, GroupError> {
+        let epoch = self
+            .mdk
+            .get_group(group_id)?
+            .ok_or(GroupError::GroupNotFound)?
+            .epoch;
         let mut kps = Vec::with_capacity(invitees.len());
         for pk in invitees {
             kps.push(self.fetch_key_package(*pk).await?);
         }
         let update = self.mdk.add_members(group_id, &kps)?;
-        let outcome = self
-            .publish_then_merge(group_id, &update.evolution_event, resume)
-            .await?;
-        if !outcome.merged {
-            return Ok(outcome);
-        }
         // welcome_rumors[i] answers kps[i].
-        for (rumor, kp) in update
+        let welcomes = update
             .welcome_rumors
             .unwrap_or_default()
             .into_iter()
             .zip(&kps)
-        {
-            let wrap = EventBuilder::gift_wrap(&self.keys, &kp.pubkey, rumor, [])
-                .await
-                .map_err(|e| GroupError::GiftWrap(e.to_string()))?;
-            self.publish(&wrap).await?;
-        }
-        Ok(outcome)
+            .map(|(rumor, kp)| (kp.pubkey, rumor))
+            .collect();
+        Ok(PreparedInvite {
+            epoch,
+            commit: update.evolution_event,
+            welcomes,
+        })
+    }
+
+    /// Gift-wraps a welcome rumor to `invitee` and publishes it.
+    pub async fn send_welcome(
+        &self,
+        invitee: &PublicKey,
+        rumor: UnsignedEvent,
+    ) -> Result<EventId, GroupError> {
+        let wrap = EventBuilder::gift_wrap(&self.keys, invitee, rumor, [])
+            .await
+            .map_err(|e| GroupError::GiftWrap(e.to_string()))?;
+        self.publish(&wrap).await
+    }
+
+    /// Drops a commit of ours that never reached a relay (a crash before publishing), so
+    /// new commits can be made. Call only after a complete catch-up: had the commit been
+    /// published, that catch-up would have applied it.
+    pub fn drop_unpublished_commit(&self, group_id: &GroupId) -> Result<(), GroupError> {
+        Ok(self.mdk.clear_pending_commit(group_id)?)
     }
 
     /// Removes members (admins only): publish the commit, then merge it.
@@ -193,27 +341,51 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     /// Fetches gift wraps addressed to us (NIP-59 back-dates them up to 2 days), stores
     /// every valid welcome as pending, and returns all pending welcomes.
     pub async fn fetch_welcomes(&self) -> Result<Vec<Welcome>, GroupError> {
+        Ok(self.fetch_welcomes_counted().await?.pending)
+    }
+
+    /// Like [`Self::fetch_welcomes`], with what was fetched and refused. Pages through every
+    /// gift wrap of the last 2 days, so junk wraps cannot hide a real welcome.
+    pub async fn fetch_welcomes_counted(&self) -> Result<WelcomeFetch, GroupError> {
         let filter = Filter::new()
             .kind(Kind::GiftWrap)
             .pubkey(self.keys.public_key())
             .since(Timestamp::now() - GIFT_WRAP_LOOKBACK);
-        for wrap in self.fetch(filter).await? {
-            let unwrapped = match UnwrappedGift::from_gift_wrap(&self.keys, &wrap).await {
-                Ok(u) => u,
-                Err(e) => {
-                    tracing::warn!(id = %wrap.id, "ignoring gift wrap: {e}");
-                    continue;
-                }
-            };
-            if unwrapped.rumor.kind != Kind::MlsWelcome {
-                tracing::warn!(id = %wrap.id, kind = %unwrapped.rumor.kind, "ignoring gift wrap: not a welcome");
-                continue;
-            }
-            if let Err(e) = self.mdk.process_welcome(&wrap.id, &unwrapped.rumor) {
-                tracing::warn!(id = %wrap.id, "ignoring welcome: {e}");
+        let fetched = self
+            .fetch_all("gift wraps", filter.clone(), horizon())
+            .await?;
+        let mut out = WelcomeFetch {
+            fetched: fetched.events.len(),
+            ..Default::default()
+        };
+        out.dropped.duplicate = fetched.duplicates;
+        out.dropped.oversized = fetched.oversized;
+        out.dropped.future_dated = self.count_future_dated(filter).await?;
+        for wrap in &fetched.events {
+            if let Err(refused) = self.process_gift_wrap(wrap).await {
+                tracing::warn!(id = %wrap.id, "ignoring gift wrap: {refused}");
+                out.dropped.count(refused.reason);
             }
         }
-        Ok(self.mdk.get_pending_welcomes(None)?)
+        out.pending = self.mdk.get_pending_welcomes(None)?;
+        Ok(out)
+    }
+
+    /// Unwraps one gift wrap and stores its welcome as pending.
+    async fn process_gift_wrap(&self, wrap: &Event) -> Result<(), Refused> {
+        let unwrapped = UnwrappedGift::from_gift_wrap(&self.keys, wrap)
+            .await
+            .map_err(|e| Refused::new(DropReason::Undecryptable, e.to_string()))?;
+        if unwrapped.rumor.kind != Kind::MlsWelcome {
+            return Err(Refused::new(
+                DropReason::Unsupported,
+                format!("kind {} is not a welcome", unwrapped.rumor.kind),
+            ));
+        }
+        self.mdk
+            .process_welcome(&wrap.id, &unwrapped.rumor)
+            .map(|_| ())
+            .map_err(|e| Refused::new(DropReason::Invalid, format!("welcome: {e}")))
     }
 
     /// Joins the group of a pending welcome.
@@ -221,8 +393,10 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         Ok(self.mdk.accept_welcome(welcome)?)
     }
 
-    /// Fetches the group's events since `since` (inclusive; events in `seen` are skipped),
-    /// oldest first, and processes each. Bad events are logged and skipped.
+    /// Fetches the group's events since `since` (inclusive; events in `seen` are skipped)
+    /// up to now + [`MAX_CLOCK_SKEW`], paged to completion, and processes them oldest first.
+    /// Refused events are logged and counted. Fails without processing anything if the
+    /// fetch cannot complete (the caller's cursor then stays where it was).
     pub async fn sync_group(
         &self,
         group: &Group,
@@ -236,21 +410,27 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         if let Some(since) = since {
             filter = filter.since(since);
         }
-        let mut events: Vec<Event> = self
-            .fetch(filter)
-            .await?
+        let fetched = self
+            .fetch_all("group events", filter.clone(), horizon())
+            .await?;
+        let mut out = SyncOutcome {
+            cursor: since.map(|t| (t, seen.to_vec())),
+            ..Default::default()
+        };
+        out.dropped.duplicate = fetched.duplicates;
+        out.dropped.oversized = fetched.oversized;
+        out.dropped.future_dated = self.count_future_dated(filter).await?;
+        out.seen_ids = fetched.events.iter().map(|e| e.id).collect();
+        let mut events: Vec<Event> = fetched
+            .events
             .into_iter()
             .filter(|e| !seen.contains(&e.id))
             .collect();
         // Commits must be applied in order; relays answer newest first.
         events.sort_by_key(|e| (e.created_at, e.id));
-        let mut out = SyncOutcome {
-            fetched: events.len(),
-            cursor: since.map(|t| (t, seen.to_vec())),
-            ..Default::default()
-        };
+        out.fetched = events.len();
+        let mut refused_at: Vec<(Timestamp, EventId)> = Vec::new();
         for event in &events {
-            out.seen_ids.push(event.id);
             match self.process_group_event(&h, event).await {
                 GroupEventOutcome::Message(r) => out.messages.push(r),
                 GroupEventOutcome::Commit => {
@@ -265,32 +445,65 @@ impl<S: MdkStorageProvider> GroupMember<S> {
                 GroupEventOutcome::PendingProposal => out.pending_proposals += 1,
                 GroupEventOutcome::Ignored(why) => {
                     tracing::warn!(id = %event.id, "ignoring group event: {why}");
-                    out.ignored += 1;
+                    out.dropped.count(why.reason);
+                    if why.reason != DropReason::FutureDated {
+                        out.ignored += 1;
+                    }
+                    refused_at.push((event.created_at, event.id));
+                    // A refused event does not move the cursor: if it is newer than every
+                    // processed event it may still become readable (it is fetched again).
+                    continue;
                 }
             }
             advance(&mut out.cursor, event.created_at, event.id);
+        }
+        // Refused events stamped no later than the newest processed one are settled: the
+        // keys of their epoch were there when they were tried, and a later commit already
+        // applied. Those in the cursor's own second join its ids (else fetched again).
+        if let Some((at, ids)) = &mut out.cursor {
+            for (t, id) in refused_at {
+                if t == *at && !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
         }
         Ok(out)
     }
 
     /// Processes one event that claims to belong to the group whose `h` tag is `h`.
     pub async fn process_group_event(&self, h: &str, event: &Event) -> GroupEventOutcome {
+        let refuse =
+            |reason, detail: String| GroupEventOutcome::Ignored(Refused::new(reason, detail));
         if event.kind != Kind::MlsGroupMessage {
-            return GroupEventOutcome::Ignored(format!(
-                "kind {} is not a group message",
-                event.kind
-            ));
+            return refuse(
+                DropReason::Invalid,
+                format!("kind {} is not a group message", event.kind),
+            );
         }
         let event_h = event.tags.find(TagKind::h()).and_then(|t| t.content());
         if event_h != Some(h) {
-            return GroupEventOutcome::Ignored(format!(
-                "h tag {:?} is not this group's",
-                event_h.unwrap_or("(none)")
-            ));
+            return refuse(
+                DropReason::Invalid,
+                format!(
+                    "h tag {:?} is not this group's",
+                    event_h.unwrap_or("(none)")
+                ),
+            );
+        }
+        // Time from the network is not trusted: MLS would order a far-future commit first.
+        if is_future_dated(event) {
+            return refuse(
+                DropReason::FutureDated,
+                format!(
+                    "created_at {} is more than {} s ahead of our clock: held back",
+                    event.created_at,
+                    MAX_CLOCK_SKEW.as_secs()
+                ),
+            );
         }
         let outcome = match self.mdk.process_message_with_context(event) {
             Ok(o) => o,
-            Err(e) => return GroupEventOutcome::Ignored(e.to_string()),
+            Err(e) => return refuse(DropReason::Undecryptable, e.to_string()),
         };
         match outcome.result {
             MessageProcessingResult::ApplicationMessage(msg) => GroupEventOutcome::Message(Rumor {
@@ -318,33 +531,39 @@ impl<S: MdkStorageProvider> GroupMember<S> {
                     }
                     return GroupEventOutcome::PendingProposal;
                 }
-                let commit =
-                    match stamp_after(&update.evolution_event, Some(event.created_at)).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let _ = self.mdk.clear_pending_commit(&group_id);
-                            return GroupEventOutcome::Ignored(format!("stamping a commit: {e}"));
-                        }
-                    };
+                let commit = match stamp_after(&update.evolution_event, Some(event.created_at)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = self.mdk.clear_pending_commit(&group_id);
+                        return refuse(DropReason::Invalid, format!("stamping a commit: {e}"));
+                    }
+                };
                 if let Err(e) = self.publish(&commit).await {
                     let _ = self.mdk.clear_pending_commit(&group_id);
-                    return GroupEventOutcome::Ignored(format!(
-                        "no relay accepted our commit of a proposal (cleared): {e}"
-                    ));
+                    return refuse(
+                        DropReason::Unsupported,
+                        format!("no relay accepted our commit of a proposal (cleared): {e}"),
+                    );
                 }
                 let done = GroupEventOutcome::CommittedProposal(commit.id, commit.created_at);
                 match self.mdk.process_message(&commit) {
                     Ok(MessageProcessingResult::Commit { .. }) => done,
                     _ => match self.mdk.merge_pending_commit(&group_id) {
                         Ok(()) => done,
-                        Err(e) => {
-                            GroupEventOutcome::Ignored(format!("merging a proposal commit: {e}"))
-                        }
+                        Err(e) => refuse(
+                            DropReason::Undecryptable,
+                            format!("merging a proposal commit: {e}"),
+                        ),
                     },
                 }
             }
             MessageProcessingResult::PendingProposal { .. } => GroupEventOutcome::PendingProposal,
-            other => GroupEventOutcome::Ignored(format!("{other:?}")),
+            // Events MLS could not read now or before.
+            other @ (MessageProcessingResult::Unprocessable { .. }
+            | MessageProcessingResult::PreviouslyFailed) => {
+                refuse(DropReason::Undecryptable, format!("{other:?}"))
+            }
+            other => refuse(DropReason::Unsupported, format!("{other:?}")),
         }
     }
 }
@@ -363,22 +582,22 @@ pub fn advance(cursor: &mut Option<(Timestamp, Vec<EventId>)>, at: Timestamp, id
 }
 
 /// `commit`, or if it is not stamped later than `after`, the same content and tags
-/// re-signed by a fresh ephemeral key once the clock has passed `after`. Receivers order a
+/// re-signed by a fresh ephemeral key and stamped `max(now, after + 1 s)`. Receivers order a
 /// group's events by `created_at`, then id: a commit stamped in the same second as an event
 /// it depends on (the proposal it commits, a commit it builds on) could sort before it.
-async fn stamp_after(commit: &Event, after: Option<Timestamp>) -> Result<Event, GroupError> {
+/// Nothing waits here: `after` comes from the network (at most [`MAX_CLOCK_SKEW`] ahead,
+/// since later events are never processed), and waiting on it would let a stamp freeze us.
+fn stamp_after(commit: &Event, after: Option<Timestamp>) -> Result<Event, GroupError> {
     let Some(after) = after else {
         return Ok(commit.clone());
     };
     if commit.created_at > after {
         return Ok(commit.clone());
     }
-    while Timestamp::now() <= after {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let at = Timestamp::now().max(after + Duration::from_secs(1));
     Ok(EventBuilder::new(commit.kind, commit.content.clone())
         .tags(commit.tags.iter().cloned())
-        .custom_created_at(Timestamp::now())
+        .custom_created_at(at)
         .sign_with_keys(&Keys::generate())?)
 }
 

@@ -33,6 +33,15 @@ pub enum GroupError {
     Timeout(&'static str),
     #[error("no relay accepted the commit, so it was not applied (pending commit cleared): {0}")]
     CommitNotAccepted(String),
+    /// Boxed: it names a relay URL, and every `Result` of this crate carries this enum.
+    #[error(transparent)]
+    Fetch(Box<super::fetch::FetchError>),
+}
+
+impl From<super::fetch::FetchError> for GroupError {
+    fn from(e: super::fetch::FetchError) -> Self {
+        Self::Fetch(Box::new(e))
+    }
 }
 
 /// The two ids of a Marmot group.
@@ -75,6 +84,8 @@ pub struct GroupMember<S: MdkStorageProvider> {
     pub(super) client: Client,
     pub(super) relays: Vec<RelayUrl>,
     pub(super) timeout: Duration,
+    /// Distinct events refused for their size so far (see `fetch::SizeGate`).
+    pub(super) oversized: super::fetch::OversizedCounter,
 }
 
 impl<S: MdkStorageProvider> std::fmt::Debug for GroupMember<S> {
@@ -89,7 +100,12 @@ impl<S: MdkStorageProvider> std::fmt::Debug for GroupMember<S> {
 impl<S: MdkStorageProvider> GroupMember<S> {
     /// Connects to `relays` as `keys`, with MLS state in `storage`.
     pub async fn connect(keys: Keys, storage: S, relays: &[RelayUrl]) -> Result<Self, GroupError> {
-        let client = Client::new(keys.clone());
+        let size_gate = super::fetch::SizeGate::new(super::fetch::MAX_EVENT_BYTES);
+        let oversized = size_gate.counter();
+        let client = Client::builder()
+            .signer(keys.clone())
+            .admit_policy(size_gate)
+            .build();
         for url in relays {
             client.add_relay(url.clone()).await?;
         }
@@ -119,12 +135,20 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             client,
             relays: relays.to_vec(),
             timeout: Duration::from_secs(10),
+            oversized,
         })
     }
 
     /// How long relay queries wait for answers (default 10 s).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Largest event accepted from relays (default `MAX_EVENT_BYTES`); larger ones are
+    /// refused and counted as `oversized`.
+    pub fn with_max_event_bytes(self, max: usize) -> Self {
+        self.oversized.set_max(max);
         self
     }
 
@@ -156,17 +180,10 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         Ok(out.val)
     }
 
-    /// Fetches from the relays that are connected now (a relay that is down would make
-    /// every query wait for the whole timeout). Publishing does the same.
-    pub(super) async fn fetch(&self, filter: Filter) -> Result<Events, GroupError> {
-        Ok(self
-            .client
-            .fetch_events_from(self.connected_relays().await?, filter, self.timeout)
-            .await?)
-    }
-
-    /// The configured relays that are connected now; an error if none is.
-    async fn connected_relays(&self) -> Result<Vec<RelayUrl>, GroupError> {
+    /// The configured relays that are connected now; an error if none is. Fetches and
+    /// publishes use only these: a relay that is down would make every query wait for the
+    /// whole timeout.
+    pub(super) async fn connected_relays(&self) -> Result<Vec<RelayUrl>, GroupError> {
         let connected: Vec<RelayUrl> = self
             .client
             .relays()
@@ -208,8 +225,12 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         let filter = Filter::new()
             .kinds([KIND_KEY_PACKAGE, Kind::MlsKeyPackage])
             .author(author);
-        let events = self.fetch(filter).await?;
-        events
+        // Paged: a flood of key packages must not hide the newest one.
+        let fetched = self
+            .fetch_all("key packages", filter, super::fetch::horizon())
+            .await?;
+        fetched
+            .events
             .into_iter()
             .max_by_key(|e| (e.kind == KIND_KEY_PACKAGE, e.created_at))
             .ok_or(GroupError::NoKeyPackage(author))
@@ -327,6 +348,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         Ok(GroupEvents {
             h: group.h_tag(),
             notifications,
+            held_back: 0,
         })
     }
 
@@ -369,16 +391,23 @@ impl<S: MdkStorageProvider> GroupMember<S> {
 }
 
 /// One group's kind-445 events as relays deliver them (duplicates included: several relays
-/// may deliver one event).
+/// may deliver one event). Events stamped beyond now + `MAX_CLOCK_SKEW` are held back
+/// (counted, not returned): the next catch-up fetches them once they are due.
 pub struct GroupEvents {
     h: String,
     notifications: tokio::sync::broadcast::Receiver<RelayPoolNotification>,
+    held_back: usize,
 }
 
 impl GroupEvents {
     /// The group's `h` tag value, for [`GroupMember::process_group_event`].
     pub fn h_tag(&self) -> &str {
         &self.h
+    }
+
+    /// Future-dated events held back so far.
+    pub fn held_back(&self) -> usize {
+        self.held_back
     }
 
     /// The next event of the group; `None` once the client is shut down.
@@ -399,6 +428,11 @@ impl GroupEvents {
                     .find(TagKind::h())
                     .and_then(|t| t.content())
                     .is_some_and(|h| h == self.h);
+            if ours && super::fetch::is_future_dated(&event) {
+                tracing::warn!(id = %event.id, "holding back a future-dated group event");
+                self.held_back += 1;
+                continue;
+            }
             if ours {
                 return Some(*event);
             }

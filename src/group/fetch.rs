@@ -1,0 +1,267 @@
+//! Complete, bounded fetches from relays, and the clock rule for events from the network.
+//!
+//! A relay answers one REQ with at most `limit` events (nostr-relay-builder: 500 by default),
+//! newest first. A single query therefore shows only the newest page, and anyone who can
+//! publish to the relay can push a real commit or welcome out of that page with garbage. So
+//! every fetch here pages backwards (`until` = oldest `created_at` seen, inclusive, because
+//! more events may share that second) until a page brings nothing new, one relay at a time
+//! (pages of different relays cannot be merged into one `until`), within a bound on work.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mdk_storage_traits::MdkStorageProvider;
+use nostr_sdk::prelude::*;
+
+use super::member::{GroupError, GroupMember};
+
+/// How far ahead of our clock an event's `created_at` may be and still be processed.
+/// Clocks of honest clients drift by seconds, not minutes; anything stamped later is held
+/// back (not processed, cursor unmoved) and fetched again once it is due. Five minutes is
+/// also what common relays accept for future-dated events.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// Events asked for per page (the usual relay cap; a relay may return fewer).
+pub const PAGE_LIMIT: usize = 500;
+
+/// Most pages one fetch reads from one relay before giving up (bound on work: 40 × 500).
+pub const MAX_PAGES: usize = 40;
+
+/// Most distinct events one fetch collects over all relays before giving up.
+pub const MAX_FETCH_EVENTS: usize = 20_000;
+
+/// Largest event (content plus tag values, in bytes) the client accepts from a relay. Below
+/// nostr-sdk's own 5 MB message cap, so every event refused for size is refused here and
+/// counted, not dropped inside the library with only a log line. 4 MiB leaves room for the
+/// welcome of a large group (it carries the ratchet tree, twice encrypted).
+pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Ids of distinct events refused for their size (bounded: past this many ids, each
+/// delivery counts).
+const OVERSIZED_IDS_KEPT: usize = 100_000;
+
+/// Shared state of a [`SizeGate`]: its limit and the distinct oversized events it refused.
+#[derive(Debug, Clone)]
+pub struct OversizedCounter {
+    max: Arc<AtomicUsize>,
+    refused: Arc<Mutex<(HashSet<EventId>, usize)>>,
+}
+
+impl OversizedCounter {
+    /// Distinct oversized events refused so far.
+    pub fn get(&self) -> usize {
+        self.refused.lock().map(|g| g.1).unwrap_or(0)
+    }
+
+    /// Changes the limit (bytes) for events received from now on.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    fn record(&self, id: EventId) {
+        if let Ok(mut g) = self.refused.lock() {
+            let (ids, n) = &mut *g;
+            if ids.len() >= OVERSIZED_IDS_KEPT || ids.insert(id) {
+                *n += 1;
+            }
+        }
+    }
+}
+
+/// nostr-sdk admission hook: refuses (and counts) events larger than the limit before
+/// they are stored, notified or returned by a fetch.
+#[derive(Debug)]
+pub struct SizeGate {
+    state: OversizedCounter,
+}
+
+impl SizeGate {
+    pub fn new(max: usize) -> Self {
+        Self {
+            state: OversizedCounter {
+                max: Arc::new(AtomicUsize::new(max)),
+                refused: Arc::default(),
+            },
+        }
+    }
+
+    pub fn counter(&self) -> OversizedCounter {
+        self.state.clone()
+    }
+}
+
+/// Size of an event as counted against [`MAX_EVENT_BYTES`]: content and tag values (the
+/// rest is fixed-size); cheaper than serializing every event.
+pub fn event_size(event: &Event) -> usize {
+    event.content.len()
+        + event
+            .tags
+            .iter()
+            .map(|t| t.as_slice().iter().map(|v| v.len() + 4).sum::<usize>())
+            .sum::<usize>()
+}
+
+impl AdmitPolicy for SizeGate {
+    fn admit_event<'a>(
+        &'a self,
+        _relay_url: &'a RelayUrl,
+        _subscription_id: &'a SubscriptionId,
+        event: &'a Event,
+    ) -> BoxedFuture<'a, Result<AdmitStatus, PolicyError>> {
+        Box::pin(async move {
+            let size = event_size(event);
+            let max = self.state.max.load(Ordering::Relaxed);
+            if size > max {
+                self.state.record(event.id);
+                tracing::warn!(id = %event.id, size, max, "refusing an oversized event");
+                return Ok(AdmitStatus::rejected("oversized"));
+            }
+            Ok(AdmitStatus::success())
+        })
+    }
+}
+
+/// The newest `created_at` that may be processed now.
+pub fn horizon() -> Timestamp {
+    Timestamp::now() + MAX_CLOCK_SKEW
+}
+
+/// Whether an event is stamped too far ahead of our clock to be processed now.
+pub fn is_future_dated(event: &Event) -> bool {
+    event.created_at > horizon()
+}
+
+/// Why a fetch could not see everything in its window.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(
+        "{relay} has more {what} than one catch-up reads ({pages} pages, {events} events; \
+         limits {MAX_PAGES} pages per relay, {MAX_FETCH_EVENTS} events): nothing was \
+         processed and the cursor did not move; the relay is flooded, try another relay"
+    )]
+    TooMany {
+        what: &'static str,
+        relay: RelayUrl,
+        pages: usize,
+        events: usize,
+    },
+    #[error(
+        "{relay} holds at least {count} {what} stamped in the same second ({at}); paging by \
+         time cannot get past them, so the fetch is incomplete: nothing was processed and the \
+         cursor did not move"
+    )]
+    SameSecond {
+        what: &'static str,
+        relay: RelayUrl,
+        at: Timestamp,
+        count: usize,
+    },
+}
+
+/// What one complete fetch found.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    /// Distinct events, in no particular order.
+    pub events: Vec<Event>,
+    /// Pages read, over all relays.
+    pub pages: usize,
+    /// Events delivered more than once (by several relays, or on overlapping pages).
+    pub duplicates: usize,
+    /// Distinct events refused for their size during this fetch.
+    pub oversized: usize,
+}
+
+impl<S: MdkStorageProvider> GroupMember<S> {
+    /// Every event matching `filter` with `created_at` ≤ `until` on every connected relay,
+    /// paged to completion. `filter` must not carry `until` or `limit` (they are set here).
+    /// Fails rather than return a partial answer.
+    pub(super) async fn fetch_all(
+        &self,
+        what: &'static str,
+        filter: Filter,
+        until: Timestamp,
+    ) -> Result<Fetched, GroupError> {
+        let mut all: HashMap<EventId, Event> = HashMap::new();
+        let mut out = Fetched::default();
+        let oversized_before = self.oversized.get();
+        for relay in self.connected_relays().await? {
+            let mut seen_here: HashSet<EventId> = HashSet::new();
+            let mut until = until;
+            let mut pages = 0;
+            loop {
+                if pages >= MAX_PAGES || all.len() >= MAX_FETCH_EVENTS {
+                    return Err(FetchError::TooMany {
+                        what,
+                        relay,
+                        pages,
+                        events: all.len(),
+                    }
+                    .into());
+                }
+                pages += 1;
+                out.pages += 1;
+                let page = self
+                    .client
+                    .fetch_events_from(
+                        [relay.clone()],
+                        filter.clone().until(until).limit(PAGE_LIMIT),
+                        self.timeout,
+                    )
+                    .await?;
+                let len = page.len();
+                let mut new_here = 0;
+                let mut oldest = until;
+                let mut all_at_until = true;
+                for event in page {
+                    oldest = oldest.min(event.created_at);
+                    all_at_until &= event.created_at == until;
+                    if !seen_here.insert(event.id) {
+                        out.duplicates += 1;
+                        continue;
+                    }
+                    new_here += 1;
+                    if all.insert(event.id, event).is_some() {
+                        out.duplicates += 1;
+                    }
+                }
+                if new_here == 0 {
+                    // A full page of already seen events, all at `until`: more than a page
+                    // share that second and the rest cannot be reached by time.
+                    if len >= PAGE_LIMIT && all_at_until {
+                        return Err(FetchError::SameSecond {
+                            what,
+                            relay,
+                            at: until,
+                            count: len,
+                        }
+                        .into());
+                    }
+                    break;
+                }
+                until = oldest;
+            }
+        }
+        out.events = all.into_values().collect();
+        out.oversized = self.oversized.get().saturating_sub(oversized_before);
+        Ok(out)
+    }
+
+    /// How many events matching `filter` are stamped beyond [`horizon`] (held back, not
+    /// fetched by [`Self::fetch_all`]); counts at most one page per relay.
+    pub(super) async fn count_future_dated(&self, filter: Filter) -> Result<usize, GroupError> {
+        let filter = filter
+            .since(horizon() + Duration::from_secs(1))
+            .limit(PAGE_LIMIT);
+        let mut ids = HashSet::new();
+        for relay in self.connected_relays().await? {
+            let page = self
+                .client
+                .fetch_events_from([relay], filter.clone(), self.timeout)
+                .await?;
+            ids.extend(page.into_iter().map(|e| e.id));
+        }
+        Ok(ids.len())
+    }
+}
