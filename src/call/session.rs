@@ -687,7 +687,10 @@ pub async fn run_session<S: MdkStorageProvider>(
                     continue;
                 }
                 let outcome = member.process_group_event(events.h_tag(), &event).await;
-                crate::group::advance_cursor(&mut cursor, event.created_at, event.id);
+                // The cursor moves only over events that were processed (issue 11).
+                if !matches!(outcome, GroupEventOutcome::Ignored(_)) {
+                    crate::group::advance_cursor(&mut cursor, event.created_at, event.id);
+                }
                 match outcome {
                     GroupEventOutcome::Message(r) => ControlInput::Rumor {
                         sender: r.sender,
