@@ -366,7 +366,7 @@ impl Sim {
                     self.handle(i, Input::Timeout);
                 }
             }
-            if now.as_millis() % FRAME.as_millis() == 0 {
+            if now.as_millis().is_multiple_of(FRAME.as_millis()) {
                 for i in 0..self.nodes.len() {
                     if self.nodes[i].engine.is_none() || self.nodes[i].ended.is_some() {
                         continue;

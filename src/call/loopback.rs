@@ -73,9 +73,7 @@ pub async fn run(cfg: &LoopbackConfig) -> Result<LoopbackReport, CallError> {
         .map_err(crate::media::pipeline::PipelineError::from)?;
     let mut outbound = Outbound::new(cfg.codec, keys)?;
     let mut inbound = Inbound::new(cfg.codec, layout, 0)?;
-    inbound
-        .install_epoch(0, &secret, Instant::now())
-        .map_err(crate::media::sframe::FrameError::from)?;
+    inbound.install_epoch(0, &secret, Instant::now())?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let silence = vec![0i16; io.frame_samples()];
 

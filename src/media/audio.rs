@@ -536,7 +536,7 @@ fn build_with_fallback(
     if let cpal::BufferSize::Fixed(n) = fixed {
         stream_config.buffer_size = fixed;
         let errors = Arc::new(AtomicU64::new(0));
-        match build(stream_config.clone(), errors.clone()) {
+        match build(stream_config, errors.clone()) {
             Ok(s) => {
                 s.play().map_err(|e| AudioError::Device(e.to_string()))?;
                 std::thread::sleep(BUFFER_PROBE);

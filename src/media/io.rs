@@ -90,8 +90,8 @@ pub enum AudioIn {
 pub enum AudioOut {
     /// Written one frame per timer tick.
     Timer(Box<dyn AudioSink>),
-    /// Clocked by the sound card.
-    Device(DevicePlayback),
+    /// Clocked by the sound card (boxed: it is much larger than a timer sink).
+    Device(Box<DevicePlayback>),
 }
 
 impl SourceSpec {
@@ -110,7 +110,9 @@ impl SinkSpec {
         Ok(match self {
             Self::Null => AudioOut::Timer(Box::new(NullSink)),
             Self::Wav(p) => AudioOut::Timer(Box::new(WavSink::create(p)?)),
-            Self::Device(name) => AudioOut::Device(DevicePlayback::open(name.as_deref())?),
+            Self::Device(name) => {
+                AudioOut::Device(Box::new(DevicePlayback::open(name.as_deref())?))
+            }
         })
     }
 }
