@@ -11,7 +11,7 @@ use call::call::signaling::Privacy;
 use call::group::{GroupMember, GroupRef, Resume};
 use call::media::audio::NullSink;
 use call::media::tone::ToneSource;
-use call::transport::CertVerification;
+use call::transport::{CertVerification, TokenPolicy};
 use common::TestRelay;
 use mdk_memory_storage::MdkMemoryStorage;
 use nostr_sdk::prelude::{PublicKey, RelayUrl};
@@ -56,6 +56,7 @@ fn options(moq_url: &url::Url, verification: CertVerification) -> JoinOptions {
         duration: None,
         ring_timeout: Duration::ZERO,
         counters: None,
+        relay_token: TokenPolicy::Auto,
     }
 }
 

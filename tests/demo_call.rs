@@ -5,7 +5,7 @@ mod common;
 
 use call::call::demo::{self, DemoConfig, MAX_FREQ_ERROR_HZ, MIN_RECEIVED};
 use call::call::signaling::Privacy;
-use call::transport::CertVerification;
+use call::transport::{CertVerification, TokenPolicy};
 use common::TestRelay;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,5 +142,6 @@ fn demo_config(relay: &TestRelay) -> DemoConfig {
         verification: CertVerification::fingerprint(&relay.fingerprint).unwrap(),
         privacy: Privacy::Standard,
         impairment: None,
+        relay_token: TokenPolicy::Auto,
     }
 }

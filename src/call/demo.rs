@@ -26,7 +26,7 @@ use crate::media::playout::{PlayoutDecoder, SlotKind};
 use crate::media::tone::{dominant_frequency, ToneSource};
 use crate::transport::{
     participant_namespace, CertVerification, ClientConfig, ImpairedPath, Impairment, MoqClient,
-    RemoteTrack,
+    RemoteTrack, TokenPolicy,
 };
 
 type Member = GroupMember<MdkMemoryStorage>;
@@ -50,6 +50,8 @@ pub struct DemoConfig {
     /// Every participant reaches the MoQ relay through its own path impaired like this
     /// (loss, delay, jitter; seeded per participant).
     pub impairment: Option<Impairment>,
+    /// When the relay token is presented in SETUP (docs/protocol.md §4).
+    pub relay_token: TokenPolicy,
 }
 
 /// What one participant heard from one peer.
@@ -396,11 +398,14 @@ async fn participant(
         }
         None => (offer.moq_url.clone(), None),
     };
-    let (client, driver) = MoqClient::new(ClientConfig::new(
-        moq_url,
-        cfg.verification.clone(),
-        Some(offer.token.to_vec()),
-    ));
+    let (client, driver) = MoqClient::new(
+        ClientConfig::new(
+            moq_url,
+            cfg.verification.clone(),
+            Some(offer.token.to_vec()),
+        )
+        .with_token_policy(cfg.relay_token),
+    );
     let driver = tokio::spawn(driver);
     let namespace = offer.namespace_hex();
     let mut publisher = client.publish(

@@ -30,6 +30,7 @@ use crate::media::playout::{PlayoutDecoder, SlotKind};
 use crate::media::tone::dominant_frequency;
 use crate::transport::{
     participant_namespace, CertVerification, ClientConfig, LocalTrack, MoqClient, RemoteTrack,
+    TokenPolicy,
 };
 
 /// A call whose last signaling is older than this is not joined without `--call`: its
@@ -70,6 +71,8 @@ pub struct JoinOptions {
     pub ring_timeout: Duration,
     /// Where SFrame counter high-water marks are kept ($CALL_HOME/counters).
     pub counters: Option<PathBuf>,
+    /// When the relay token is presented in SETUP (docs/protocol.md §4).
+    pub relay_token: TokenPolicy,
 }
 
 /// A call as the group's signaling history tells it.
@@ -1001,11 +1004,14 @@ pub async fn run<S: MdkStorageProvider>(
     };
 
     // Media first, then signaling: peers that hear of us can subscribe at once.
-    let (client, driver) = MoqClient::new(ClientConfig::new(
-        offer.moq_url.clone(),
-        opts.verification.clone(),
-        Some(offer.token.to_vec()),
-    ));
+    let (client, driver) = MoqClient::new(
+        ClientConfig::new(
+            offer.moq_url.clone(),
+            opts.verification.clone(),
+            Some(offer.token.to_vec()),
+        )
+        .with_token_policy(opts.relay_token),
+    );
     let driver = tokio::spawn(driver);
     let mut local = client.publish(
         participant_namespace(&offer.namespace_hex(), &me.name_hex())?,

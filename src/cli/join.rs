@@ -15,7 +15,7 @@ use crate::call::loopback::{SinkSpec, SourceSpec};
 use crate::call::session::{self, CallEvent, CallReport, CallTarget, JoinOptions, UserCommand};
 use crate::call::signaling::Privacy;
 use crate::group::GroupRef;
-use crate::transport::CertVerification;
+use crate::transport::{CertVerification, TokenPolicy};
 
 #[derive(Args, Debug)]
 pub struct JoinArgs {
@@ -51,6 +51,11 @@ pub struct JoinArgs {
     /// Accept any MoQ relay certificate. For development only.
     #[arg(long, env = "CALL_MOQ_INSECURE")]
     pub moq_insecure: bool,
+    /// When to present the call's relay token in SETUP: `auto` (present it; without it if
+    /// the relay refuses the session), `always`, `never`. Falls back to `relay_token` in
+    /// config.toml, then `auto`.
+    #[arg(long, env = "CALL_RELAY_TOKEN", value_name = "auto|always|never")]
+    pub relay_token: Option<TokenPolicy>,
 }
 
 fn print_event(event: &CallEvent) {
@@ -208,6 +213,10 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             duration: args.seconds.map(Duration::from_secs),
             ring_timeout: Duration::from_secs(args.ring_timeout),
             counters: Some(home.dir().join("counters")),
+            relay_token: args
+                .relay_token
+                .or(settings.relay_token)
+                .unwrap_or_default(),
         };
         let commands = user_commands();
         let (report, cursor) = session::run(
