@@ -23,9 +23,20 @@ use url::Url;
     after_help = "Example:\n  call-relay-load --url moqt://127.0.0.1:4443 --publishers 10 --subscribers 100 --seconds 10"
 )]
 struct Args {
-    /// Relay URL (moqt:// or https://). The certificate is not verified.
-    #[arg(long, env = "CALL_RELAY_LOAD_URL")]
-    url: Url,
+    /// Relay URL (moqt:// or https://). The certificate is not verified. Several
+    /// (comma-separated) spread the sessions over the nodes of a relay cluster round-robin,
+    /// publishers and subscribers alike, so every track crosses between nodes.
+    #[arg(
+        long,
+        env = "CALL_RELAY_LOAD_URL",
+        value_delimiter = ',',
+        required = true
+    )]
+    url: Vec<Url>,
+    /// Seconds a subscriber waits for a track the relay does not know yet (in a cluster,
+    /// announcements take a moment to reach the other nodes).
+    #[arg(long, env = "CALL_RELAY_LOAD_SUBSCRIBE_WAIT", default_value_t = 5)]
+    subscribe_wait: u64,
     /// Publishing sessions, one track each.
     #[arg(long, env = "CALL_RELAY_LOAD_PUBLISHERS", default_value_t = 1)]
     publishers: usize,
@@ -72,8 +83,9 @@ async fn main() -> anyhow::Result<()> {
     // Publishers: announce, serving subscribers in the background.
     let mut tracks = Vec::new();
     let mut pub_conns = Vec::new();
+    let node = |i: usize| &args.url[i % args.url.len()];
     for i in 0..args.publishers {
-        let mut conn = connect(&args.url, token.as_deref()).await?;
+        let mut conn = connect(node(i), token.as_deref()).await?;
         let ns = TrackNamespace::try_from(vec!["bench".to_string(), format!("p{i}")])
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (track, serve) = conn.publish(ns.clone(), "t").await?;
@@ -87,11 +99,13 @@ async fn main() -> anyhow::Result<()> {
     let latencies: Arc<Mutex<Vec<u32>>> = Arc::default();
     let mut sub_conns = Vec::new();
     let mut readers = Vec::new();
-    for _ in 0..args.subscribers {
-        let mut conn = connect(&args.url, token.as_deref()).await?;
+    for j in 0..args.subscribers {
+        // Offset by one: with as many nodes as publishers, no subscriber sits on the node
+        // of the publisher of the same index.
+        let mut conn = connect(node(j + 1), token.as_deref()).await?;
         for (_, ns) in &pub_conns {
             let mut sub = conn
-                .subscribe(ns.clone(), "t", Duration::from_secs(1))
+                .subscribe(ns.clone(), "t", Duration::from_secs(args.subscribe_wait))
                 .await
                 .context("subscribe")?;
             let received = received.clone();
@@ -160,7 +174,8 @@ async fn main() -> anyhow::Result<()> {
         f64::from(lat[i]) / 1000.0
     };
     println!(
-        "{{\"publishers\":{},\"subscribers\":{},\"subscriptions\":{},\"sent\":{},\"expected\":{},\"received\":{},\"delivered\":{:.4},\"latency_p50_ms\":{:.3},\"latency_p99_ms\":{:.3}}}",
+        "{{\"relays\":{},\"publishers\":{},\"subscribers\":{},\"subscriptions\":{},\"sent\":{},\"expected\":{},\"received\":{},\"delivered\":{:.4},\"latency_p50_ms\":{:.3},\"latency_p99_ms\":{:.3}}}",
+        args.url.len(),
         args.publishers,
         args.subscribers,
         args.publishers * args.subscribers,

@@ -483,7 +483,10 @@ mod tests {
             let policy: TokenPolicy = name.parse().unwrap();
             assert_eq!(policy.to_string(), name);
         }
-        assert_eq!(" Never ".parse::<TokenPolicy>().unwrap(), TokenPolicy::Never);
+        assert_eq!(
+            " Never ".parse::<TokenPolicy>().unwrap(),
+            TokenPolicy::Never
+        );
         let err = "sometimes".parse::<TokenPolicy>().unwrap_err();
         assert!(err.to_string().contains("sometimes"), "{err}");
         assert_eq!(TokenPolicy::default(), TokenPolicy::Auto);
