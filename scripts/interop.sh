@@ -167,6 +167,7 @@ else
   dev_demo "call demo via moq-relay (anonymous), https://, token auto" "https://127.0.0.1:$dport" auto ok
   dev_demo "call demo via moq-relay (anonymous), moqt://, token never" "moqt://127.0.0.1:$dport" never ok
   dev_demo "call demo via moq-relay (anonymous), token always: refused" "moqt://127.0.0.1:$dport" always refused
+  dev_demo "… same over https:// (WebTransport close code)" "https://127.0.0.1:$dport" always refused
 
   # A two-node cluster: the leaf dials the root; sessions are spread over both nodes so
   # every track crosses between them (publishers and subscribers on each node).
