@@ -152,5 +152,9 @@ fn a_bad_relay_token_policy_is_refused_naming_the_choices() {
         .env("CALL_RELAY_TOKEN", "never")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "the flag wins over the environment");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the flag wins over the environment"
+    );
 }
