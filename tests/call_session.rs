@@ -13,7 +13,7 @@ use call::group::{GroupMember, GroupRef, Resume};
 use call::media::audio::NullSink;
 use call::media::io::{AudioIn, AudioOut};
 use call::media::tone::ToneSource;
-use call::transport::CertVerification;
+use call::transport::{CertVerification, TokenPolicy};
 use common::TestRelay;
 use mdk_memory_storage::MdkMemoryStorage;
 use nostr_sdk::prelude::{PublicKey, RelayUrl};
@@ -52,6 +52,7 @@ fn options(moq_url: &url::Url, verification: CertVerification) -> JoinOptions {
     JoinOptions {
         target: CallTarget::Auto,
         ring_timeout: Duration::ZERO,
+        relay_token: TokenPolicy::Auto,
         ..JoinOptions::new(Some(moq_url.clone()), verification)
     }
 }

@@ -132,3 +132,29 @@ fn loopback_reports_a_missing_wav_with_its_path() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_bad_relay_token_policy_is_refused_naming_the_choices() {
+    for cmd in ["demo", "join"] {
+        let out = call()
+            .args([cmd, "--relay-token", "sometimes"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("sometimes") && err.contains("auto, always or never"),
+            "{cmd}: {err}"
+        );
+    }
+    let out = call()
+        .args(["demo", "--relay-token", "sometimes"])
+        .env("CALL_RELAY_TOKEN", "never")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the flag wins over the environment"
+    );
+}

@@ -5,7 +5,7 @@ mod common;
 
 use call::call::demo::{self, pitch_tolerance, DemoConfig, MIN_RECEIVED};
 use call::call::signaling::Privacy;
-use call::transport::CertVerification;
+use call::transport::{CertVerification, TokenPolicy};
 use common::TestRelay;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,5 +164,6 @@ fn demo_config(relay: &TestRelay) -> DemoConfig {
         verification: CertVerification::fingerprint(&relay.fingerprint).unwrap(),
         privacy: Privacy::Standard,
         impairment: None,
+        relay_token: TokenPolicy::Auto,
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::{BufMut, BytesMut};
-use call::transport::{CertVerification, MoqConnection};
+use call::transport::{CertVerification, ClientConfig, MoqClient, MoqConnection};
 use clap::Parser;
 use moq_transport::coding::TrackNamespace;
 use tokio::time::Instant;
@@ -23,9 +23,24 @@ use url::Url;
     after_help = "Example:\n  call-relay-load --url moqt://127.0.0.1:4443 --publishers 10 --subscribers 100 --seconds 10"
 )]
 struct Args {
-    /// Relay URL (moqt:// or https://). The certificate is not verified.
-    #[arg(long, env = "CALL_RELAY_LOAD_URL")]
-    url: Url,
+    /// Relay URL (moqt:// or https://). The certificate is not verified. Several
+    /// (comma-separated) spread the sessions over the nodes of a relay cluster round-robin,
+    /// publishers and subscribers alike, so every track crosses between nodes.
+    #[arg(
+        long,
+        env = "CALL_RELAY_LOAD_URL",
+        value_delimiter = ',',
+        required = true
+    )]
+    url: Vec<Url>,
+    /// Seconds a subscriber waits for a track the relay does not know yet (in a cluster,
+    /// announcements take a moment to reach the other nodes).
+    #[arg(long, env = "CALL_RELAY_LOAD_SUBSCRIBE_WAIT", default_value_t = 5)]
+    subscribe_wait: u64,
+    /// Subscribe as a call does (`MoqClient`: re-subscribes when a subscription is refused
+    /// or ends), waiting `--subscribe-wait` seconds before sending so routes are set up.
+    #[arg(long, env = "CALL_RELAY_LOAD_CALL_CLIENT")]
+    call_client: bool,
     /// Publishing sessions, one track each.
     #[arg(long, env = "CALL_RELAY_LOAD_PUBLISHERS", default_value_t = 1)]
     publishers: usize,
@@ -57,6 +72,31 @@ async fn connect(url: &Url, token: Option<&[u8]>) -> anyhow::Result<MoqConnectio
     Ok(conn)
 }
 
+/// Subscribes, retrying any refusal but a wrong token until `wait` has passed, as a call's
+/// `MoqClient` does. A relay cluster can refuse a first SUBSCRIBE while it sets up the route
+/// between its nodes (moq-dev moq-relay 0.17.10: its track probe races the publisher's
+/// duplicate-subscription check, docs/interop.md).
+async fn subscribe(
+    conn: &mut MoqConnection,
+    ns: &TrackNamespace,
+    wait: Duration,
+) -> anyhow::Result<call::transport::TrackSubscriber> {
+    let deadline = Instant::now() + wait;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match conn.subscribe(ns.clone(), "t", left).await {
+            Ok(sub) => return Ok(sub),
+            Err(e @ call::transport::TransportError::Unauthorized) => return Err(e.into()),
+            Err(e) if Instant::now() + backoff >= deadline => return Err(e.into()),
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -72,9 +112,13 @@ async fn main() -> anyhow::Result<()> {
     // Publishers: announce, serving subscribers in the background.
     let mut tracks = Vec::new();
     let mut pub_conns = Vec::new();
+    let node = |i: usize| &args.url[i % args.url.len()];
+    let run = format!("{:08x}", rand::random::<u32>());
     for i in 0..args.publishers {
-        let mut conn = connect(&args.url, token.as_deref()).await?;
-        let ns = TrackNamespace::try_from(vec!["bench".to_string(), format!("p{i}")])
+        let mut conn = connect(node(i), token.as_deref()).await?;
+        // A fresh run id: a relay that still caches a previous run's last group of the
+        // same namespace must not count it as delivered.
+        let ns = TrackNamespace::try_from(vec!["bench".to_string(), format!("p{i}"), run.clone()])
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (track, serve) = conn.publish(ns.clone(), "t").await?;
         tokio::spawn(serve);
@@ -87,11 +131,60 @@ async fn main() -> anyhow::Result<()> {
     let latencies: Arc<Mutex<Vec<u32>>> = Arc::default();
     let mut sub_conns = Vec::new();
     let mut readers = Vec::new();
-    for _ in 0..args.subscribers {
-        let mut conn = connect(&args.url, token.as_deref()).await?;
+    let mut call_clients = Vec::new();
+    let record = move |object: &[u8], local: &mut Vec<u32>| {
+        if let Some(stamp) = object.get(..8) {
+            let sent = u64::from_be_bytes(stamp.try_into().expect("8 bytes"));
+            let now = start.elapsed().as_micros() as u64;
+            local.push(u32::try_from(now.saturating_sub(sent)).unwrap_or(u32::MAX));
+        }
+    };
+    for j in 0..args.subscribers {
+        if args.call_client {
+            let config = ClientConfig::new(
+                node(j + 1).clone(),
+                CertVerification::Insecure,
+                token.clone(),
+            );
+            let (client, driver) = MoqClient::new(config);
+            tokio::spawn(driver);
+            for (_, ns) in &pub_conns {
+                let mut remote = client.subscribe(ns.clone(), "t");
+                let received = received.clone();
+                let latencies = latencies.clone();
+                // A MoqClient track never ends by itself: stop after 2 s of silence, once
+                // sending has begun.
+                let mut silence = Duration::from_secs(args.subscribe_wait + 2);
+                readers.push(tokio::spawn(async move {
+                    let mut local = Vec::new();
+                    // A re-subscription may deliver recent groups again: count each once,
+                    // as a call's jitter buffer would play it once.
+                    let mut seen = std::collections::HashSet::new();
+                    while let Ok(Ok((_, object))) =
+                        tokio::time::timeout(silence, remote.next()).await
+                    {
+                        silence = Duration::from_secs(2);
+                        // Keyed by the send time the object carries, not its group id: a
+                        // relay that re-sequences groups must not make one frame two.
+                        let Some(stamp) = object.get(..8) else {
+                            continue; // not one of ours (an empty object)
+                        };
+                        if seen.insert(stamp.to_vec()) {
+                            record(&object, &mut local);
+                            received.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    latencies.lock().expect("lock").extend(local);
+                }));
+            }
+            call_clients.push(client);
+            continue;
+        }
+        // Offset by one: with as many nodes as publishers, no subscriber sits on the node
+        // of the publisher of the same index.
+        let mut conn = connect(node(j + 1), token.as_deref()).await?;
         for (_, ns) in &pub_conns {
-            let mut sub = conn
-                .subscribe(ns.clone(), "t", Duration::from_secs(1))
+            let mut sub = subscribe(&mut conn, ns, Duration::from_secs(args.subscribe_wait))
                 .await
                 .context("subscribe")?;
             let received = received.clone();
@@ -99,12 +192,7 @@ async fn main() -> anyhow::Result<()> {
             readers.push(tokio::spawn(async move {
                 let mut local = Vec::new();
                 while let Ok(Some((_, object))) = sub.next().await {
-                    let Some(stamp) = object.get(..8) else {
-                        continue;
-                    };
-                    let sent = u64::from_be_bytes(stamp.try_into().expect("8 bytes"));
-                    let now = start.elapsed().as_micros() as u64;
-                    local.push(u32::try_from(now.saturating_sub(sent)).unwrap_or(u32::MAX));
+                    record(&object, &mut local);
                     received.fetch_add(1, Ordering::Relaxed);
                 }
                 latencies.lock().expect("lock").extend(local);
@@ -113,6 +201,9 @@ async fn main() -> anyhow::Result<()> {
         sub_conns.push(conn);
     }
 
+    if args.call_client {
+        tokio::time::sleep(Duration::from_secs(args.subscribe_wait)).await;
+    }
     // Send: every track paced at `rate`, phases spread over one interval.
     let interval = Duration::from_secs(1) / args.rate;
     let frames = args.seconds * u64::from(args.rate);
@@ -160,7 +251,8 @@ async fn main() -> anyhow::Result<()> {
         f64::from(lat[i]) / 1000.0
     };
     println!(
-        "{{\"publishers\":{},\"subscribers\":{},\"subscriptions\":{},\"sent\":{},\"expected\":{},\"received\":{},\"delivered\":{:.4},\"latency_p50_ms\":{:.3},\"latency_p99_ms\":{:.3}}}",
+        "{{\"relays\":{},\"publishers\":{},\"subscribers\":{},\"subscriptions\":{},\"sent\":{},\"expected\":{},\"received\":{},\"delivered\":{:.4},\"latency_p50_ms\":{:.3},\"latency_p99_ms\":{:.3}}}",
+        args.url.len(),
         args.publishers,
         args.subscribers,
         args.publishers * args.subscribers,

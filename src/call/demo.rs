@@ -23,7 +23,7 @@ use crate::media::io::{AudioIn, AudioOut};
 use crate::media::jitter::JitterStats;
 use crate::media::keyring::RejectCounts;
 use crate::media::tone::ToneSource;
-use crate::transport::{CertVerification, ImpairedPath, Impairment};
+use crate::transport::{CertVerification, ImpairedPath, Impairment, TokenPolicy};
 
 type Member = GroupMember<MdkMemoryStorage>;
 
@@ -58,6 +58,8 @@ pub struct DemoConfig {
     /// Every participant reaches the MoQ relay through its own path impaired like this
     /// (loss, delay, jitter; seeded per participant).
     pub impairment: Option<Impairment>,
+    /// Whether participants present the relay token (docs/protocol.md §4).
+    pub relay_token: TokenPolicy,
 }
 
 /// What one participant heard from one peer.
@@ -233,6 +235,7 @@ pub async fn run(
         opts.frame_ms = config.frame_ms;
         opts.ring_timeout = Duration::ZERO;
         opts.record_frames = true;
+        opts.relay_token = config.relay_token;
         if let Some(imp) = config.impairment {
             let imp = Impairment {
                 seed: imp.seed.wrapping_add(i as u64),

@@ -29,7 +29,7 @@ use crate::media::io::{AudioEvent, AudioIn, AudioIo, AudioIoReport, AudioOut};
 use crate::media::keyring::CounterStore;
 use crate::media::keys::{CallSecret, KidLayout};
 use crate::transport::{
-    participant_namespace, CertVerification, ClientConfig, LocalTrack, MoqClient,
+    participant_namespace, CertVerification, ClientConfig, LocalTrack, MoqClient, TokenPolicy,
 };
 
 /// A call whose last signaling is older than this is not joined without `--call`: its
@@ -80,6 +80,8 @@ pub struct JoinOptions {
     /// Keep per-frame times in the report's `records` (runs that join them across
     /// participants in one process).
     pub record_frames: bool,
+    /// Whether the relay token is presented (docs/protocol.md §4).
+    pub relay_token: TokenPolicy,
 }
 
 impl JoinOptions {
@@ -96,6 +98,7 @@ impl JoinOptions {
             counters: None,
             moq_through: None,
             record_frames: false,
+            relay_token: TokenPolicy::Auto,
         }
     }
 }
@@ -593,7 +596,8 @@ pub async fn run_session<S: MdkStorageProvider>(
         relay,
         opts.verification.clone(),
         Some(offer.token.to_vec()),
-    ));
+    )
+    .with_token_policy(opts.relay_token));
     let driver = tokio::spawn(driver);
     let mut local = client.publish(
         participant_namespace(&offer.namespace_hex(), &me.name_hex())?,

@@ -8,6 +8,8 @@ use anyhow::Context;
 use clap::Args;
 use url::Url;
 
+use crate::transport::TokenPolicy;
+
 /// Flags shared by the identity, key and group commands.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
@@ -43,6 +45,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub nostr_relays: Vec<Url>,
     pub moq_relay: Option<Url>,
+    /// `auto`, `always` or `never`: when `call join` presents the relay token.
+    pub relay_token: Option<String>,
 }
 
 /// Settings after flags, environment and file are combined.
@@ -51,6 +55,8 @@ pub struct Settings {
     pub home: PathBuf,
     pub nostr_relays: Vec<Url>,
     pub moq_relay: Option<Url>,
+    /// From config.toml; `call join --relay-token` overrides it.
+    pub relay_token: Option<TokenPolicy>,
     pub timeout: Duration,
     pub json: bool,
 }
@@ -64,7 +70,14 @@ impl CommonArgs {
                 .join("call"),
         };
         let file = read_config(&home)?;
+        let relay_token = file
+            .relay_token
+            .as_deref()
+            .map(str::parse::<TokenPolicy>)
+            .transpose()
+            .with_context(|| format!("{}: relay_token", home.join("config.toml").display()))?;
         Ok(Settings {
+            relay_token,
             nostr_relays: if self.nostr_relays.is_empty() {
                 file.nostr_relays
             } else {
@@ -100,6 +113,33 @@ mod tests {
         assert_eq!(c.nostr_relays.len(), 2);
         assert_eq!(c.moq_relay.unwrap().as_str(), "moqt://m:4443");
         assert!(toml::from_str::<ConfigFile>("nostr_relay = []").is_err());
+        let c: ConfigFile = toml::from_str("relay_token = \"never\"").unwrap();
+        assert_eq!(c.relay_token.as_deref(), Some("never"));
+    }
+
+    #[test]
+    fn a_bad_relay_token_policy_in_the_file_is_refused_with_its_name() {
+        let dir = std::env::temp_dir().join(format!("call-config-rt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let args = CommonArgs {
+            home: Some(dir.clone()),
+            nostr_relays: vec![],
+            moq_relay: None,
+            timeout: 5,
+            json: false,
+        };
+        std::fs::write(dir.join("config.toml"), "relay_token = \"sometimes\"").unwrap();
+        let err = format!("{:#}", args.resolve().unwrap_err());
+        assert!(
+            err.contains("relay_token") && err.contains("sometimes"),
+            "{err}"
+        );
+        std::fs::write(dir.join("config.toml"), "relay_token = \"Never\"").unwrap();
+        assert_eq!(
+            args.resolve().unwrap().relay_token,
+            Some(TokenPolicy::Never)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use url::Url;
 
 use crate::call::demo::{self, DemoConfig, DemoReport};
 use crate::call::signaling::Privacy;
-use crate::transport::{CertVerification, Impairment};
+use crate::transport::{CertVerification, Impairment, TokenPolicy};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -41,6 +41,11 @@ pub struct DemoArgs {
     /// Accept any MoQ relay certificate. For development only.
     #[arg(long, env = "CALL_MOQ_INSECURE")]
     pub moq_insecure: bool,
+    /// When to present the call's relay token in SETUP: `auto` (present it; without it if
+    /// the relay refuses the session), `always`, `never`.
+    #[arg(long, env = "CALL_RELAY_TOKEN", default_value_t = TokenPolicy::Auto,
+          value_name = "auto|always|never")]
+    pub relay_token: TokenPolicy,
     /// Percentage of datagrams dropped on each participant's path to the MoQ relay, each way.
     #[arg(long, env = "CALL_DEMO_LOSS", default_value_t = 0.0, value_parser = parse_pct)]
     pub loss: f64,
@@ -143,6 +148,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
             jitter: Duration::from_millis(args.jitter),
             seed: args.seed,
         }),
+        relay_token: args.relay_token,
     };
     let result = demo::run(config, &progress).await;
     if let Some(t) = relay_task {

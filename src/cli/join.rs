@@ -17,7 +17,7 @@ use crate::call::session::{
 };
 use crate::call::signaling::Privacy;
 use crate::group::GroupRef;
-use crate::transport::CertVerification;
+use crate::transport::{CertVerification, TokenPolicy};
 
 #[derive(Args, Debug)]
 pub struct JoinArgs {
@@ -53,6 +53,11 @@ pub struct JoinArgs {
     /// Accept any MoQ relay certificate. For development only.
     #[arg(long, env = "CALL_MOQ_INSECURE")]
     pub moq_insecure: bool,
+    /// When to present the call's relay token in SETUP: `auto` (present it; without it if
+    /// the relay refuses the session), `always`, `never`. Falls back to `relay_token` in
+    /// config.toml, then `auto`.
+    #[arg(long, env = "CALL_RELAY_TOKEN", value_name = "auto|always|never")]
+    pub relay_token: Option<TokenPolicy>,
 }
 
 fn print_event(event: &CallEvent) {
@@ -225,6 +230,10 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             counters: Some(home.dir().join("counters")),
             moq_through: None,
             record_frames: false,
+            relay_token: args
+                .relay_token
+                .or(settings.relay_token)
+                .unwrap_or_default(),
         };
         let commands = user_commands();
         let (report, cursor) = session::run(

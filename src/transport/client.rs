@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,9 +20,10 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use url::Url;
 
+use super::fetch::FetchIndex;
 use super::{
-    publish_on, subscribe_on, CertVerification, MoqConnection, TrackPublisher, TransportError,
-    UNAUTHORIZED,
+    publish_on, subscribe_on, CertVerification, MoqConnection, TokenPolicy, TrackPublisher,
+    TransportError, UNAUTHORIZED,
 };
 
 /// First wait before reconnecting; doubles per failed attempt up to [`MAX_BACKOFF`].
@@ -46,6 +47,8 @@ pub struct ClientConfig {
     pub verify: CertVerification,
     /// The call's relay token, presented in SETUP (see docs/protocol.md §4).
     pub token: Option<Vec<u8>>,
+    /// When `token` is presented; [`TokenPolicy::Auto`] unless set.
+    pub token_policy: TokenPolicy,
     /// A received frame not read within this long after its arrival is dropped as late.
     pub playout_deadline: Duration,
 }
@@ -56,8 +59,15 @@ impl ClientConfig {
             url,
             verify,
             token,
+            token_policy: TokenPolicy::default(),
             playout_deadline: Duration::from_millis(200),
         }
+    }
+
+    /// Sets when the relay token is presented.
+    pub fn with_token_policy(mut self, policy: TokenPolicy) -> Self {
+        self.token_policy = policy;
+        self
     }
 }
 
@@ -68,6 +78,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("url", &self.url.as_str())
             .field("verify", &self.verify)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_policy", &self.token_policy)
             .field("playout_deadline", &self.playout_deadline)
             .finish()
     }
@@ -84,6 +95,8 @@ pub struct TrackStats {
     pub late: AtomicU64,
     /// Frames dropped for other reasons: no connection, full queue.
     pub dropped: AtomicU64,
+    /// Objects of a local track answered to a relay's (joining) FETCH.
+    fetched: Arc<AtomicU64>,
     /// Smoothed RTT of the connection carrying the track, in µs; 0 while disconnected.
     /// Shared by every track of one client (they ride one connection).
     rtt_us: Arc<AtomicU64>,
@@ -101,6 +114,11 @@ impl TrackStats {
     }
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+    /// Objects of a local track sent again in answer to a relay's joining FETCH: a relay
+    /// that subscribed after they went out got them this way.
+    pub fn fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
     }
     /// The QUIC smoothed round-trip time to the relay, sampled every
     /// [`RTT_SAMPLE_INTERVAL`]; `None` while no connection is up.
@@ -126,6 +144,8 @@ struct LocalReg {
     namespace: TrackNamespace,
     name: String,
     slot: Arc<Mutex<Option<TrackPublisher>>>,
+    /// Shared with the track's stats, counted by every connection's FETCH answers.
+    fetched: Arc<AtomicU64>,
     /// Counts successful announces (one per connection).
     announced: watch::Sender<u64>,
     refused: watch::Sender<Option<String>>,
@@ -174,14 +194,35 @@ impl Inbox {
     }
 }
 
+/// Why a client gave up for good.
+#[derive(Debug, Clone)]
+enum Fatal {
+    /// The very first connection failed: a configuration problem (address, certificate,
+    /// ALPN), not an outage.
+    Unreachable(String),
+    /// The relay closed the session as UNAUTHORIZED, and the token policy leaves nothing
+    /// else to try.
+    Refused(String),
+}
+
+impl Fatal {
+    fn error(&self) -> TransportError {
+        match self {
+            Self::Unreachable(reason) => TransportError::Unreachable(reason.clone()),
+            Self::Refused(reason) => TransportError::SessionRefused(reason.clone()),
+        }
+    }
+}
+
 /// The connection state shared with handles.
 struct Shared {
     connects: AtomicU64,
     /// The live connection's smoothed RTT in µs, 0 while disconnected.
     rtt_us: Arc<AtomicU64>,
-    /// Set when the very first connection failed: that is a configuration problem (address,
-    /// certificate, ALPN), not an outage, so the client gives up and says why.
-    fatal: watch::Sender<Option<String>>,
+    /// Whether connections present the relay token (see [`TokenPolicy`]).
+    presents_token: AtomicBool,
+    /// Set when the client gave up; it then says why to every handle.
+    fatal: watch::Sender<Option<Fatal>>,
 }
 
 /// A reconnecting MoQ client. The future returned by [`MoqClient::new`] drives every
@@ -198,6 +239,9 @@ impl MoqClient {
         let shared = Arc::new(Shared {
             connects: AtomicU64::new(0),
             rtt_us: Arc::default(),
+            presents_token: AtomicBool::new(
+                config.token.is_some() && config.token_policy != TokenPolicy::Never,
+            ),
             fatal: watch::channel(None).0,
         });
         let playout_deadline = config.playout_deadline;
@@ -217,6 +261,12 @@ impl MoqClient {
         self.shared.connects.load(Ordering::Relaxed)
     }
 
+    /// Whether the next connection presents the relay token: false under
+    /// [`TokenPolicy::Never`], and under [`TokenPolicy::Auto`] once the relay refused it.
+    pub fn presents_token(&self) -> bool {
+        self.shared.presents_token.load(Ordering::Relaxed)
+    }
+
     /// The smoothed RTT to the relay (see [`TrackStats::rtt`]).
     pub fn rtt(&self) -> Option<Duration> {
         match self.shared.rtt_us.load(Ordering::Relaxed) {
@@ -227,10 +277,12 @@ impl MoqClient {
 
     /// Publishes `track` in `namespace` on every connection from now on.
     pub fn publish(&self, namespace: TrackNamespace, track: &str) -> LocalTrack {
+        let stats = TrackStats::sharing_rtt(&self.shared.rtt_us);
         let reg = Arc::new(LocalReg {
             namespace,
             name: track.to_string(),
             slot: Arc::default(),
+            fetched: stats.fetched.clone(),
             announced: watch::channel(0).0,
             refused: watch::channel(None).0,
         });
@@ -240,7 +292,7 @@ impl MoqClient {
             announced: reg.announced.subscribe(),
             refused: reg.refused.subscribe(),
             reg,
-            stats: TrackStats::sharing_rtt(&self.shared.rtt_us),
+            stats,
         }
     }
 
@@ -253,8 +305,8 @@ impl MoqClient {
             notify: Notify::new(),
             stats: stats.clone(),
         });
-        if let Some(reason) = self.shared.fatal.borrow().clone() {
-            inbox.fail(TransportError::Unreachable(reason));
+        if let Some(fatal) = self.shared.fatal.borrow().clone() {
+            inbox.fail(fatal.error());
         }
         let _ = self.commands.send(Command::Subscribe(Arc::new(RemoteReg {
             namespace,
@@ -274,7 +326,7 @@ pub struct LocalTrack {
     reg: Arc<LocalReg>,
     announced: watch::Receiver<u64>,
     refused: watch::Receiver<Option<String>>,
-    fatal: watch::Receiver<Option<String>>,
+    fatal: watch::Receiver<Option<Fatal>>,
     stats: Arc<TrackStats>,
 }
 
@@ -318,7 +370,9 @@ impl LocalTrack {
                 Err(_) => Err(TransportError::Closed),
             },
             res = self.fatal.wait_for(Option::is_some) => match res {
-                Ok(reason) => Err(TransportError::Unreachable(reason.clone().unwrap_or_default())),
+                Ok(fatal) => Err(fatal
+                    .as_ref()
+                    .map_or(TransportError::Closed, Fatal::error)),
                 Err(_) => Err(TransportError::Closed),
             },
         }
@@ -380,12 +434,12 @@ async fn drive(
         while let Ok(cmd) = commands.try_recv() {
             register(cmd, &mut locals, &mut remotes);
         }
+        let token = match shared.presents_token.load(Ordering::Relaxed) {
+            true => config.token.as_deref(),
+            false => None,
+        };
         let attempt = async {
-            let connect = MoqConnection::connect_with_token(
-                &config.url,
-                &config.verify,
-                config.token.as_deref(),
-            );
+            let connect = MoqConnection::connect_with_token(&config.url, &config.verify, token);
             match tokio::time::timeout(connect_timeout, connect).await {
                 Ok(res) => res,
                 Err(_) => Err(TransportError::Connect {
@@ -410,7 +464,7 @@ async fn drive(
                 connect_timeout = MIN_CONNECT_TIMEOUT;
                 shared.connects.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(url = %config.url, "connected to the relay");
-                let open = run_connection(
+                let ended = run_connection(
                     conn,
                     session,
                     &mut commands,
@@ -420,18 +474,26 @@ async fn drive(
                 )
                 .await;
                 shared.rtt_us.store(0, Ordering::Relaxed);
-                if !open {
+                match ended {
+                    Ended::Dropped => return,
+                    Ended::Lost => {
+                        tracing::info!(url = %config.url, "lost the relay; reconnecting")
+                    }
+                    Ended::Refused(reason) => {
+                        if !refused(&config, &shared, &remotes, reason) {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(TransportError::SessionRefused(reason)) => {
+                if !refused(&config, &shared, &remotes, reason) {
                     return;
                 }
-                tracing::info!(url = %config.url, "lost the relay; reconnecting");
             }
             Err(e) if shared.connects.load(Ordering::Relaxed) == 0 => {
                 tracing::warn!(url = %config.url, "could not connect: {e}");
-                let reason = e.to_string();
-                for reg in &remotes {
-                    reg.inbox.fail(TransportError::Unreachable(reason.clone()));
-                }
-                shared.fatal.send_replace(Some(reason));
+                give_up(&shared, &remotes, Fatal::Unreachable(e.to_string()));
                 return;
             }
             Err(e) => {
@@ -454,6 +516,43 @@ async fn drive(
     }
 }
 
+/// The relay closed a session as UNAUTHORIZED. Under [`TokenPolicy::Auto`], while the token
+/// is still presented, that is read as "this relay does not take our token": connect again
+/// at once without it, and keep it back for the client's lifetime. Otherwise there is
+/// nothing left to try: give up and say so. Returns whether to keep connecting.
+fn refused(
+    config: &ClientConfig,
+    shared: &Shared,
+    remotes: &[Arc<RemoteReg>],
+    reason: String,
+) -> bool {
+    if config.token_policy == TokenPolicy::Auto && shared.presents_token.load(Ordering::Relaxed) {
+        tracing::info!(url = %config.url, "the relay refused our token ({reason}); connecting without it");
+        shared.presents_token.store(false, Ordering::Relaxed);
+        return true;
+    }
+    tracing::warn!(url = %config.url, "the relay refused the session: unauthorized ({reason})");
+    give_up(shared, remotes, Fatal::Refused(reason));
+    false
+}
+
+fn give_up(shared: &Shared, remotes: &[Arc<RemoteReg>], fatal: Fatal) {
+    for reg in remotes {
+        reg.inbox.fail(fatal.error());
+    }
+    shared.fatal.send_replace(Some(fatal));
+}
+
+/// How one connection ended.
+enum Ended {
+    /// The client and its handles were dropped.
+    Dropped,
+    /// The connection was lost (relay gone, network, idle timeout): reconnect.
+    Lost,
+    /// The relay closed the session as UNAUTHORIZED.
+    Refused(String),
+}
+
 fn register(cmd: Command, locals: &mut Vec<Arc<LocalReg>>, remotes: &mut Vec<Arc<RemoteReg>>) {
     match cmd {
         Command::Publish(reg) => locals.push(reg),
@@ -461,7 +560,7 @@ fn register(cmd: Command, locals: &mut Vec<Arc<LocalReg>>, remotes: &mut Vec<Arc
     }
 }
 
-/// Serves one connection until it is lost. Returns false when the client was dropped.
+/// Serves one connection until it ends.
 async fn run_connection(
     conn: MoqConnection,
     session: impl Future<Output = Result<(), moq_transport::session::SessionError>>,
@@ -469,28 +568,34 @@ async fn run_connection(
     locals: &mut Vec<Arc<LocalReg>>,
     remotes: &mut Vec<Arc<RemoteReg>>,
     rtt_us: &AtomicU64,
-) -> bool {
+) -> Ended {
     let mut session = pin!(session);
     let mut rtt_timer = tokio::time::interval(RTT_SAMPLE_INTERVAL);
     rtt_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tasks: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
     for reg in locals.iter() {
-        tasks.push(publish_task(conn.publisher.clone(), reg.clone()).boxed());
+        tasks.push(publish_task(conn.publisher.clone(), conn.fetches.clone(), reg.clone()).boxed());
     }
     for reg in remotes.iter() {
         tasks.push(subscribe_task(conn.subscriber.clone(), reg.clone()).boxed());
     }
-    let open = loop {
+    let ended = loop {
         tokio::select! {
             res = &mut session => {
-                if let Err(e) = res {
+                if let Err(e) = &res {
                     tracing::debug!("relay session ended: {e}");
                 }
-                break true;
+                break match conn.refused(res.as_ref().err()) {
+                    Some(reason) => Ended::Refused(reason),
+                    None => Ended::Lost,
+                };
             }
             cmd = commands.recv() => match cmd {
                 Some(Command::Publish(reg)) => {
-                    tasks.push(publish_task(conn.publisher.clone(), reg.clone()).boxed());
+                    tasks.push(
+                        publish_task(conn.publisher.clone(), conn.fetches.clone(), reg.clone())
+                            .boxed(),
+                    );
                     locals.push(reg);
                 }
                 Some(Command::Subscribe(reg)) => {
@@ -499,7 +604,7 @@ async fn run_connection(
                 }
                 None => {
                     conn.close();
-                    break false;
+                    break Ended::Dropped;
                 }
             },
             Some(()) = tasks.next(), if !tasks.is_empty() => {}
@@ -513,11 +618,19 @@ async fn run_connection(
     for reg in locals.iter() {
         reg.slot.lock().expect("slot lock").take();
     }
-    open
+    ended
 }
 
-async fn publish_task(mut publisher: Publisher, reg: Arc<LocalReg>) {
-    match publish_on(&mut publisher, reg.namespace.clone(), &reg.name).await {
+async fn publish_task(mut publisher: Publisher, fetches: Arc<FetchIndex>, reg: Arc<LocalReg>) {
+    let announced = publish_on(
+        &mut publisher,
+        &fetches,
+        reg.namespace.clone(),
+        &reg.name,
+        reg.fetched.clone(),
+    )
+    .await;
+    match announced {
         Ok((track, serve)) => {
             *reg.slot.lock().expect("slot lock") = Some(track);
             reg.announced.send_modify(|n| *n += 1);

@@ -2,11 +2,14 @@
 //! track and subscribing to peers' tracks (PROTOCOL.md §4).
 
 mod client;
+mod fetch;
 mod impair;
 mod quic;
 mod tls;
 
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,6 +27,8 @@ use url::Url;
 pub use client::{
     ClientConfig, LocalTrack, MoqClient, RemoteTrack, TrackStats, RTT_SAMPLE_INTERVAL,
 };
+use fetch::{FetchIndex, RecentGroups};
+pub use fetch::{RECENT_AGE, RECENT_GROUPS};
 pub use impair::{ImpairedPath, Impairment};
 pub use quic::{IDLE_TIMEOUT, KEEP_ALIVE};
 pub use tls::CertVerification;
@@ -47,6 +52,11 @@ pub enum TransportError {
     Tls(String),
     #[error("the relay refused the request: wrong or missing relay token")]
     Unauthorized,
+    /// The relay closed the session itself as UNAUTHORIZED (at SETUP, typically because of
+    /// the AUTHORIZATION TOKEN we presented, or because it wants one we lack). The relay
+    /// was reachable; retrying the same way will not help.
+    #[error("the relay refused our token/session: unauthorized ({0})")]
+    SessionRefused(String),
     #[error("the relay refused the announce: {0}")]
     AnnounceRefused(String),
     #[error("relay unreachable, gave up: {0}")]
@@ -81,8 +91,11 @@ pub struct MoqConnection {
     _endpoint: quinn::Endpoint,
     connection: quinn::Connection,
     transport: wt::Session,
+    kind: moq_transport::session::Transport,
     publisher: Publisher,
     subscriber: Subscriber,
+    /// Tracks published on this connection, for answering FETCH.
+    fetches: Arc<FetchIndex>,
 }
 
 /// Token type sent in SETUP's AUTHORIZATION TOKEN option. Type 0 is reserved for a type
@@ -91,6 +104,93 @@ pub const RELAY_TOKEN_TYPE: u64 = 0;
 
 /// Request error code a relay uses for a refused token (draft-18 UNAUTHORIZED).
 pub(crate) const UNAUTHORIZED: u64 = 0x1;
+
+/// Session termination code a relay closes with when it refuses the session
+/// (draft-18 UNAUTHORIZED).
+pub const SESSION_UNAUTHORIZED: u32 = 0x2;
+
+/// When the client presents the call's relay token in SETUP (docs/protocol.md §4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokenPolicy {
+    /// Present it; if the relay closes the session as unauthorized at SETUP, connect once
+    /// more without it, and keep going without it for the client's lifetime. Relays that
+    /// bind namespaces to tokens (call-relay) get it; anonymous relays that refuse any token
+    /// they cannot verify (moq-dev moq-relay `--auth-public`) work too.
+    #[default]
+    Auto,
+    /// Always present it; a refused session is an error.
+    Always,
+    /// Never present it (anonymous relays; the relay operator never sees the token).
+    Never,
+}
+
+impl TokenPolicy {
+    pub const NAMES: [&'static str; 3] = ["auto", "always", "never"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Always => "always",
+            Self::Never => "never",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("relay token policy {0:?}: expected auto, always or never")]
+pub struct TokenPolicyError(String);
+
+impl std::str::FromStr for TokenPolicy {
+    type Err = TokenPolicyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            _ => Err(TokenPolicyError(s.to_string())),
+        }
+    }
+}
+
+/// Whether `connection` was closed by the relay as UNAUTHORIZED, with its reason. Raw QUIC
+/// carries the MoQ code as the QUIC application close code; WebTransport carries it
+/// HTTP/3-encoded, which the transport decodes into `err`.
+fn refused_as_unauthorized(
+    err: Option<&SessionError>,
+    connection: &quinn::Connection,
+    kind: moq_transport::session::Transport,
+) -> Option<String> {
+    if let Some(SessionError::WebTransport(e)) = err {
+        if let Some((code, reason)) = e.session_error() {
+            return (code == SESSION_UNAUTHORIZED).then(|| or_unnamed(reason));
+        }
+    }
+    match connection.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let raw = close.error_code.into_inner();
+            let code = match kind {
+                moq_transport::session::Transport::RawQuic => u32::try_from(raw).ok(),
+                _ => wt::quinn::proto::error_from_http3(raw),
+            };
+            (code == Some(SESSION_UNAUTHORIZED))
+                .then(|| or_unnamed(String::from_utf8_lossy(&close.reason).into_owned()))
+        }
+        _ => None,
+    }
+}
+
+fn or_unnamed(reason: String) -> String {
+    match reason.trim() {
+        "" => "no reason given".to_string(),
+        r => r.to_string(),
+    }
+}
 
 impl MoqConnection {
     /// Connects without presenting a relay token (for relays in open mode).
@@ -103,6 +203,10 @@ impl MoqConnection {
 
     /// Connects, presenting `token` (the call's relay token) in SETUP as an
     /// AUTHORIZATION TOKEN; the bundled relay binds each namespace to its SHA-256.
+    ///
+    /// A relay that closes the session as UNAUTHORIZED during SETUP gives
+    /// [`TransportError::SessionRefused`]. The returned future drives the session and
+    /// answers FETCH for the tracks published on it (see [`RECENT_GROUPS`]).
     pub async fn connect_with_token(
         url: &Url,
         verify: &CertVerification,
@@ -114,17 +218,52 @@ impl MoqConnection {
             .map(|t| vec![AuthorizationToken::new(RELAY_TOKEN_TYPE, t.to_vec())])
             .unwrap_or_default();
         let (session, publisher, subscriber) =
-            Session::connect_with_tokens(transport.clone(), None, dialled.kind, tokens).await?;
+            match Session::connect_with_tokens(transport.clone(), None, dialled.kind, tokens).await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    return Err(
+                        match refused_as_unauthorized(Some(&e), &dialled.connection, dialled.kind) {
+                            Some(reason) => TransportError::SessionRefused(reason),
+                            None => e.into(),
+                        },
+                    )
+                }
+            };
+        // Before anything is announced: a FETCH that arrives first would be refused.
+        publisher.accept_fetch();
+        let fetches = Arc::new(FetchIndex::default());
+        let serve = fetch::serve_fetches(publisher.clone(), fetches.clone());
+        let run = async move {
+            tokio::select! {
+                res = session.run() => res,
+                // Ends only with the session; then let run() report how.
+                () = serve => std::future::pending().await,
+            }
+        };
         Ok((
             Self {
                 _endpoint: dialled.endpoint,
                 connection: dialled.connection,
                 transport,
+                kind: dialled.kind,
                 publisher,
                 subscriber,
+                fetches,
             },
-            session.run(),
+            run,
         ))
+    }
+
+    /// Why the relay refused this session, if it closed it as UNAUTHORIZED (`err` is what
+    /// the session future ended with).
+    pub fn refused(&self, err: Option<&SessionError>) -> Option<String> {
+        refused_as_unauthorized(err, &self.connection, self.kind)
+    }
+
+    /// FETCH requests this connection refused (unknown track, groups no longer cached).
+    pub fn fetches_refused(&self) -> u64 {
+        self.fetches.refused()
     }
 
     /// Announces `namespace` and creates `track` in it. Returns once the relay accepted
@@ -134,7 +273,15 @@ impl MoqConnection {
         namespace: TrackNamespace,
         track: &str,
     ) -> Result<(TrackPublisher, impl Future<Output = ()> + Send), TransportError> {
-        publish_on(&mut self.publisher, namespace, track).await
+        let fetched = Arc::new(AtomicU64::new(0));
+        publish_on(
+            &mut self.publisher,
+            &self.fetches,
+            namespace,
+            track,
+            fetched,
+        )
+        .await
     }
 
     /// Subscribes to `track` in `namespace`, retrying while the relay does not know it yet
@@ -179,8 +326,10 @@ impl MoqConnection {
 /// Announces `namespace` on `publisher` with one track in it (see [`MoqConnection::publish`]).
 pub(crate) async fn publish_on(
     publisher: &mut Publisher,
+    fetches: &FetchIndex,
     namespace: TrackNamespace,
     track: &str,
+    fetched: Arc<AtomicU64>,
 ) -> Result<(TrackPublisher, impl Future<Output = ()> + Send), TransportError> {
     // The request half is dropped: subscribes for other names are answered NOT_FOUND.
     let (mut writer, _request, reader) = Tracks::new(namespace.clone()).produce();
@@ -188,17 +337,28 @@ pub(crate) async fn publish_on(
         .create(track)
         .ok_or_else(|| TransportError::Namespace("track set already closed".into()))?;
     let subgroups = track_writer.subgroups()?;
-    let announce = publisher.publish_namespace_start(namespace).await?;
+    let announce = publisher.publish_namespace_start(namespace.clone()).await?;
     match announce.ok().await {
         Ok(()) => {}
         Err(ServeError::Closed(UNAUTHORIZED)) => return Err(TransportError::Unauthorized),
         Err(e) => return Err(TransportError::AnnounceRefused(e.to_string())),
     }
     let serve = serve_announce(announce, reader);
+    let recent = Arc::new(Mutex::new(RecentGroups::default()));
+    fetches.register(
+        moq_transport::serve::FullTrackName {
+            namespace,
+            name: track.to_string().into(),
+        },
+        &recent,
+        &fetched,
+    );
     Ok((
         TrackPublisher {
             subgroups,
             _tracks: writer,
+            recent,
+            fetched,
         },
         serve,
     ))
@@ -244,6 +404,11 @@ pub struct TrackPublisher {
     subgroups: SubgroupsWriter,
     // Dropping the writer of the track set would end the announce.
     _tracks: moq_transport::serve::TracksWriter,
+    /// The newest groups sent on this connection, for a relay's joining FETCH. Per
+    /// connection: a relay after a reconnect is told only of groups sent to it.
+    recent: Arc<Mutex<RecentGroups>>,
+    /// Objects answered to FETCH requests.
+    fetched: Arc<AtomicU64>,
 }
 
 impl TrackPublisher {
@@ -254,9 +419,18 @@ impl TrackPublisher {
             subgroup_id: 0,
             priority: AUDIO_PRIORITY,
         })?;
-        group.write(payload)?;
+        group.write(payload.clone())?;
         group.finish()?;
+        self.recent
+            .lock()
+            .expect("recent groups lock")
+            .push(seq, payload);
         Ok(())
+    }
+
+    /// Objects this track answered to FETCH requests (a relay that subscribed late).
+    pub fn fetched(&self) -> u64 {
+        self.fetched.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -296,5 +470,25 @@ impl TrackSubscriber {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenPolicy;
+
+    #[test]
+    fn token_policies_parse_from_their_names_and_nothing_else() {
+        for name in TokenPolicy::NAMES {
+            let policy: TokenPolicy = name.parse().unwrap();
+            assert_eq!(policy.to_string(), name);
+        }
+        assert_eq!(
+            " Never ".parse::<TokenPolicy>().unwrap(),
+            TokenPolicy::Never
+        );
+        let err = "sometimes".parse::<TokenPolicy>().unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
+        assert_eq!(TokenPolicy::default(), TokenPolicy::Auto);
     }
 }
