@@ -592,12 +592,10 @@ pub async fn run_session<S: MdkStorageProvider>(
 
     // Media first, then signaling: peers that hear of us can subscribe at once.
     let relay = opts.moq_through.clone().unwrap_or(offer.moq_url.clone());
-    let (client, driver) = MoqClient::new(ClientConfig::new(
-        relay,
-        opts.verification.clone(),
-        Some(offer.token.to_vec()),
-    )
-    .with_token_policy(opts.relay_token));
+    let (client, driver) = MoqClient::new(
+        ClientConfig::new(relay, opts.verification.clone(), Some(offer.token.to_vec()))
+            .with_token_policy(opts.relay_token),
+    );
     let driver = tokio::spawn(driver);
     let mut local = client.publish(
         participant_namespace(&offer.namespace_hex(), &me.name_hex())?,
