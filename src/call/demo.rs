@@ -399,7 +399,8 @@ fn build_report(
     let (mut all_network, mut all_m2e, mut first_audio) = (Vec::new(), Vec::new(), Vec::new());
     let mut reports = Vec::new();
     for (i, s) in sessions.iter().enumerate() {
-        let records = s.records.clone().unwrap_or_default();
+        let no_records = super::timing::FrameRecords::default();
+        let records = s.records.as_ref().unwrap_or(&no_records);
         let mut peers = Vec::new();
         for p in &s.report.peers {
             let Some(&from) = index_of.get(&p.npub) else {
