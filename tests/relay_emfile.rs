@@ -2,6 +2,7 @@
 //! spinning, logs at most a line a second, and serves again once descriptors are free.
 //! Alone in its test binary because the descriptor limit is per process.
 
+#[path = "integration/common/mod.rs"]
 mod common;
 
 use std::io::Write;

@@ -1,13 +1,12 @@
 //! The bundled MoQ relay with our MoQ client: fan-out, routing among several publishers of
 //! one namespace, and unknown tracks.
 
-mod common;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use call::transport::{call_namespace, CertVerification, MoqConnection, TransportError};
-use common::TestRelay;
+use crate::common::TestRelay;
 
 const TOKEN: &[u8] = &[7; 32];
 
@@ -366,7 +365,7 @@ async fn a_subscriber_that_falls_behind_gets_fresh_frames_not_a_backlog() {
         ..call_relay::RelayConfig::ephemeral()
     })
     .await;
-    let pipe = common::udp_pipe(relay.moq_addr()).await;
+    let pipe = crate::common::udp_pipe(relay.moq_addr()).await;
     let ns = call_namespace("5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a").unwrap();
     let track_name = "5a5a5a5a5a5a5a5a";
     let mut publisher = connect(&relay).await;

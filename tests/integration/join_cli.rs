@@ -1,14 +1,13 @@
 //! `call join` between two real `call` processes: one starts the call, the other finds it in
 //! the group and joins; each hears the other's tone through MoQ, SFrame and Opus.
 
-mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::users::{create_and_join, User};
-use common::TestRelay;
+use crate::common::users::{create_and_join, User};
+use crate::common::TestRelay;
 use serde_json::Value;
 
 /// The call flags both users need: the test relay's MoQ URL and certificate pin.

@@ -1,13 +1,12 @@
 //! The reconnecting MoQ client against a relay that is stopped and restarted mid-call.
 
-mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use call::transport::{call_namespace, CertVerification, ClientConfig, MoqClient};
-use common::TestRelay;
+use crate::common::TestRelay;
 use tokio::time::Instant;
 
 const TOKEN: &[u8] = &[9; 32];
@@ -126,7 +125,7 @@ async fn frames_flow_again_to_every_subscriber_within_2s_of_a_relay_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_vanishes_is_noticed_within_the_idle_timeout_and_rejoined() {
     let relay = TestRelay::start().await;
-    let pipe = common::udp_pipe(relay.moq_addr()).await;
+    let pipe = crate::common::udp_pipe(relay.moq_addr()).await;
     let url: url::Url = format!("moqt://{}", pipe.addr()).parse().unwrap();
     let verify = CertVerification::fingerprint(&relay.fingerprint).unwrap();
     let (client, driver) = MoqClient::new(ClientConfig::new(url, verify, Some(TOKEN.to_vec())));

@@ -1,13 +1,12 @@
 //! Marmot groups managed with the `call` binary alone: one home per user, real relays.
 
-mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use call::group::SECRET_FILES;
-use common::users::{create_and_join, group_ref, User};
-use common::TestRelay;
+use crate::common::users::{create_and_join, group_ref, User};
+use crate::common::TestRelay;
 use nostr_sdk::prelude::*;
 use serde_json::Value;
 

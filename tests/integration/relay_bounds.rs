@@ -2,7 +2,6 @@
 //! sessions while a real call's track flows, and Nostr messages that are too big or not
 //! messages at all.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use call::transport::{call_namespace, CertVerification, MoqConnection};
 use call_relay::RelayConfig;
-use common::TestRelay;
+use crate::common::TestRelay;
 use futures::{SinkExt, StreamExt};
 use nostr_sdk::prelude::{EventBuilder, JsonUtil, Keys, RelayMessage};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;

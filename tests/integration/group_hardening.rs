@@ -2,13 +2,12 @@
 //! relay's page size, kill -9 during an invite, and no double processing after catch-up.
 //! Real `call` processes, real MDK, the project's relay (nostr-relay-builder) on loopback.
 
-mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::users::{create_and_join, group_ref, User};
-use common::TestRelay;
+use crate::common::users::{create_and_join, group_ref, User};
+use crate::common::TestRelay;
 use nostr_sdk::prelude::*;
 use serde_json::Value;
 

@@ -6,7 +6,6 @@
 //! loopback: call-relay never sends FETCH and never refuses a session for its token, so it
 //! cannot show either behaviour.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,7 +18,7 @@ use call::transport::{
     SESSION_UNAUTHORIZED,
 };
 use call_relay::ServerCert;
-use common::TestRelay;
+use crate::common::TestRelay;
 use moq_transport::coding::{KeyValuePairs, TrackNamespace};
 use moq_transport::data::FetchRecord;
 use moq_transport::message::{FetchType, RequestErrorCode, StandaloneFetch};

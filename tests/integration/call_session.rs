@@ -2,7 +2,6 @@
 //! invited mid-call and joins through the re-announced `call_info`, then is removed; every
 //! participant rekeys at each commit and keeps hearing the others, the removed one stops.
 
-mod common;
 
 use std::time::Duration;
 
@@ -14,14 +13,14 @@ use call::media::audio::NullSink;
 use call::media::io::{AudioIn, AudioOut};
 use call::media::tone::ToneSource;
 use call::transport::{CertVerification, TokenPolicy};
-use common::TestRelay;
+use crate::common::TestRelay;
 use mdk_memory_storage::MdkMemoryStorage;
 use nostr_sdk::prelude::{PublicKey, RelayUrl};
 use tokio::sync::{mpsc, oneshot};
 
 type Member = GroupMember<MdkMemoryStorage>;
 
-use common::memory_member as member;
+use crate::common::memory_member as member;
 
 /// Waits for an event matching `pred`, failing after `within`.
 async fn expect(

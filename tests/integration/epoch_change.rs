@@ -1,7 +1,6 @@
 //! A real MLS commit (MDK remove) in the middle of a media stream: the remaining receiver
 //! keeps decoding across the epoch change, the removed member decrypts nothing after it.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,7 @@ use call::media::opus::CodecConfig;
 use call::media::pipeline::{Inbound, Outbound};
 use call::media::playout::SlotKind;
 use call::media::tone::ToneSource;
-use common::TestRelay;
+use crate::common::TestRelay;
 use mdk_core::prelude::MessageProcessingResult;
 use mdk_memory_storage::MdkMemoryStorage;
 use nostr_sdk::prelude::RelayUrl;
@@ -25,7 +24,7 @@ const COMMIT_AT: u64 = 60;
 const COMMIT_DELAY: Duration = Duration::from_millis(45);
 const NETWORK_DELAY: Duration = Duration::from_millis(30);
 
-use common::memory_member as member;
+use crate::common::memory_member as member;
 
 struct Listener<'a> {
     member: &'a Member,

@@ -1,19 +1,18 @@
 //! Media keys come from the MLS exporter of one group: another group's keys open nothing.
 
-mod common;
 
 use call::group::{GroupMember, GroupRef};
 use call::media::keys::{KidLayout, MediaType};
 use call::media::sframe::{ReceiverKeys, SenderKeys};
-use common::TestRelay;
+use crate::common::TestRelay;
 use mdk_memory_storage::MdkMemoryStorage;
 use nostr_sdk::prelude::RelayUrl;
 
 type Member = GroupMember<MdkMemoryStorage>;
 
 async fn two_member_group(relay: &RelayUrl) -> (Member, Member, GroupRef) {
-    let admin = common::memory_member(relay).await;
-    let guest = common::memory_member(relay).await;
+    let admin = crate::common::memory_member(relay).await;
+    let guest = crate::common::memory_member(relay).await;
     guest.publish_key_package().await.unwrap();
     let group = admin
         .create_group("keys test", &[guest.public_key()])

@@ -1,10 +1,9 @@
 //! The `call` binary as users and scripts run it.
 
-mod common;
 
 use std::process::Command;
 
-use common::TestRelay;
+use crate::common::TestRelay;
 
 fn call() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_call"));

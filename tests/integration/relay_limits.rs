@@ -1,6 +1,5 @@
 //! Bad input and limits: the relay refuses with a reason and keeps serving other sessions.
 
-mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use call::transport::{call_namespace, CertVerification, MoqConnection, TransportError};
 use call_relay::RelayConfig;
-use common::TestRelay;
+use crate::common::TestRelay;
 
 const TOKEN: &[u8] = &[5; 32];
 
