@@ -214,6 +214,6 @@ async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
     assert_eq!(calls["calls"][0]["id"], bot_report["call_id"]);
     assert_eq!(
         calls["calls"][0]["state"], "over",
-        "its leave was sent: {calls}"
+        "its leave was sent: {calls}\n{bot_log}"
     );
 }
