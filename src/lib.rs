@@ -8,3 +8,6 @@ pub mod cli;
 pub mod group;
 pub mod media;
 pub mod transport;
+// Fuzz entry points (hostile frames and signaling); driven by tests/fuzz and unit tests.
+#[doc(hidden)]
+pub mod fuzz;

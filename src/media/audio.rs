@@ -464,18 +464,25 @@ fn device_period() -> Option<Duration> {
     }
 }
 
-/// A small fixed buffer where the device allows one.
-fn small_buffer(range: &cpal::SupportedBufferSize, rate: u32) -> cpal::BufferSize {
+/// Fixed buffers to try, smallest first: the asked-for period, then two and four times it
+/// (a loaded machine or PulseAudio's ALSA plugin may not keep up with the smallest), each
+/// clamped to what the device allows. Empty when the default buffer was asked for.
+fn buffer_ladder(range: &cpal::SupportedBufferSize, rate: u32) -> Vec<u32> {
     let Some(period) = device_period() else {
-        return cpal::BufferSize::Default;
+        return Vec::new();
     };
     let want = (f64::from(rate) * period.as_secs_f64()) as u32;
-    match range {
-        cpal::SupportedBufferSize::Range { min, max } => {
-            cpal::BufferSize::Fixed(want.clamp(*min, (*max).max(*min)))
-        }
-        cpal::SupportedBufferSize::Unknown => cpal::BufferSize::Fixed(want),
-    }
+    let mut sizes: Vec<u32> = [1, 2, 4]
+        .into_iter()
+        .map(|k| match range {
+            cpal::SupportedBufferSize::Range { min, max } => {
+                (want * k).clamp(*min, (*max).max(*min))
+            }
+            cpal::SupportedBufferSize::Unknown => want * k,
+        })
+        .collect();
+    sizes.dedup();
+    sizes
 }
 
 /// The device's configuration at 48 kHz when it supports that rate in f32 (no resampling),
@@ -510,52 +517,73 @@ fn pick_config(
     Ok(native.unwrap_or(default))
 }
 
-/// How long a stream with a small fixed buffer must run without an error to be kept.
-const BUFFER_PROBE: Duration = Duration::from_millis(300);
+/// How long a stream with a small fixed buffer must run without an error to be kept. A
+/// buffer the device cannot keep up with fails within a few periods.
+const BUFFER_PROBE: Duration = Duration::from_millis(200);
+
+/// A stream's error count, and whether it is still on trial (see [`build_with_fallback`]).
+#[derive(Default)]
+struct StreamErrors {
+    count: AtomicU64,
+    on_trial: std::sync::atomic::AtomicBool,
+}
+
+impl StreamErrors {
+    fn on_trial() -> Arc<Self> {
+        let e = Self::default();
+        e.on_trial.store(true, Ordering::Relaxed);
+        Arc::new(e)
+    }
+}
 
 /// Counts a stream's errors and logs the first of them (a broken stream can report one
-/// per period, which must not flood the terminal).
-fn error_counter(what: &'static str, errors: Arc<AtomicU64>) -> impl FnMut(cpal::Error) + Send {
+/// per period, which must not flood the terminal). A buffer size on trial failing is
+/// expected and handled, so it is only a debug line.
+fn error_counter(what: &'static str, errors: Arc<StreamErrors>) -> impl FnMut(cpal::Error) + Send {
     move |e| {
-        let n = errors.fetch_add(1, Ordering::Relaxed);
+        let n = errors.count.fetch_add(1, Ordering::Relaxed);
         if n == 0 || n.is_power_of_two() {
-            tracing::warn!("{what} device: {e} ({} so far)", n + 1);
+            if errors.on_trial.load(Ordering::Relaxed) {
+                tracing::debug!("{what} device on trial: {e} ({} so far)", n + 1);
+            } else {
+                tracing::warn!("{what} device: {e} ({} so far)", n + 1);
+            }
         }
     }
 }
 
-/// Starts a stream with a small fixed buffer, or with the device's default buffer when the
-/// device refuses the small one, or accepts it but then fails while playing (PulseAudio's
-/// ALSA plugin does: every period ends in an I/O error).
+/// Starts a stream with the smallest fixed buffer of [`buffer_ladder`] that the device
+/// accepts and then runs without errors for [`BUFFER_PROBE`] (PulseAudio's ALSA plugin can
+/// accept a small buffer and then fail every period), or with the device's default buffer
+/// when none does. The default is the last resort because it is often 100 ms or more.
 fn build_with_fallback(
     config: &cpal::SupportedStreamConfig,
-    build: impl Fn(cpal::StreamConfig, Arc<AtomicU64>) -> Result<cpal::Stream, cpal::Error>,
+    build: impl Fn(cpal::StreamConfig, Arc<StreamErrors>) -> Result<cpal::Stream, cpal::Error>,
 ) -> Result<(cpal::Stream, Option<u32>), AudioError> {
     let mut stream_config = config.config();
-    let fixed = small_buffer(config.buffer_size(), config.sample_rate());
-    if let cpal::BufferSize::Fixed(n) = fixed {
-        stream_config.buffer_size = fixed;
-        let errors = Arc::new(AtomicU64::new(0));
+    for n in buffer_ladder(config.buffer_size(), config.sample_rate()) {
+        stream_config.buffer_size = cpal::BufferSize::Fixed(n);
+        let errors = StreamErrors::on_trial();
         match build(stream_config, errors.clone()) {
             Ok(s) => {
                 s.play().map_err(|e| AudioError::Device(e.to_string()))?;
                 std::thread::sleep(BUFFER_PROBE);
-                let failed = errors.load(Ordering::Relaxed);
+                let failed = errors.count.load(Ordering::Relaxed);
                 if failed == 0 {
+                    errors.on_trial.store(false, Ordering::Relaxed);
                     return Ok((s, Some(n)));
                 }
                 tracing::info!(
                     "a {n}-frame device buffer failed {failed} times in {BUFFER_PROBE:?}; \
-                     using the device's default"
+                     trying a larger one"
                 );
             }
-            Err(e) => {
-                tracing::info!("a {n}-frame device buffer was refused ({e}); using the default")
-            }
+            Err(e) => tracing::info!("a {n}-frame device buffer was refused ({e})"),
         }
     }
+    tracing::info!("using the device's default buffer");
     stream_config.buffer_size = cpal::BufferSize::Default;
-    build(stream_config, Arc::new(AtomicU64::new(0)))
+    build(stream_config, Arc::default())
         .map(|s| (s, None))
         .map_err(|e| AudioError::Device(e.to_string()))
 }

@@ -188,7 +188,23 @@ impl JitterBuffer {
             if !ready {
                 return Playout::Idle;
             }
-            self.next = self.slots.first_key_value().map(|(k, _)| *k);
+            // Start no deeper than the target: when playout starts late (a device that took
+            // its time to open), the frames that queued meanwhile are stale, and draining
+            // them one per slot would keep the delay high for as many slots.
+            let (Some((&first, _)), Some((&last, _))) =
+                (self.slots.first_key_value(), self.slots.last_key_value())
+            else {
+                return Playout::Idle;
+            };
+            // As deep as steady playout lets it be before it drains (see below).
+            let keep = self.frames(self.target).max(1) + 2;
+            let start = first.max((last + 1).saturating_sub(keep));
+            let stale: Vec<u64> = self.slots.range(..start).map(|(k, _)| *k).collect();
+            for seq in stale {
+                self.slots.remove(&seq);
+                self.stats.drained += 1;
+            }
+            self.next = Some(start);
             return self.pop(now);
         };
         if self.hold > 0 {
@@ -283,6 +299,27 @@ mod tests {
         jb.push(2, vec![2], t);
         let s = jb.stats();
         assert_eq!((s.late, s.concealed, s.played), (1, 1, 4));
+    }
+
+    #[test]
+    fn playout_that_starts_late_skips_what_went_stale() {
+        let cfg = JitterConfig::for_frame_ms(20);
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(cfg);
+        // A second of audio queues before the device first asks for any.
+        for seq in 0..50 {
+            jb.push(seq, vec![seq as u8], t0 + ms(20 * seq));
+        }
+        let now = t0 + ms(1000);
+        let keep = jb.frames(jb.target_delay()) + 2;
+        assert_eq!(
+            jb.pop(now),
+            Playout::Frame {
+                seq: 50 - keep,
+                packet: vec![(50 - keep) as u8]
+            }
+        );
+        assert_eq!(jb.stats().drained, 50 - keep);
     }
 
     #[test]
