@@ -56,12 +56,17 @@ impl TestRelay {
 
     pub async fn start_with(mut config: RelayConfig) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        // In-process, a stopped relay's UDP socket is freed only once quinn has drained its
+        // connections (up to the SETUP timeout for a handshake caught mid-way; a process that
+        // exits frees it at once).
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         let relay = loop {
             match Relay::bind(&config).await {
                 Ok(relay) => break relay,
                 Err(e) if tokio::time::Instant::now() < deadline => {
-                    let _ = e;
+                    if std::env::var_os("TEST_RELAY_DEBUG").is_some() {
+                        eprintln!("relay bind: {e:#}");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
                 Err(e) => panic!("relay binds: {e:#}"),
