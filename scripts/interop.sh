@@ -89,7 +89,7 @@ fi
 # 2. moq-clock-ietf through call-relay (token mode).
 moq_port=$((20000 + RANDOM % 20000))
 CALL_RELAY_MOQ_BIND="127.0.0.1:$moq_port" CALL_RELAY_NOSTR_BIND="127.0.0.1:0" \
-  CALL_RELAY_AUTH=token "$relay" >"$work/relay.out" 2>"$work/relay.err" &
+  CALL_RELAY_EPHEMERAL=1 CALL_RELAY_AUTH=token "$relay" >"$work/relay.out" 2>"$work/relay.err" &
 pids+=($!)
 sleep 1
 url="https://localhost:$moq_port"
@@ -200,7 +200,7 @@ else
   # answer SUBSCRIBE_NAMESPACE, so the leaf never learns call-relay's tracks (expected 0).
   cr_port=$((root_port + 2))
   CALL_RELAY_MOQ_BIND="127.0.0.1:$cr_port" CALL_RELAY_NOSTR_BIND="127.0.0.1:0" \
-    CALL_RELAY_AUTH=open "$relay" >"$work/cr-node.out" 2>"$work/cr-node.err" &
+    CALL_RELAY_EPHEMERAL=1 CALL_RELAY_AUTH=open "$relay" >"$work/cr-node.out" 2>"$work/cr-node.err" &
   pids+=($!)
   sleep 1
   start_dev leaf2 "$((root_port + 3))" --cluster-connect "https://127.0.0.1:$cr_port/" \

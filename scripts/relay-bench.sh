@@ -55,7 +55,7 @@ bench() {
 
 port_a=$((20000 + RANDOM % 20000)); port_b=$((port_a + 1))
 a=$(bench call-relay "$port_a" -- env CALL_RELAY_MOQ_BIND="127.0.0.1:$port_a" \
-  CALL_RELAY_NOSTR_BIND=127.0.0.1:0 CALL_RELAY_AUTH=open CALL_RELAY_STATS_INTERVAL=0 \
+  CALL_RELAY_NOSTR_BIND=127.0.0.1:0 CALL_RELAY_AUTH=open CALL_RELAY_STATS_INTERVAL=0 CALL_RELAY_EPHEMERAL=1 \
   "$root/target/release/call-relay")
 echo "$a"
 b=$(bench moq-relay-ietf "$port_b" -- "$cache/bin/moq-relay-ietf" --bind "127.0.0.1:$port_b" \

@@ -4,6 +4,7 @@
 
 mod moq;
 mod nostr;
+pub mod state;
 mod throttle;
 pub mod tls;
 
@@ -19,6 +20,7 @@ use serde::Deserialize;
 use tokio::task::JoinHandle;
 use url::Url;
 
+pub use state::StateDir;
 pub use tls::ServerCert;
 
 /// Entry points for fuzzing (`relay/fuzz`, and the bounded loops in the tests); not an API.
@@ -28,13 +30,16 @@ pub mod fuzz {
 }
 
 /// Configuration of both relays. Every flag has a `CALL_RELAY_*` environment variable.
+// (Not a doc comment: clap would print it in --help.) The binary's defaults keep state on
+// disk (`--state-dir`); `RelayConfig::default()` and `RelayConfig::ephemeral()`, for tests
+// and embedding, keep nothing (`ephemeral: true`).
 #[derive(Parser, Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields, default)]
 #[command(
     name = "call-relay",
     version,
     about = "MoQ + Nostr relay for `call`",
-    after_help = "Examples:\n  call-relay                                   # loopback, self-signed, token auth\n  call-relay --moq-bind 0.0.0.0:4443 --tls-cert cert.pem --tls-key key.pem\n  CALL_RELAY_AUTH=open call-relay              # no tokens, for interop tests"
+    after_help = "Examples:\n  call-relay                                   # loopback, self-signed, token auth\n  call-relay --moq-bind 0.0.0.0:4443 --tls-cert cert.pem --tls-key key.pem\n  CALL_RELAY_AUTH=open call-relay              # no tokens, for interop tests\n  call-relay --state-dir /var/lib/call-relay   # certificate and events kept there\n  call-relay --ephemeral                       # new certificate, events in memory only"
 )]
 pub struct RelayConfig {
     /// UDP address of the MoQ (QUIC) listener.
@@ -43,13 +48,24 @@ pub struct RelayConfig {
     /// TCP address of the Nostr (WebSocket) listener.
     #[arg(long, env = "CALL_RELAY_NOSTR_BIND", default_value = "127.0.0.1:7777")]
     pub nostr_bind: SocketAddr,
-    /// TLS certificate chain (PEM). Without it a self-signed certificate is generated.
+    /// Directory of the relay's state: its generated certificate and key, kept so the
+    /// fingerprint clients pin survives restarts, and its Nostr events (LMDB). Created
+    /// 0700. Default: the platform data directory, e.g. ~/.local/share/call-relay.
+    #[arg(long, env = "CALL_RELAY_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Keep nothing on disk: a new self-signed certificate (and fingerprint) at every
+    /// start, Nostr events in memory only. --state-dir is then ignored.
+    #[arg(long, env = "CALL_RELAY_EPHEMERAL")]
+    pub ephemeral: bool,
+    /// TLS certificate chain (PEM). Without it a self-signed certificate is generated
+    /// once and kept in the state directory (with --ephemeral: at every start).
     #[arg(long, env = "CALL_RELAY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM) for --tls-cert.
     #[arg(long, env = "CALL_RELAY_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Names the generated certificate is valid for (comma-separated).
+    /// Names the generated certificate is valid for (comma-separated). Used when it is
+    /// generated: a kept certificate keeps its names (delete it to change them).
     #[arg(
         long,
         env = "CALL_RELAY_TLS_NAMES",
@@ -104,6 +120,7 @@ pub struct RelayConfig {
           value_parser = clap::value_parser!(u64).range(1024..=(1 << 30)))]
     pub nostr_max_event_bytes: u64,
     /// Bytes of Nostr events (JSON size) the relay stores; events past it get `OK false`.
+    /// Events already in the state directory at start count against it.
     #[arg(
         long,
         env = "CALL_RELAY_NOSTR_MAX_STORED_BYTES",
@@ -130,8 +147,13 @@ pub enum AuthMode {
 }
 
 impl Default for RelayConfig {
+    /// The binary's defaults, except that nothing is kept on disk: a library user or a
+    /// test must ask for a state directory (`ephemeral: false`), never get one by surprise.
     fn default() -> Self {
-        Self::parse_from(["call-relay"])
+        Self {
+            ephemeral: true,
+            ..Self::parse_from(["call-relay"])
+        }
     }
 }
 
@@ -153,6 +175,7 @@ pub struct Relay {
     nostr: NostrGuard,
     nostr_url: Url,
     fingerprint: String,
+    state: Option<StateDir>,
     routes: Arc<moq::Routes>,
     nostr_stats: Arc<nostr::Stats>,
     store: Arc<nostr::Store>,
@@ -174,8 +197,20 @@ impl Relay {
     /// accept task); MoQ sessions are served by [`Relay::run`].
     pub async fn bind(config: &RelayConfig) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let cert = match (&config.tls_cert, &config.tls_key) {
-            (Some(c), Some(k)) => ServerCert::load(c, k)?,
+        let state = if config.ephemeral {
+            None
+        } else {
+            let dir = match &config.state_dir {
+                Some(dir) => dir.clone(),
+                None => StateDir::default_path().ok_or(state::StateError::NoDataDir)?,
+            };
+            Some(StateDir::open(&dir)?)
+        };
+        let cert = match (&config.tls_cert, &config.tls_key, &state) {
+            (Some(c), Some(k), _) => ServerCert::load(c, k)?,
+            (_, _, Some(state)) => {
+                ServerCert::load_or_generate(&state.cert(), &state.key(), &config.tls_names)?
+            }
             _ => ServerCert::self_signed(&config.tls_names)?,
         };
         let tls = moq_native_ietf::tls::Config {
@@ -202,10 +237,22 @@ impl Relay {
             .with_context(|| format!("binding the Nostr listener on {}", config.nostr_bind))?;
         let nostr_addr = listener.local_addr()?;
         let nostr_stats = Arc::new(nostr::Stats::default());
-        let store = Arc::new(nostr::Store::new(
-            config.nostr_max_stored_bytes,
-            nostr_stats.clone(),
-        ));
+        let store = Arc::new(match &state {
+            Some(state) => nostr::Store::persistent(
+                &state.nostr(),
+                config.nostr_max_stored_bytes,
+                nostr_stats.clone(),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "opening the Nostr event database in {} (if it is damaged, move it away to \
+                     start with no stored events)",
+                    state.nostr().display()
+                )
+            })?,
+            None => nostr::Store::memory(config.nostr_max_stored_bytes, nostr_stats.clone()),
+        });
         let relay = LocalRelay::new(
             RelayBuilder::default()
                 .addr(nostr_addr.ip())
@@ -235,6 +282,7 @@ impl Relay {
             nostr: NostrGuard { relay, accept },
             nostr_url,
             fingerprint: cert.fingerprint,
+            state,
             routes: Arc::new(moq::Routes::new(moq::Policy::from(config))),
             nostr_stats,
             store,
@@ -253,6 +301,11 @@ impl Relay {
     /// SHA-256 of the MoQ certificate (hex), for clients that pin it.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// Where the relay keeps its certificate and events; `None` when ephemeral.
+    pub fn state_dir(&self) -> Option<&std::path::Path> {
+        self.state.as_ref().map(StateDir::path)
     }
 
     /// A snapshot of the counters.

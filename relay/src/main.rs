@@ -17,6 +17,10 @@ async fn main() -> anyhow::Result<()> {
     println!("moq   {}", relay.moq_url());
     println!("nostr {}", relay.nostr_url());
     println!("fingerprint {}", relay.fingerprint());
+    match relay.state_dir() {
+        Some(dir) => println!("state {}", dir.display()),
+        None => println!("state none (ephemeral)"),
+    }
     // Ctrl-C or SIGTERM closes every MoQ session with a reason before the process exits.
     relay.run_until(call_relay::stop_signal()).await;
     Ok(())

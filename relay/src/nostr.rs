@@ -7,18 +7,21 @@
 //! the TCP listener and the client's WebSocket (handshake timeout, message-size limit,
 //! back-off, NOTICE on malformed messages) and hands each connection to the library through
 //! an in-process pipe (`LocalRelay::take_connection`), which then does all of NIP-01.
-//! Stored bytes are bounded by [`Store`], a byte-counting wrapper around the library's
-//! memory database, and the matching [`QuotaPolicy`] that refuses with a reason.
+//! Stored bytes are bounded by [`Store`], a byte-counting wrapper around the event database
+//! (LMDB in the state directory, or the library's memory database with `--ephemeral`), and
+//! the matching [`QuotaPolicy`] that refuses with a reason.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
+use nostr_lmdb::NostrLMDB;
 use nostr_relay_builder::prelude::{
     Backend, BoxedFuture, ClientMessage, DatabaseError, DatabaseEventStatus, Event, EventId,
     Events, Filter, JsonUtil, LocalRelay, MachineReadablePrefix, MemoryDatabase,
@@ -345,11 +348,18 @@ async fn drain(tcp: &mut TcpStream) {
     }
 }
 
-/// The library's memory database with a bound on the bytes of stored events (their JSON
-/// size; the process spends some more on indexes).
+/// An event database with a bound on the bytes of stored events: their JSON size, whatever
+/// the database spends on its own encoding and indexes (LMDB: roughly as much again on
+/// disk; memory: some more in the process).
+///
+/// Events already on disk when the relay starts count against the quota exactly as if they
+/// had just been saved: [`Store::persistent`] reads each one once and adds its JSON size.
+/// So a restart neither forgets the bytes it holds nor lets the quota be filled again. If
+/// they exceed the quota (it was lowered), nothing is deleted: the relay serves them and
+/// refuses new events until replacements and deletions bring it under.
 #[derive(Debug)]
 pub(crate) struct Store {
-    inner: MemoryDatabase,
+    inner: Arc<dyn NostrDatabase>,
     quota: u64,
     usage: Mutex<Usage>,
     stats: Arc<Stats>,
@@ -366,16 +376,59 @@ struct Usage {
 }
 
 impl Store {
-    pub(crate) fn new(quota: u64, stats: Arc<Stats>) -> Self {
+    /// Events in memory only (`--ephemeral`): gone when the relay stops.
+    pub(crate) fn memory(quota: u64, stats: Arc<Stats>) -> Self {
+        let inner = MemoryDatabase::with_opts(MemoryDatabaseOptions {
+            events: true,
+            max_events: Some(MAX_EVENTS),
+        });
         Self {
-            inner: MemoryDatabase::with_opts(MemoryDatabaseOptions {
-                events: true,
-                max_events: Some(MAX_EVENTS),
-            }),
+            inner: Arc::new(inner),
             quota,
             usage: Mutex::default(),
             stats,
         }
+    }
+
+    /// Events in the LMDB environment at `dir`, with those already there counted against
+    /// the quota (see the type's documentation).
+    pub(crate) async fn persistent(
+        dir: &Path,
+        quota: u64,
+        stats: Arc<Stats>,
+    ) -> Result<Self, DatabaseError> {
+        let store = Self {
+            inner: Arc::new(NostrLMDB::open(dir)?),
+            quota,
+            usage: Mutex::default(),
+            stats,
+        };
+        // Ids first (cheap), then each event once for its size: memory for the ids, not
+        // for every event at once.
+        let ids = store.inner.negentropy_items(Filter::new()).await?;
+        let mut usage = Usage::default();
+        for (id, _) in ids {
+            if let Some(event) = store.inner.event_by_id(&id).await? {
+                let size = event.as_json().len() as u64;
+                usage.sizes.insert(id, size);
+                usage.total = usage.total.saturating_add(size);
+            }
+        }
+        tracing::info!(
+            events = usage.sizes.len(),
+            bytes = usage.total,
+            quota,
+            "nostr events loaded from {}",
+            dir.display()
+        );
+        if usage.total > quota {
+            tracing::warn!(
+                "stored nostr events ({} bytes) exceed --nostr-max-stored-bytes ({quota}): new events are refused until some are deleted or replaced",
+                usage.total
+            );
+        }
+        *store.usage.lock().expect("usage lock") = usage;
+        Ok(store)
     }
 
     pub(crate) fn stored_bytes(&self) -> u64 {
@@ -440,7 +493,7 @@ impl Store {
 
 impl NostrDatabase for Store {
     fn backend(&self) -> Backend {
-        Backend::Memory
+        self.inner.backend()
     }
 
     fn save_event<'a>(

@@ -21,4 +21,5 @@ mod relay_bounds;
 mod relay_fanout;
 mod relay_limits;
 mod relay_networks;
+mod relay_restart;
 mod vectors;

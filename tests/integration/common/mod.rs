@@ -6,11 +6,14 @@ pub mod users;
 use call_relay::{Relay, RelayConfig};
 use url::Url;
 
-/// Both relays, started in this process on ephemeral ports; stopped on drop.
+/// Both relays, started in this process on ephemeral ports; stopped on drop. Ephemeral
+/// (nothing on disk) unless started with [`TestRelay::start_persistent`].
 pub struct TestRelay {
     pub moq_url: Url,
     pub nostr_url: Url,
     pub fingerprint: String,
+    /// What it was started with, its ports filled in: [`TestRelay::restart`] reuses it.
+    config: RelayConfig,
     stats: Box<dyn Fn() -> call_relay::RelayStats + Send + Sync>,
     stats_handle: call_relay::StatsHandle,
     task: tokio::task::JoinHandle<()>,
@@ -31,21 +34,49 @@ impl TestRelay {
         Self::start_with(config).await
     }
 
-    pub async fn start_with(config: RelayConfig) -> Self {
+    /// A relay keeping its certificate and events in `state_dir`, as the binary does by
+    /// default.
+    pub async fn start_persistent(state_dir: &std::path::Path) -> Self {
+        Self::start_with(RelayConfig {
+            ephemeral: false,
+            state_dir: Some(state_dir.to_path_buf()),
+            ..RelayConfig::ephemeral()
+        })
+        .await
+    }
+
+    /// Stops the relay, waits `down`, and starts it again with the same configuration on
+    /// the same ports (and, if persistent, the same state directory).
+    pub async fn restart(self, down: std::time::Duration) -> Self {
+        let config = self.config.clone();
+        self.stop().await;
+        tokio::time::sleep(down).await;
+        Self::start_with(config).await
+    }
+
+    pub async fn start_with(mut config: RelayConfig) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        // In-process, a stopped relay's UDP socket is freed only once quinn has drained its
+        // connections (up to the SETUP timeout for a handshake caught mid-way; a process that
+        // exits frees it at once).
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         let relay = loop {
             match Relay::bind(&config).await {
                 Ok(relay) => break relay,
                 Err(e) if tokio::time::Instant::now() < deadline => {
-                    let _ = e;
+                    if std::env::var_os("TEST_RELAY_DEBUG").is_some() {
+                        eprintln!("relay bind: {e:#}");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
                 Err(e) => panic!("relay binds: {e:#}"),
             }
         };
         let stats = relay.stats_handle();
+        config.moq_bind = relay_addr(&relay.moq_url());
+        config.nostr_bind = relay_addr(&relay.nostr_url());
         Self {
+            config,
             stats_handle: stats.clone(),
             stats: Box::new(move || stats.get()),
             moq_url: relay.moq_url(),
@@ -56,12 +87,16 @@ impl TestRelay {
     }
 }
 
+fn relay_addr(url: &Url) -> std::net::SocketAddr {
+    let host = url.host_str().expect("host");
+    format!("{host}:{}", url.port().expect("port"))
+        .parse()
+        .expect("addr")
+}
+
 impl TestRelay {
     pub fn moq_addr(&self) -> std::net::SocketAddr {
-        let host = self.moq_url.host_str().expect("host");
-        format!("{host}:{}", self.moq_url.port().expect("port"))
-            .parse()
-            .expect("addr")
+        relay_addr(&self.moq_url)
     }
 
     /// Stops the relay as its binary does on ctrl-c: every session is closed.
