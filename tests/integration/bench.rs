@@ -28,13 +28,21 @@ async fn every_transport_carries_the_tone_clean_and_lossy() {
         assert!(r.frames >= 70, "{r:?}");
         assert!(r.received * 10 >= r.frames * 8, "most frames arrive: {r:?}");
         let hz = r.heard_hz.expect("something was heard");
-        assert!((hz - 440.0).abs() < 5.0, "{} {}: heard {hz}", r.scenario, r.transport);
+        assert!(
+            (hz - 440.0).abs() < 5.0,
+            "{} {}: heard {hz}",
+            r.scenario,
+            r.transport
+        );
         let net = r.network_ms.expect("network latency");
         let m2e = r.mouth_to_ear_ms.expect("mouth-to-ear latency");
         assert!(net.p50 <= net.p95 && net.p95 <= net.p99);
         assert!(m2e.p50 >= net.p50, "playout comes after arrival: {r:?}");
         assert!(r.wire_up_bytes_per_s > 0.0 && r.wire_up_packets_per_s > 0.0);
-        assert!(r.wire_down_bytes_per_s > 0.0, "acks or RTCP come back: {r:?}");
+        assert!(
+            r.wire_down_bytes_per_s > 0.0,
+            "acks or RTCP come back: {r:?}"
+        );
         assert_eq!(r.decrypt_failed, 0);
     }
     for t in Transport::ALL {
@@ -50,6 +58,14 @@ async fn every_transport_carries_the_tone_clean_and_lossy() {
         run("loss-10", Transport::MoqStream),
         run("loss-10", Transport::Webrtc),
     );
-    assert!(rtc.lost > 0, "10 % loss reaches the WebRTC receiver: {rtc:?}");
-    assert!(moq.lost < rtc.lost, "moq {} vs webrtc {}", moq.lost, rtc.lost);
+    assert!(
+        rtc.lost > 0,
+        "10 % loss reaches the WebRTC receiver: {rtc:?}"
+    );
+    assert!(
+        moq.lost < rtc.lost,
+        "moq {} vs webrtc {}",
+        moq.lost,
+        rtc.lost
+    );
 }
