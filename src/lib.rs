@@ -3,6 +3,7 @@
 //! `cli` → `call` → `group` and `media` → `transport`.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod call;
 pub mod cli;
 pub mod group;

@@ -1,5 +1,6 @@
 //! Command line: parses flags (each with a `CALL_*` environment variable) and runs commands.
 
+mod bench;
 pub mod config;
 mod demo;
 mod devices;
@@ -69,6 +70,12 @@ pub enum Command {
     },
     /// Run a complete encrypted group call between headless participants in this process.
     Demo(demo::DemoArgs),
+    /// MoQ against WebRTC on the same audio, keys and impaired network: latency, loss,
+    /// FEC, bytes on the wire and CPU per transport and scenario.
+    #[command(
+        after_help = "Examples:\n  call bench                                  default scenarios, both transports (< 1 min)\n  call bench --scenario all --seconds 10\n  call bench --scenario loss-5,far-relay --transport webrtc --json\n\nExit codes: 0 the bench ran, 1 a run could not be set up or carried no media, 2 bad flags."
+    )]
+    Bench(bench::BenchArgs),
     /// List audio input and output devices (ids usable as `device:ID`).
     Devices(devices::DevicesArgs),
     /// Send audio through the whole media path and back: a microphone check, or a
@@ -137,6 +144,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
             Command::Devices(args) => devices::run(args),
             Command::Loopback(args) => loopback::run(args).await,
             Command::Id { common, command } => id::run(&common.resolve()?, &command),

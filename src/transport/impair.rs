@@ -43,6 +43,31 @@ impl Impairment {
 struct Counters {
     forwarded: AtomicU64,
     dropped: AtomicU64,
+    /// Datagrams and their UDP payload bytes offered by clients (towards the target) and by
+    /// the target (towards clients), before loss: what the senders put on the wire.
+    datagrams_up: AtomicU64,
+    bytes_up: AtomicU64,
+    datagrams_down: AtomicU64,
+    bytes_down: AtomicU64,
+}
+
+impl Counters {
+    fn offered(&self, up: bool, bytes: usize) {
+        let (d, b) = if up {
+            (&self.datagrams_up, &self.bytes_up)
+        } else {
+            (&self.datagrams_down, &self.bytes_down)
+        };
+        d.fetch_add(1, Ordering::Relaxed);
+        b.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+/// Datagrams and UDP payload bytes one direction of a path was offered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offered {
+    pub datagrams: u64,
+    pub bytes: u64,
 }
 
 /// One direction's rules: loss and delay with its own random stream.
@@ -159,9 +184,11 @@ impl ImpairedPath {
                         let stream = upstreams.len() as u64 + 1;
                         let mut shaper =
                             Shaper::new(impairment, stream, cut2.clone(), counters2.clone());
+                        let counters = counters2.clone();
                         backs.spawn(async move {
                             let mut buf = vec![0u8; 65_536];
                             while let Ok(n) = socket.recv(&mut buf).await {
+                                counters.offered(false, n);
                                 if let Some(at) = shaper.schedule() {
                                     let _ = back.send((at, buf[..n].to_vec()));
                                 }
@@ -171,6 +198,7 @@ impl ImpairedPath {
                         up
                     }
                 };
+                counters2.offered(true, n);
                 if let Some(at) = up_shaper.schedule() {
                     let _ = up.send((at, buf[..n].to_vec()));
                 }
@@ -202,6 +230,22 @@ impl ImpairedPath {
     /// Datagrams dropped (loss or cut), both directions.
     pub fn dropped(&self) -> u64 {
         self.counters.dropped.load(Ordering::Relaxed)
+    }
+
+    /// What clients sent towards the target (lost datagrams included).
+    pub fn offered_up(&self) -> Offered {
+        Offered {
+            datagrams: self.counters.datagrams_up.load(Ordering::Relaxed),
+            bytes: self.counters.bytes_up.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What the target sent back towards clients (lost datagrams included).
+    pub fn offered_down(&self) -> Offered {
+        Offered {
+            datagrams: self.counters.datagrams_down.load(Ordering::Relaxed),
+            bytes: self.counters.bytes_down.load(Ordering::Relaxed),
+        }
     }
 }
 

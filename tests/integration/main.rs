@@ -5,6 +5,7 @@
 
 mod common;
 
+mod bench;
 mod call_session;
 mod cli;
 mod client_stats;
