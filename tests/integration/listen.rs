@@ -158,9 +158,17 @@ async fn a_killed_participant_is_dropped_and_its_dead_call_is_not_joined() {
     });
 
     // While both send, the relay shows the call alive.
+    let t = Instant::now();
     let calls = c
         .ok(&["calls", "crew", "--moq-fingerprint", &relay.fingerprint])
         .await;
+    let alive_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    c.ok(&["calls", "crew", "--no-probe"]).await;
+    println!(
+        "`call calls`: {alive_ms:.0} ms probing a live call, {:.0} ms without probing",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
     assert_eq!(calls["calls"][0]["id"], call_id.as_str(), "{calls}");
     assert_eq!(calls["calls"][0]["state"], "running", "{calls}");
 
@@ -189,9 +197,14 @@ async fn a_killed_participant_is_dropped_and_its_dead_call_is_not_joined() {
     // A crashes too: the signaling still says A and B are in the call, but nobody is.
     a_proc.signal("-KILL");
     let _ = a_proc.finish();
+    let t = Instant::now();
     let calls = c
         .ok(&["calls", "crew", "--moq-fingerprint", &relay.fingerprint])
         .await;
+    println!(
+        "`call calls`: {:.0} ms probing a dead call",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
     assert_eq!(calls["calls"][0]["id"], call_id.as_str(), "{calls}");
     assert_eq!(
         calls["calls"][0]["participants"].as_array().unwrap().len(),
