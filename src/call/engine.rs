@@ -62,6 +62,9 @@ pub enum EndReason {
     EndedByPeer,
     /// We are no longer a member of the group.
     RemovedFromGroup,
+    /// Everyone else left (or was dropped as lost) and
+    /// [`EngineConfig::leave_when_alone`] asked us to leave then (`call listen --answer`).
+    Alone,
 }
 
 impl EndReason {
@@ -73,6 +76,7 @@ impl EndReason {
             Self::NoAnswer => "no_answer",
             Self::EndedByPeer => "ended_by_peer",
             Self::RemovedFromGroup => "removed_from_group",
+            Self::Alone => "alone",
         }
     }
 }
@@ -237,6 +241,9 @@ pub struct EngineConfig {
     /// Keep per-frame times ([`CallEngine::take_records`]), for runs that join them across
     /// participants in one process.
     pub record_frames: bool,
+    /// Leave once every other participant is gone (after at least one was there): a bot
+    /// that answered a call goes back to waiting when the call is over.
+    pub leave_when_alone: bool,
 }
 
 /// An input, with the time it happened given beside it to [`CallEngine::handle`].
@@ -372,6 +379,10 @@ pub struct CallEngine {
     /// Peers that left, kept for the final report.
     gone: Vec<Peer>,
     ever_answered: bool,
+    /// See [`EngineConfig::leave_when_alone`].
+    leave_when_alone: bool,
+    /// Some other participant was in the call at some point.
+    had_peers: bool,
     began: Instant,
     ring_deadline: Option<Instant>,
     end_deadline: Option<Instant>,
@@ -431,6 +442,8 @@ impl CallEngine {
             peers: HashMap::new(),
             gone: Vec::new(),
             ever_answered: false,
+            leave_when_alone: cfg.leave_when_alone,
+            had_peers: false,
             began: now,
             ring_deadline: cfg
                 .ring_timeout
@@ -544,6 +557,11 @@ impl CallEngine {
             Input::RelayRtt(rtt) => self.relay_rtt = rtt,
             Input::Timeout => self.on_timeout(now),
         }
+        // Checked here, after the input is handled, not where a member is dropped: a
+        // member that re-joins is dropped and added back within one input.
+        if self.leave_when_alone && self.had_peers && self.peers.is_empty() {
+            self.end(EndReason::Alone);
+        }
         Ok(())
     }
 
@@ -654,6 +672,7 @@ impl CallEngine {
             npub: npub(&pubkey),
             leaf: track.leaf_index,
         });
+        self.had_peers = true;
         self.peers.insert(
             track.name,
             Peer {

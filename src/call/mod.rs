@@ -3,7 +3,9 @@
 
 pub mod demo;
 pub mod engine;
+pub mod listen;
 pub mod loopback;
+pub mod probe;
 pub mod session;
 pub mod signaling;
 pub mod timing;

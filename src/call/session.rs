@@ -18,6 +18,7 @@ pub use super::engine::{
     npub, CallEvent, CallReport, CallStatus, EndReason, PeerReport, UserCommand,
 };
 use super::engine::{CallEngine, EngineConfig, Input, Output};
+use super::probe::{probe_calls, Liveness, ProbeOptions};
 use super::signaling::{
     AnswerStatus, CallAnswer, CallOffer, CallState, Privacy, StateAction, TrackRef, KIND_ANSWER,
     KIND_OFFER, KIND_STATE,
@@ -82,6 +83,8 @@ pub struct JoinOptions {
     pub record_frames: bool,
     /// Whether the relay token is presented (docs/protocol.md §4).
     pub relay_token: TokenPolicy,
+    /// Leave once everyone else has left (`call listen --answer`: back to waiting).
+    pub leave_when_alone: bool,
 }
 
 impl JoinOptions {
@@ -99,6 +102,7 @@ impl JoinOptions {
             moq_through: None,
             record_frames: false,
             relay_token: TokenPolicy::Auto,
+            leave_when_alone: false,
         }
     }
 }
@@ -275,6 +279,41 @@ pub fn choose_call<'a>(
             }
         }
     }
+}
+
+/// The call `call join` without `--call` takes: the newest joinable call (signaled in the
+/// last 12 h, not ended, someone in it) in which somebody is alive on the relay
+/// ([`super::probe`]); `None` (start one) if there is none. Calls whose relay cannot be
+/// reached are not joined either: nobody could be heard there.
+pub async fn live_call(calls: &[KnownCall], opts: &JoinOptions) -> Option<KnownCall> {
+    let candidates: Vec<&KnownCall> = calls
+        .iter()
+        .filter(|c| c.joinable(Timestamp::now()))
+        .collect();
+    if candidates.is_empty() {
+        return None;
+    }
+    let probe = ProbeOptions {
+        verification: opts.verification.clone(),
+        relay_token: opts.relay_token,
+        through: opts.moq_through.clone(),
+    };
+    let found = probe_calls(&candidates, &probe).await;
+    let mut alive: Vec<&KnownCall> = Vec::new();
+    for (call, liveness) in candidates.iter().zip(&found) {
+        match liveness {
+            Liveness::Alive => alive.push(call),
+            other => tracing::info!(
+                call = %call.id_hex(),
+                "not joining: nobody alive in it ({})",
+                match other {
+                    Liveness::Unreachable(why) => format!("relay: {why}"),
+                    _ => "no frames on its participants' tracks".into(),
+                }
+            ),
+        }
+    }
+    alive.into_iter().max_by_key(|c| c.offered_at).cloned()
 }
 
 /// The group's signaling history from MDK's message store, oldest first.
@@ -560,7 +599,10 @@ pub async fn run_session<S: MdkStorageProvider>(
         .own_leaf_index(&group.mls_group_id)
         .map_err(GroupError::from)?;
     let calls = calls_from_history(&history(member, group)?, &leaves);
-    let chosen = choose_call(&calls, &opts.target, Timestamp::now())?.cloned();
+    let chosen = match &opts.target {
+        CallTarget::Auto => live_call(&calls, opts).await,
+        target => choose_call(&calls, target, Timestamp::now())?.cloned(),
+    };
     let me = TrackRef {
         name: random(),
         leaf_index: own_leaf,
@@ -621,6 +663,7 @@ pub async fn run_session<S: MdkStorageProvider>(
             duration: opts.duration,
             counters,
             record_frames: opts.record_frames,
+            leave_when_alone: opts.leave_when_alone,
         },
         Instant::now(),
     )?;
@@ -747,6 +790,8 @@ pub async fn run_session<S: MdkStorageProvider>(
     report.audio = media.audio;
     // The media thread dropped the client: its driver winds down.
     let _ = tokio::time::timeout(Duration::from_secs(1), driver).await;
+    // A listener runs many sessions on one connection: give the relays their slot back.
+    member.close_events(events).await;
     Ok(Session {
         report,
         cursor,

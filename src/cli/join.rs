@@ -8,16 +8,15 @@ use clap::Args;
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::callargs::{MediaArgs, RelayArgs};
 use super::config::CommonArgs;
 use super::demo::{parse_frame_ms, parse_privacy};
 use super::group::{connect, resolve_group, resume_of, save_cursor};
-use crate::call::loopback::{SinkSpec, SourceSpec};
 use crate::call::session::{
     self, CallEvent, CallReport, CallTarget, EndReason, JoinOptions, UserCommand,
 };
 use crate::call::signaling::Privacy;
 use crate::group::GroupRef;
-use crate::transport::{CertVerification, TokenPolicy};
 
 #[derive(Args, Debug)]
 pub struct JoinArgs {
@@ -29,15 +28,8 @@ pub struct JoinArgs {
     /// Join the call whose id starts with this, however old.
     #[arg(long = "call", value_name = "ID_PREFIX")]
     pub call: Option<String>,
-    /// Audio in: device[:NAME], tone[:HZ], silence, wav:PATH (a bot leaves when it ends).
-    #[arg(long, env = "CALL_SOURCE", default_value = "device")]
-    pub source: SourceSpec,
-    /// Audio out (every peer mixed): device[:NAME], null, wav:PATH.
-    #[arg(long, env = "CALL_SINK", default_value = "device")]
-    pub sink: SinkSpec,
-    /// Leave after this many seconds; without it, until Ctrl-C.
-    #[arg(short, long, env = "CALL_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub seconds: Option<u64>,
+    #[command(flatten)]
+    pub media: MediaArgs,
     /// Seconds a call we start waits for an answer before it ends (0 = forever).
     #[arg(long, env = "CALL_RING_TIMEOUT", default_value_t = session::RING_TIMEOUT.as_secs())]
     pub ring_timeout: u64,
@@ -47,17 +39,6 @@ pub struct JoinArgs {
     /// Privacy of a call we start: `enhanced` = constant bit rate, one packet size.
     #[arg(long, env = "CALL_PRIVACY", default_value = "standard", value_parser = parse_privacy)]
     pub privacy: Privacy,
-    /// Pin the MoQ relay's certificate by its SHA-256 fingerprint (hex).
-    #[arg(long, env = "CALL_MOQ_FINGERPRINT", conflicts_with = "moq_insecure")]
-    pub moq_fingerprint: Option<String>,
-    /// Accept any MoQ relay certificate. For development only.
-    #[arg(long, env = "CALL_MOQ_INSECURE")]
-    pub moq_insecure: bool,
-    /// When to present the call's relay token in SETUP: `auto` (present it; without it if
-    /// the relay refuses the session), `always`, `never`. Falls back to `relay_token` in
-    /// config.toml, then `auto`.
-    #[arg(long, env = "CALL_RELAY_TOKEN", value_name = "auto|always|never")]
-    pub relay_token: Option<TokenPolicy>,
 }
 
 fn print_event(event: &CallEvent) {
@@ -193,15 +174,14 @@ fn user_commands() -> mpsc::UnboundedReceiver<UserCommand> {
 
 pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
     let settings = common.resolve()?;
-    let verification = match (&args.moq_fingerprint, args.moq_insecure) {
-        (Some(fp), _) => CertVerification::fingerprint(fp)
-            .map_err(|e| anyhow::anyhow!("--moq-fingerprint: {e}"))?,
-        (None, true) => CertVerification::Insecure,
-        (None, false) => CertVerification::WebPki,
-    };
+    let verification = args.media.relay.verification()?;
     // Devices and files first: a missing microphone should not cost a signaling round.
-    let source = args.source.open().context("opening the audio source")?;
-    let sink = args.sink.open().context("opening the audio sink")?;
+    let source = args
+        .media
+        .source
+        .open()
+        .context("opening the audio source")?;
+    let sink = args.media.sink.open().context("opening the audio sink")?;
 
     let (home, member) = connect(&settings).await?;
     let result = async {
@@ -225,15 +205,13 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             verification,
             privacy: args.privacy,
             frame_ms: args.frame_ms,
-            duration: args.seconds.map(Duration::from_secs),
+            duration: args.media.seconds.map(Duration::from_secs),
             ring_timeout: Duration::from_secs(args.ring_timeout),
             counters: Some(home.dir().join("counters")),
             moq_through: None,
             record_frames: false,
-            relay_token: args
-                .relay_token
-                .or(settings.relay_token)
-                .unwrap_or_default(),
+            relay_token: args.media.relay.token_policy(&settings),
+            leave_when_alone: false,
         };
         let commands = user_commands();
         let (report, cursor) = session::run(
@@ -273,9 +251,20 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
     })
 }
 
-/// `call calls <group>`: the group's calls as its signaling tells them.
-pub async fn run_calls(common: &CommonArgs, group: &str) -> anyhow::Result<u8> {
+/// `call calls <group>`: the group's calls as its signaling tells them, and for calls the
+/// signaling says are running, whether anybody is alive in them on the relay.
+pub async fn run_calls(
+    common: &CommonArgs,
+    group: &str,
+    relay: &RelayArgs,
+    probe: bool,
+) -> anyhow::Result<u8> {
     let settings = common.resolve()?;
+    let probe_opts = crate::call::probe::ProbeOptions {
+        verification: relay.verification()?,
+        relay_token: relay.token_policy(&settings),
+        through: None,
+    };
     let (home, member) = connect(&settings).await?;
     let result = async {
         let group = resolve_group(&member.groups()?, group)?;
@@ -297,14 +286,27 @@ pub async fn run_calls(common: &CommonArgs, group: &str) -> anyhow::Result<u8> {
     member.disconnect().await;
     let (group, calls) = result?;
     let now = nostr_sdk::prelude::Timestamp::now();
+    // Participants who crash never say `leave`: ask the relay (docs/protocol.md §2).
+    let running: Vec<&session::KnownCall> = calls.iter().filter(|c| c.joinable(now)).collect();
+    let liveness: std::collections::HashMap<[u8; 32], crate::call::probe::Liveness> = if probe {
+        let found = crate::call::probe::probe_calls(&running, &probe_opts).await;
+        running.iter().map(|c| c.offer.call_id).zip(found).collect()
+    } else {
+        Default::default()
+    };
     let npub = |pk: &nostr_sdk::prelude::PublicKey| {
         nostr_sdk::prelude::ToBech32::to_bech32(pk).unwrap_or_else(|_| pk.to_hex())
     };
     let state = |c: &session::KnownCall| {
+        use crate::call::probe::Liveness;
         if c.ended {
             "ended"
         } else if c.joinable(now) {
-            "running"
+            match liveness.get(&c.offer.call_id) {
+                None | Some(Liveness::Alive) => "running",
+                Some(Liveness::Silent) => "dead",
+                Some(Liveness::Unreachable(_)) => "unknown",
+            }
         } else if c.running() {
             "stale"
         } else {

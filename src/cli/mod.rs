@@ -1,12 +1,14 @@
 //! Command line: parses flags (each with a `CALL_*` environment variable) and runs commands.
 
 mod bench;
+mod callargs;
 pub mod config;
 mod demo;
 mod devices;
 pub mod group;
 mod id;
 mod join;
+mod listen;
 mod loopback;
 
 use std::process::ExitCode;
@@ -59,14 +61,31 @@ pub enum Command {
         #[command(flatten)]
         args: join::JoinArgs,
     },
-    /// The group's calls, newest first: running, over, ended, or stale (running but silent
-    /// for 12 h); ids for `call join --call`.
-    #[command(after_help = "Examples:\n  call calls friends\n  call calls friends --json")]
+    /// The group's calls, newest first: running, dead (nobody's audio on the relay: its
+    /// participants crashed), unknown (relay unreachable), over, ended, or stale (no
+    /// signaling for 12 h); ids for `call join --call`.
+    #[command(
+        after_help = "Examples:\n  call calls friends\n  call calls friends --json\n  call calls friends --no-probe        signaling only, no relay connection"
+    )]
     Calls {
         #[command(flatten)]
         common: config::CommonArgs,
         /// Group name or a unique prefix of its id.
         group: String,
+        #[command(flatten)]
+        relay: callargs::RelayArgs,
+        /// Do not ask the MoQ relay who is alive (running calls are shown as `running`).
+        #[arg(long, env = "CALL_NO_PROBE")]
+        no_probe: bool,
+    },
+    /// Wait for calls in your groups: show who is calling (a bell on a terminal), or
+    /// answer by yourself (a bot), decline, or say busy.
+    #[command(after_help = listen::AFTER_HELP)]
+    Listen {
+        #[command(flatten)]
+        common: config::CommonArgs,
+        #[command(flatten)]
+        args: listen::ListenArgs,
     },
     /// Run a complete encrypted group call between headless participants in this process.
     Demo(demo::DemoArgs),
@@ -156,7 +175,13 @@ pub fn main() -> ExitCode {
             }
             Command::Sync { common } => group::run_sync(&common.resolve()?).await,
             Command::Join { common, args } => join::run(&common, &args).await,
-            Command::Calls { common, group } => join::run_calls(&common, &group).await,
+            Command::Calls {
+                common,
+                group,
+                relay,
+                no_probe,
+            } => join::run_calls(&common, &group, &relay, !no_probe).await,
+            Command::Listen { common, args } => listen::run(&common, &args).await,
         }
     });
     match result {

@@ -513,6 +513,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
                 tags: msg.tags,
                 content: msg.content,
                 epoch: msg.epoch,
+                created_at: msg.created_at,
             }),
             MessageProcessingResult::Commit { .. } => GroupEventOutcome::Commit,
             MessageProcessingResult::Proposal(update) => {

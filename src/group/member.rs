@@ -67,6 +67,8 @@ pub struct Rumor {
     pub tags: Tags,
     pub content: String,
     pub epoch: Option<u64>,
+    /// The rumor's own `created_at` (set by its sender: not trusted beyond ordering).
+    pub created_at: Timestamp,
 }
 
 /// A call secret exported from one epoch of a group.
@@ -332,23 +334,49 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         self.subscribe_events(group, Some(since)).await
     }
 
+    /// Like [`GroupMember::group_events`], for several groups on one relay subscription
+    /// (`call listen`): the events of every group in `groups`, each with its `h` tag.
+    pub async fn groups_events(
+        &self,
+        groups: &[GroupRef],
+        since: Timestamp,
+    ) -> Result<GroupEvents, GroupError> {
+        let hs: Vec<String> = groups.iter().map(GroupRef::h_tag).collect();
+        self.subscribe_events_of(hs, Some(since)).await
+    }
+
+    /// Ends the relay subscription behind `events` (a long-running listener opens a new one
+    /// after every call; relays cap subscriptions per connection).
+    pub async fn close_events(&self, events: GroupEvents) {
+        self.client.unsubscribe(&events.subscription).await;
+    }
+
     async fn subscribe_events(
         &self,
         group: &GroupRef,
         since: Option<Timestamp>,
     ) -> Result<GroupEvents, GroupError> {
+        self.subscribe_events_of(vec![group.h_tag()], since).await
+    }
+
+    async fn subscribe_events_of(
+        &self,
+        hs: Vec<String>,
+        since: Option<Timestamp>,
+    ) -> Result<GroupEvents, GroupError> {
         let notifications = self.client.notifications();
         let mut filter = Filter::new()
             .kind(Kind::MlsGroupMessage)
-            .custom_tag(SingleLetterTag::lowercase(Alphabet::H), group.h_tag());
+            .custom_tags(SingleLetterTag::lowercase(Alphabet::H), hs.iter().cloned());
         if let Some(since) = since {
             filter = filter.since(since);
         }
-        self.client.subscribe(filter, None).await?;
+        let subscription = self.client.subscribe(filter, None).await?.val;
         Ok(GroupEvents {
-            h: group.h_tag(),
+            hs,
             notifications,
             held_back: 0,
+            subscription,
         })
     }
 
@@ -394,15 +422,18 @@ impl<S: MdkStorageProvider> GroupMember<S> {
 /// may deliver one event). Events stamped beyond now + `MAX_CLOCK_SKEW` are held back
 /// (counted, not returned): the next catch-up fetches them once they are due.
 pub struct GroupEvents {
-    h: String,
+    /// The `h` tags of the groups (one, except for [`GroupMember::groups_events`]).
+    hs: Vec<String>,
     notifications: tokio::sync::broadcast::Receiver<RelayPoolNotification>,
     held_back: usize,
+    subscription: SubscriptionId,
 }
 
 impl GroupEvents {
-    /// The group's `h` tag value, for [`GroupMember::process_group_event`].
+    /// The group's `h` tag value, for [`GroupMember::process_group_event`] (the first
+    /// group's, for a stream of several).
     pub fn h_tag(&self) -> &str {
-        &self.h
+        self.hs.first().map_or("", String::as_str)
     }
 
     /// Future-dated events held back so far.
@@ -412,6 +443,11 @@ impl GroupEvents {
 
     /// The next event of the group; `None` once the client is shut down.
     pub async fn next(&mut self) -> Option<Event> {
+        self.next_tagged().await.map(|(_, e)| e)
+    }
+
+    /// The next event of any of the groups, with its group's `h` tag.
+    pub async fn next_tagged(&mut self) -> Option<(String, Event)> {
         loop {
             let event = match self.notifications.recv().await {
                 Ok(RelayPoolNotification::Event { event, .. }) => event,
@@ -422,20 +458,18 @@ impl GroupEvents {
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
             };
-            let ours = event.kind == Kind::MlsGroupMessage
-                && event
-                    .tags
-                    .find(TagKind::h())
-                    .and_then(|t| t.content())
-                    .is_some_and(|h| h == self.h);
-            if ours && super::fetch::is_future_dated(&event) {
+            let h = (event.kind == Kind::MlsGroupMessage)
+                .then(|| event.tags.find(TagKind::h()).and_then(|t| t.content()))
+                .flatten()
+                .filter(|h| self.hs.iter().any(|ours| ours == h))
+                .map(str::to_string);
+            let Some(h) = h else { continue };
+            if super::fetch::is_future_dated(&event) {
                 tracing::warn!(id = %event.id, "holding back a future-dated group event");
                 self.held_back += 1;
                 continue;
             }
-            if ours {
-                return Some(*event);
-            }
+            return Some((h, *event));
         }
     }
 }

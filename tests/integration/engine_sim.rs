@@ -184,6 +184,7 @@ impl Sim {
                 duration: None,
                 counters: None,
                 record_frames: false,
+                leave_when_alone: false,
             },
             self.at(),
         )

@@ -16,6 +16,7 @@ mod group_cli;
 mod group_hardening;
 mod group_keys;
 mod join_cli;
+mod listen;
 mod media_loss;
 mod reconnect;
 mod relay_bounds;
