@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use url::Url;
 
 pub use super::engine::{
-    npub, CallEvent, CallReport, CallStatus, EndReason, PeerReport, UserCommand,
+    npub, CallEvent, CallReport, CallStatus, EndReason, PeerReport, RelayState, UserCommand,
+    STATUS_INTERVAL,
 };
 use super::engine::{CallEngine, EngineConfig, Input, Output};
 use super::signaling::{
@@ -82,6 +83,8 @@ pub struct JoinOptions {
     pub record_frames: bool,
     /// Whether the relay token is presented (docs/protocol.md §4).
     pub relay_token: TokenPolicy,
+    /// How often a status event comes ([`STATUS_INTERVAL`]; a live screen wants more).
+    pub status_interval: Duration,
 }
 
 impl JoinOptions {
@@ -99,6 +102,7 @@ impl JoinOptions {
             moq_through: None,
             record_frames: false,
             relay_token: TokenPolicy::Auto,
+            status_interval: STATUS_INTERVAL,
         }
     }
 }
@@ -621,6 +625,7 @@ pub async fn run_session<S: MdkStorageProvider>(
             duration: opts.duration,
             counters,
             record_frames: opts.record_frames,
+            status_interval: opts.status_interval,
         },
         Instant::now(),
     )?;

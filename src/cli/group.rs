@@ -71,6 +71,14 @@ pub enum GroupCommand {
 
 pub(super) async fn connect(settings: &Settings) -> anyhow::Result<(Home, Member)> {
     let home = Home::open(&settings.home)?;
+    connect_home(settings, home).await
+}
+
+/// [`connect`] with the home already open (its identity is checked again here).
+pub(super) async fn connect_home(
+    settings: &Settings,
+    home: Home,
+) -> anyhow::Result<(Home, Member)> {
     let keys = home.keys()?;
     if settings.nostr_relays.is_empty() {
         bail!("no Nostr relays: pass --nostr-relay, set CALL_NOSTR_RELAYS or nostr_relays in config.toml");

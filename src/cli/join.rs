@@ -1,6 +1,8 @@
 //! `call join <group>`: take part in the group's call (or start one) from this terminal.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,13 +12,15 @@ use tokio::sync::mpsc;
 
 use super::config::CommonArgs;
 use super::demo::{parse_frame_ms, parse_privacy};
-use super::group::{connect, resolve_group, resume_of, save_cursor};
+use super::group::{connect, connect_home, resolve_group, resume_of, save_cursor};
+use super::output;
+use super::screen::{Screen, SCREEN_STATUS_INTERVAL};
 use crate::call::loopback::{SinkSpec, SourceSpec};
 use crate::call::session::{
     self, CallEvent, CallReport, CallTarget, EndReason, JoinOptions, UserCommand,
 };
 use crate::call::signaling::Privacy;
-use crate::group::GroupRef;
+use crate::group::{GroupRef, Home};
 use crate::transport::{CertVerification, TokenPolicy};
 
 #[derive(Args, Debug)]
@@ -58,7 +62,15 @@ pub struct JoinArgs {
     /// config.toml, then `auto`.
     #[arg(long, env = "CALL_RELAY_TOKEN", value_name = "auto|always|never")]
     pub relay_token: Option<TokenPolicy>,
+    /// Print a line per event and a status every 5 s instead of the live screen (which
+    /// needs a terminal on stdin and stderr, and is never used with `--json`).
+    #[arg(long, env = "CALL_NO_SCREEN")]
+    pub no_screen: bool,
 }
+
+/// How long `call join` waits for members' names (kind 0) before the screen shows npubs;
+/// names that come later still replace them.
+const NAMES_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn print_event(event: &CallEvent) {
     match event {
@@ -164,7 +176,7 @@ fn user_commands() -> mpsc::UnboundedReceiver<UserCommand> {
         call_relay::stop_signal().await;
         let _ = on_signal.send(UserCommand::Leave);
     });
-    if std::io::stdin().is_terminal() {
+    if std::io::stdin().is_terminal() && !output::is_json() {
         eprintln!("type m⏎ to mute or unmute, q⏎ (or Ctrl-C) to leave");
     }
     // A thread, because reading stdin blocks; it dies with the process.
@@ -199,11 +211,18 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
         (None, true) => CertVerification::Insecure,
         (None, false) => CertVerification::WebPki,
     };
-    // Devices and files first: a missing microphone should not cost a signaling round.
+    // The identity first (a missing one must not hide behind audio library noise), then
+    // devices and files: a missing microphone should not cost a relay connection.
+    let home = Home::open(&settings.home)?;
+    home.keys()?;
     let source = args.source.open().context("opening the audio source")?;
     let sink = args.sink.open().context("opening the audio sink")?;
 
-    let (home, member) = connect(&settings).await?;
+    let (home, member) = connect_home(&settings, home).await?;
+    let live = !settings.json
+        && !args.no_screen
+        && std::io::stdin().is_terminal()
+        && std::io::stderr().is_terminal();
     let result = async {
         let group = resolve_group(&member.groups()?, &args.group)?;
         anyhow::ensure!(
@@ -234,9 +253,20 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
                 .relay_token
                 .or(settings.relay_token)
                 .unwrap_or_default(),
+            status_interval: if live {
+                SCREEN_STATUS_INTERVAL
+            } else {
+                session::STATUS_INTERVAL
+            },
         };
-        let commands = user_commands();
-        let (report, cursor) = session::run(
+        let names = Arc::new(Mutex::new(BTreeMap::new()));
+        let (mut screen, commands) = if live {
+            let (screen, commands) = Screen::start(&group.name, names.clone())?;
+            (Some(screen), commands)
+        } else {
+            (None, user_commands())
+        };
+        let call = session::run(
             &member,
             &group_ref,
             resume_of(&home, &group)?,
@@ -244,17 +274,34 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             source,
             sink,
             commands,
-            |e: &CallEvent| {
-                if settings.json {
-                    // Scripts get the events too, one JSON object per line on stderr.
-                    eprintln!("{}", json!(e));
-                } else {
-                    print_event(e);
-                }
+            |e: &CallEvent| match &mut screen {
+                Some(screen) => screen.on_event(e),
+                // Scripts get the events too, one JSON object per line on stderr.
+                None if settings.json => output::json_line(json!(e)),
+                None => print_event(e),
             },
-        )
-        .await
-        .with_context(|| format!("call in group {}", group.name))?;
+        );
+        // Names for the screen, fetched while the call starts; the call does not wait.
+        let fetch_names = async {
+            if !live {
+                return;
+            }
+            let members: Vec<_> = member
+                .leaf_map(&group_ref)
+                .map(|l| l.into_values().collect())
+                .unwrap_or_default();
+            match member.fetch_names(&members, NAMES_TIMEOUT).await {
+                Ok(found) => {
+                    if let Ok(mut names) = names.lock() {
+                        names.extend(found.into_iter().map(|(pk, n)| (session::npub(&pk), n)));
+                    }
+                }
+                Err(e) => tracing::info!("fetching members' names: {e}"),
+            }
+        };
+        let (call, ()) = futures::join!(call, fetch_names);
+        drop(screen);
+        let (report, cursor) = call.with_context(|| format!("call in group {}", group.name))?;
         save_cursor(&home, &group, &cursor)?;
         Ok(report)
     }

@@ -7,6 +7,8 @@ pub mod group;
 mod id;
 mod join;
 mod loopback;
+mod output;
+mod screen;
 
 use std::process::ExitCode;
 
@@ -41,6 +43,9 @@ pub struct Cli {
         default_value = "warn,moq_transport=error"
     )]
     pub log: String,
+    /// Write logs to this file (appended) instead of stderr.
+    #[arg(long, global = true, env = "CALL_LOG_FILE", value_name = "PATH")]
+    pub log_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -113,24 +118,36 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// `--json`: stderr then carries JSON lines only.
+    fn json(&self) -> bool {
+        match self {
+            Self::Join { common, .. }
+            | Self::Calls { common, .. }
+            | Self::Id { common, .. }
+            | Self::Keys { common, .. }
+            | Self::Group { common, .. }
+            | Self::Sync { common } => common.json,
+            Self::Demo(a) => a.json,
+            Self::Devices(a) => a.json,
+            Self::Loopback(a) => a.json,
+        }
+    }
+}
+
 /// Entry point of the `call` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only where a person reads them, not in log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if let Err(e) = output::init(&cli.log, cli.command.json(), cli.log_file.as_deref()) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(exit::USAGE);
+    }
     // Both ring and aws-lc-rs end up in the build; rustls needs to be told which to use.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
+            output::error(&format!("starting the async runtime: {e}"));
             return ExitCode::from(exit::FAILURE);
         }
     };
@@ -154,7 +171,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            output::error(&format!("{e:#}"));
             ExitCode::from(exit::FAILURE)
         }
     }

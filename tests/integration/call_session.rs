@@ -2,9 +2,9 @@
 //! invited mid-call and joins through the re-announced `call_info`, then is removed; every
 //! participant rekeys at each commit and keeps hearing the others, the removed one stops.
 
-
 use std::time::Duration;
 
+use crate::common::TestRelay;
 use call::call::session::{
     self, CallEvent, CallReport, CallTarget, EndReason, JoinOptions, UserCommand,
 };
@@ -13,7 +13,6 @@ use call::media::audio::NullSink;
 use call::media::io::{AudioIn, AudioOut};
 use call::media::tone::ToneSource;
 use call::transport::{CertVerification, TokenPolicy};
-use crate::common::TestRelay;
 use mdk_memory_storage::MdkMemoryStorage;
 use nostr_sdk::prelude::{PublicKey, RelayUrl};
 use tokio::sync::{mpsc, oneshot};

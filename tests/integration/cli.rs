@@ -1,6 +1,5 @@
 //! The `call` binary as users and scripts run it.
 
-
 use std::process::Command;
 
 use crate::common::TestRelay;

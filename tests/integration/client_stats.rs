@@ -1,11 +1,10 @@
 //! The reconnecting client's playout deadline and per-track counters, on a real relay.
 
-
 use std::time::Duration;
 
+use crate::common::TestRelay;
 use bytes::Bytes;
 use call::transport::{call_namespace, CertVerification, ClientConfig, MoqClient};
-use crate::common::TestRelay;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_past_their_playout_deadline_are_dropped_and_counted() {

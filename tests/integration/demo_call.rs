@@ -1,11 +1,10 @@
 //! The walking skeleton end to end: Marmot group over a real Nostr relay, signaling in MLS,
 //! SFrame-encrypted Opus over a real MoQ relay.
 
-
+use crate::common::TestRelay;
 use call::call::demo::{self, pitch_tolerance, DemoConfig, MIN_RECEIVED};
 use call::call::signaling::Privacy;
 use call::transport::{CertVerification, TokenPolicy};
-use crate::common::TestRelay;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_party_call_every_peer_hears_every_other() {

@@ -184,6 +184,7 @@ impl Sim {
                 duration: None,
                 counters: None,
                 record_frames: false,
+                status_interval: call::call::engine::STATUS_INTERVAL,
             },
             self.at(),
         )

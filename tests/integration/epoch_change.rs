@@ -1,9 +1,9 @@
 //! A real MLS commit (MDK remove) in the middle of a media stream: the remaining receiver
 //! keeps decoding across the epoch change, the removed member decrypts nothing after it.
 
-
 use std::time::{Duration, Instant};
 
+use crate::common::TestRelay;
 use call::group::{GroupMember, GroupRef};
 use call::media::keyring::SenderKeyring;
 use call::media::keys::{KidLayout, MediaType};
@@ -11,7 +11,6 @@ use call::media::opus::CodecConfig;
 use call::media::pipeline::{Inbound, Outbound};
 use call::media::playout::SlotKind;
 use call::media::tone::ToneSource;
-use crate::common::TestRelay;
 use mdk_core::prelude::MessageProcessingResult;
 use mdk_memory_storage::MdkMemoryStorage;
 use nostr_sdk::prelude::RelayUrl;

@@ -1,12 +1,11 @@
 //! Marmot groups managed with the `call` binary alone: one home per user, real relays.
 
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use call::group::SECRET_FILES;
 use crate::common::users::{create_and_join, group_ref, User};
 use crate::common::TestRelay;
+use call::group::SECRET_FILES;
 use nostr_sdk::prelude::*;
 use serde_json::Value;
 

@@ -2,7 +2,6 @@
 //! relay's page size, kill -9 during an invite, and no double processing after catch-up.
 //! Real `call` processes, real MDK, the project's relay (nostr-relay-builder) on loopback.
 
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 

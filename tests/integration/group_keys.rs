@@ -1,10 +1,9 @@
 //! Media keys come from the MLS exporter of one group: another group's keys open nothing.
 
-
+use crate::common::TestRelay;
 use call::group::{GroupMember, GroupRef};
 use call::media::keys::{KidLayout, MediaType};
 use call::media::sframe::{ReceiverKeys, SenderKeys};
-use crate::common::TestRelay;
 use mdk_memory_storage::MdkMemoryStorage;
 use nostr_sdk::prelude::RelayUrl;
 

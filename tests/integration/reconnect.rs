@@ -1,12 +1,11 @@
 //! The reconnecting MoQ client against a relay that is stopped and restarted mid-call.
 
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::TestRelay;
 use bytes::Bytes;
 use call::transport::{call_namespace, CertVerification, ClientConfig, MoqClient};
-use crate::common::TestRelay;
 use tokio::time::Instant;
 
 const TOKEN: &[u8] = &[9; 32];

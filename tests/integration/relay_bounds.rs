@@ -2,16 +2,15 @@
 //! sessions while a real call's track flows, and Nostr messages that are too big or not
 //! messages at all.
 
-
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::TestRelay;
 use bytes::Bytes;
 use call::transport::{call_namespace, CertVerification, MoqConnection};
 use call_relay::RelayConfig;
-use crate::common::TestRelay;
 use futures::{SinkExt, StreamExt};
 use nostr_sdk::prelude::{EventBuilder, JsonUtil, Keys, RelayMessage};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;

@@ -1,12 +1,11 @@
 //! The bundled MoQ relay with our MoQ client: fan-out, routing among several publishers of
 //! one namespace, and unknown tracks.
 
-
 use std::time::Duration;
 
+use crate::common::TestRelay;
 use bytes::Bytes;
 use call::transport::{call_namespace, CertVerification, MoqConnection, TransportError};
-use crate::common::TestRelay;
 
 const TOKEN: &[u8] = &[7; 32];
 

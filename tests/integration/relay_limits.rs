@@ -1,13 +1,12 @@
 //! Bad input and limits: the relay refuses with a reason and keeps serving other sessions.
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::TestRelay;
 use bytes::Bytes;
 use call::transport::{call_namespace, CertVerification, MoqConnection, TransportError};
 use call_relay::RelayConfig;
-use crate::common::TestRelay;
 
 const TOKEN: &[u8] = &[5; 32];
 

@@ -6,19 +6,18 @@
 //! loopback: call-relay never sends FETCH and never refuses a session for its token, so it
 //! cannot show either behaviour.
 
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::TestRelay;
 use bytes::Bytes;
 use call::transport::{
     participant_namespace, CertVerification, ClientConfig, MoqClient, TokenPolicy, TransportError,
     SESSION_UNAUTHORIZED,
 };
 use call_relay::ServerCert;
-use crate::common::TestRelay;
 use moq_transport::coding::{KeyValuePairs, TrackNamespace};
 use moq_transport::data::FetchRecord;
 use moq_transport::message::{FetchType, RequestErrorCode, StandaloneFetch};
