@@ -88,11 +88,37 @@ pub(super) async fn connect_home(
         .iter()
         .map(|u| RelayUrl::parse(u.as_str()).with_context(|| format!("relay {u}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let storage = home.storage()?;
+    let storage = open_storage(&home).await?;
     let member = Member::connect(keys, storage, &relays)
         .await?
         .with_timeout(settings.timeout);
     Ok((home, member))
+}
+
+/// The home's MLS storage. Opened read-only beside a running call, the database may be
+/// locked for the moment that process commits; try again briefly (SQLite waits for nobody
+/// by itself here).
+async fn open_storage(home: &Home) -> anyhow::Result<MdkSqliteStorage> {
+    let mut tries = 0;
+    loop {
+        match home.storage() {
+            Err(crate::group::HomeError::Storage { .. }) if home.is_read_only() && tries < 40 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Says on stderr (not in `--json` output) that a read-only command did not catch up.
+pub(super) fn note_not_caught_up(settings: &Settings, home: &Home) {
+    if home.is_read_only() && !settings.json {
+        eprintln!(
+            "note: another `call` process (a call?) is using {}; shown as it stands, not caught up",
+            home.dir().display()
+        );
+    }
 }
 
 fn parse_pubkeys(list: &[String]) -> anyhow::Result<Vec<PublicKey>> {
@@ -467,7 +493,12 @@ pub async fn run_sync(settings: &Settings) -> anyhow::Result<u8> {
 }
 
 pub async fn run_group(settings: &Settings, cmd: &GroupCommand) -> anyhow::Result<u8> {
-    let (home, member) = connect(settings).await?;
+    // Listing only reads: it works during a call, and does not create a home.
+    let home = match cmd {
+        GroupCommand::List | GroupCommand::Members { .. } => Home::open_read(&settings.home)?,
+        _ => Home::open(&settings.home)?,
+    };
+    let (home, member) = connect_home(settings, home).await?;
     let result = run_group_connected(settings, &home, &member, cmd).await;
     member.disconnect().await;
     result
@@ -655,9 +686,12 @@ async fn run_group_connected(
         }
         GroupCommand::Members { group } => {
             let group = find(group)?;
-            if group.state.as_str() == "active" {
+            // Read-only beside a call: that process keeps the group current.
+            let caught_up = group.state.as_str() == "active" && !home.is_read_only();
+            if caught_up {
                 sync_groups(home, member, std::slice::from_ref(&group)).await?;
             }
+            note_not_caught_up(settings, home);
             let group = find(&group_id_hex(&group))?;
             let leaves: BTreeMap<u32, PublicKey> = member
                 .mdk()
@@ -676,7 +710,7 @@ async fn run_group_connected(
                 .collect();
             print(
                 settings,
-                json!({ "group": group_json(&group), "members": list }),
+                json!({ "group": group_json(&group), "members": list, "caught_up": caught_up }),
                 || {
                     let mut s = format!("{} (epoch {})", group.name, group.epoch);
                     for (leaf, pk) in &leaves {

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::config::CommonArgs;
 use super::demo::{parse_frame_ms, parse_privacy};
-use super::group::{connect, connect_home, resolve_group, resume_of, save_cursor};
+use super::group::{connect_home, resolve_group, resume_of, save_cursor};
 use super::output;
 use super::screen::{Screen, SCREEN_STATUS_INTERVAL};
 use crate::call::loopback::{SinkSpec, SourceSpec};
@@ -323,7 +323,8 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
 /// `call calls <group>`: the group's calls as its signaling tells them.
 pub async fn run_calls(common: &CommonArgs, group: &str) -> anyhow::Result<u8> {
     let settings = common.resolve()?;
-    let (home, member) = connect(&settings).await?;
+    // Only reads: works during a call (which keeps the group current) and creates nothing.
+    let (home, member) = connect_home(&settings, Home::open_read(&settings.home)?).await?;
     let result = async {
         let group = resolve_group(&member.groups()?, group)?;
         let group_ref = GroupRef {
@@ -331,11 +332,14 @@ pub async fn run_calls(common: &CommonArgs, group: &str) -> anyhow::Result<u8> {
             nostr_group_id: group.nostr_group_id,
         };
         // Catch up first: the newest offers and leaves are what matter.
-        let (since, seen) = resume_of(&home, &group)?.unzip();
-        let synced = member
-            .sync_group(&group, since, &seen.unwrap_or_default())
-            .await?;
-        save_cursor(&home, &group, &synced.cursor)?;
+        if !home.is_read_only() {
+            let (since, seen) = resume_of(&home, &group)?.unzip();
+            let synced = member
+                .sync_group(&group, since, &seen.unwrap_or_default())
+                .await?;
+            save_cursor(&home, &group, &synced.cursor)?;
+        }
+        super::group::note_not_caught_up(&settings, &home);
         let leaves = member.leaf_map(&group_ref)?;
         let calls = session::calls_from_history(&session::history(&member, &group_ref)?, &leaves);
         anyhow::Ok((group, calls))

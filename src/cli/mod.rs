@@ -34,13 +34,16 @@ pub mod exit {
     after_help = "Examples:\n  call id new && call keys publish --nostr-relay ws://127.0.0.1:7777\n  call group create friends --invite npub1…\n  call demo                      3 participants, 5 s, embedded relays\n  call demo -n 5 -s 10 --json    5 participants, JSON report on stdout\n  call demo --moq-relay moqt://127.0.0.1:4443 --moq-fingerprint <hex> \\\n            --nostr-relay ws://127.0.0.1:7777\n  call devices --json            audio devices for scripts"
 )]
 pub struct Cli {
-    /// Log filter (tracing syntax), e.g. `info` or `call=debug`. moq-transport warns about
-    /// every NOT_FOUND, which relays routing by track produce as a matter of course.
+    /// Log filter (tracing syntax), e.g. `info` or `call=debug`. By default quiet about
+    /// expected conditions that libraries log loudly: moq-transport warns about every
+    /// NOT_FOUND (relays routing by track produce them as a matter of course); MDK and
+    /// openmls log ERROR for a group message from an epoch whose keys are gone or our own
+    /// message coming back, which `call` handles and counts itself.
     #[arg(
         long,
         global = true,
         env = "CALL_LOG",
-        default_value = "warn,moq_transport=error"
+        default_value = "warn,moq_transport=error,mdk_core::messages=off,openmls=off"
     )]
     pub log: String,
     /// Write logs to this file (appended) instead of stderr.

@@ -5,6 +5,7 @@
 
 mod common;
 
+mod call_output;
 mod call_session;
 mod cli;
 mod client_stats;
