@@ -571,7 +571,21 @@ pub async fn run_session<S: MdkStorageProvider>(
     };
     let started_call = chosen.is_none();
     let (offer, participants) = match chosen {
-        Some(call) => (call.offer, call.participants),
+        Some(call) => {
+            // A running call keeps the relay its offer names; say so rather than ignore
+            // the one asked for in silence.
+            if let Some(asked) = opts
+                .moq_relay
+                .as_ref()
+                .filter(|u| **u != call.offer.moq_url)
+            {
+                tracing::warn!(
+                    "joining the running call on {}; the MoQ relay {asked} is not used (use --new to start a call there)",
+                    call.offer.moq_url
+                );
+            }
+            (call.offer, call.participants)
+        }
         None => {
             let moq_url = opts.moq_relay.clone().ok_or(CallError::NoMoqRelay)?;
             let max_leaf = leaves.keys().copied().max().unwrap_or(0);

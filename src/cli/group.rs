@@ -25,7 +25,8 @@ pub enum KeysCommand {
 pub enum GroupCommand {
     /// Create a group with you as admin, optionally inviting people right away.
     Create {
-        /// Name shown to members (need not be unique).
+        /// Name shown to members; must differ from your other groups' names, since
+        /// commands find groups by name.
         name: String,
         /// npub (or hex) of someone to invite; repeat for several.
         #[arg(long = "invite", value_name = "NPUB")]
@@ -519,6 +520,14 @@ async fn run_group_connected(
         } => {
             let invitees = parse_pubkeys(invite)?;
             let admins = parse_pubkeys(admin)?;
+            if let Some(same) = member.groups()?.iter().find(|g| &g.name == name) {
+                bail!(
+                    "you already have a group named `{name}` ({}, {}); every `call join {name}` \
+                     would be ambiguous: pick another name",
+                    group_id_hex(same),
+                    same.state.as_str()
+                );
+            }
             if let Some(a) = admins.iter().find(|a| !invitees.contains(a)) {
                 bail!("admin {} must also be invited (--invite)", npub(a));
             }

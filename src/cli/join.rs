@@ -51,8 +51,10 @@ pub struct JoinArgs {
     /// Privacy of a call we start: `enhanced` = constant bit rate, one packet size.
     #[arg(long, env = "CALL_PRIVACY", default_value = "standard", value_parser = parse_privacy)]
     pub privacy: Privacy,
-    /// Pin the MoQ relay's certificate by its SHA-256 fingerprint (hex).
-    #[arg(long, env = "CALL_MOQ_FINGERPRINT", conflicts_with = "moq_insecure")]
+    /// Pin the MoQ relay's certificate by its SHA-256 fingerprint (hex), as call-relay
+    /// prints it. Falls back to `moq_fingerprint` in config.toml.
+    #[arg(long, env = "CALL_MOQ_FINGERPRINT", conflicts_with = "moq_insecure",
+          value_parser = super::config::parse_fingerprint)]
     pub moq_fingerprint: Option<String>,
     /// Accept any MoQ relay certificate. For development only.
     #[arg(long, env = "CALL_MOQ_INSECURE")]
@@ -209,7 +211,11 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
         (Some(fp), _) => CertVerification::fingerprint(fp)
             .map_err(|e| anyhow::anyhow!("--moq-fingerprint: {e}"))?,
         (None, true) => CertVerification::Insecure,
-        (None, false) => CertVerification::WebPki,
+        (None, false) => match &settings.moq_fingerprint {
+            Some(fp) => CertVerification::fingerprint(fp)
+                .map_err(|e| anyhow::anyhow!("moq_fingerprint in config.toml: {e}"))?,
+            None => CertVerification::WebPki,
+        },
     };
     // The identity first (a missing one must not hide behind audio library noise), then
     // devices and files: a missing microphone should not cost a relay connection.
