@@ -425,8 +425,56 @@ fn sync_json(g: &Group, o: &SyncOutcome) -> serde_json::Value {
             "kind": m.kind.as_u16(),
             "content": m.content,
             "epoch": m.epoch,
+            "call_signal": call_signal(m),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// A call signaling message (kinds 450–454) in words, e.g. `call 3fa2b1c4…: left`;
+/// `None` for anything else (chat).
+fn call_signal(m: &crate::group::Rumor) -> Option<String> {
+    use crate::call::signaling::{
+        AnswerStatus, CallAnswer, CallOffer, CallState, StateAction, KIND_ANSWER, KIND_OFFER,
+        KIND_STATE,
+    };
+    let short = |id: &[u8; 32]| format!("call {}…", &hex::encode(id)[..8]);
+    let malformed = |what: &str| Some(format!("malformed call {what}"));
+    if m.kind == KIND_OFFER {
+        return Some(match CallOffer::from_rumor(m.kind, &m.tags) {
+            Ok(o) => format!("{}: offered on {}", short(&o.call_id), o.moq_url),
+            Err(_) => return malformed("offer"),
+        });
+    }
+    if m.kind == KIND_ANSWER {
+        return Some(match CallAnswer::from_rumor(m.kind, &m.tags) {
+            Ok(a) => format!(
+                "{}: {}",
+                short(&a.call_id),
+                match a.status {
+                    AnswerStatus::Accept => "joined",
+                    AnswerStatus::Decline => "declined",
+                    AnswerStatus::Busy => "busy",
+                }
+            ),
+            Err(_) => return malformed("answer"),
+        });
+    }
+    if m.kind == KIND_STATE {
+        return Some(match CallState::from_rumor(m.kind, &m.tags) {
+            Ok(st) => format!(
+                "{}: {}",
+                short(&st.call_id),
+                match &st.action {
+                    StateAction::Leave => "left".to_string(),
+                    StateAction::End => "ended".to_string(),
+                    StateAction::CallInfo { .. } => "re-announced".to_string(),
+                    StateAction::Other(a) => a.replace('_', " "),
+                }
+            ),
+            Err(_) => return malformed("state"),
+        });
+    }
+    None
 }
 
 fn print(settings: &Settings, value: serde_json::Value, human: impl FnOnce() -> String) {
@@ -484,7 +532,10 @@ pub async fn run_sync(settings: &Settings) -> anyhow::Result<u8> {
                     o.dropped.future_dated
                 ));
                 for m in &o.messages {
-                    s.push_str(&format!("\n  {}: {}", npub(&m.sender), m.content));
+                    match call_signal(m) {
+                        Some(signal) => s.push_str(&format!("\n  {}: [{signal}]", npub(&m.sender))),
+                        None => s.push_str(&format!("\n  {}: {}", npub(&m.sender), m.content)),
+                    }
                 }
             }
             s

@@ -197,4 +197,17 @@ async fn read_only_commands_work_during_a_call() {
     // After the call, the same commands catch up again.
     let members = a.ok(&["group", "members", "team"]).await;
     assert_eq!(members["caught_up"], true, "{members}");
+    // B catches up: A's offer and leave are shown as call signaling, not as empty chat.
+    let sync = b.ok(&["sync"]).await;
+    let signals: Vec<String> = sync["groups"][0]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["call_signal"].as_str().map(String::from))
+        .collect();
+    assert!(
+        signals.iter().any(|s| s.contains("offered on moqt://"))
+            && signals.iter().any(|s| s.ends_with(": left")),
+        "{sync}"
+    );
 }
