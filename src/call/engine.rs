@@ -28,8 +28,17 @@ use crate::media::pipeline::{Accepted, EncodedFrame, Inbound, Outbound, Pipeline
 use crate::media::playout::SlotKind;
 use crate::media::tone::dominant_frequency;
 
-/// Status events while the call runs.
+/// Status events while the call runs (line mode; the live screen asks for them faster).
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+/// Loss rates are measured over windows at least this long, so a fast status does not
+/// turn one concealed frame into a 10 % spike.
+const LOSS_WINDOW: Duration = Duration::from_secs(2);
+/// A participant whose loudest frame since the last status has an RMS at or above this
+/// (linear, full scale = 1; about −40 dBFS) is shown as speaking.
+pub const SPEAKING_LEVEL: f32 = 0.01;
+/// Without an RTT from the transport for this long the relay is shown as lost rather
+/// than reconnecting.
+pub const RELAY_LOST_AFTER: Duration = Duration::from_secs(10);
 /// A participant whose track delivered nothing for this long is shown as lost (muted
 /// participants keep sending silence, so silence on the wire means trouble).
 pub const LOST_AFTER: Duration = Duration::from_secs(3);
@@ -151,8 +160,36 @@ pub struct CallStatus {
     pub epoch: u64,
     pub sent: u64,
     pub muted: bool,
+    /// RMS (linear, full scale = 1) of our loudest captured frame since the last status;
+    /// 0 while muted.
+    pub level: f32,
+    pub relay: RelayState,
     pub relay_rtt_ms: Option<f64>,
     pub peers: Vec<PeerReport>,
+}
+
+/// The MoQ relay as the transport's round-trip time shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayState {
+    /// No connection yet.
+    Connecting,
+    Connected,
+    /// The connection dropped; the transport is reconnecting.
+    Reconnecting,
+    /// No connection for [`RELAY_LOST_AFTER`] (the transport keeps trying).
+    Lost,
+}
+
+impl RelayState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::Reconnecting => "reconnecting",
+            Self::Lost => "lost",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -179,6 +216,17 @@ pub struct PeerReport {
     pub present: bool,
     /// Nothing has arrived from this participant for a while ([`LOST_AFTER`]).
     pub lost: bool,
+    /// The participant said it muted (454 `mute_audio`).
+    pub muted: bool,
+    /// RMS (linear, full scale = 1) of the loudest frame played from this participant
+    /// since the last status (the final report: 0).
+    pub level: f32,
+    /// `level` is at least [`SPEAKING_LEVEL`].
+    pub speaking: bool,
+    /// Slots that had to be concealed or rebuilt from FEC, in percent of those played,
+    /// over the last complete window of at least two seconds (the final report: the whole
+    /// call).
+    pub loss_pct: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -244,6 +292,9 @@ pub struct EngineConfig {
     /// Leave once every other participant is gone (after at least one was there): a bot
     /// that answered a call goes back to waiting when the call is over.
     pub leave_when_alone: bool,
+    /// How often [`CallEvent::Status`] comes ([`STATUS_INTERVAL`] for a log; faster for a
+    /// live screen).
+    pub status_interval: Duration,
 }
 
 /// An input, with the time it happened given beside it to [`CallEngine::handle`].
@@ -325,6 +376,13 @@ struct Peer {
     /// The last frame that arrived (or when we subscribed).
     last_heard: Instant,
     lost: bool,
+    muted: bool,
+    /// Loudest RMS played since the last status.
+    level: f32,
+    /// Loss measurement: (window start, played, lost) at the start of the current window,
+    /// and the rate of the last complete window.
+    loss_window: (Instant, u64, u64),
+    loss_pct: f64,
 }
 
 impl Peer {
@@ -345,6 +403,13 @@ impl Peer {
             })
             .flatten();
         let receive_to_play_ms = self.receive_to_play.summary();
+        let jitter = self.inbound.jitter();
+        // The final report gives the whole call's rate.
+        let loss_pct = if analyze {
+            percent(jitter.concealed + jitter.fec_recovered, jitter.played)
+        } else {
+            self.loss_pct
+        };
         PeerReport {
             npub: npub(&self.pubkey),
             leaf: self.track.leaf_index,
@@ -358,8 +423,40 @@ impl Peer {
             receive_to_play_ms,
             present: self.present,
             lost: self.lost,
+            muted: self.muted,
+            level: if analyze { 0.0 } else { self.level },
+            speaking: !analyze && self.level >= SPEAKING_LEVEL,
+            loss_pct,
         }
     }
+
+    /// Closes the loss window if it is long enough (called at each status).
+    fn measure_loss(&mut self, now: Instant) {
+        let j = self.inbound.jitter();
+        let lost = j.concealed + j.fec_recovered;
+        let (start, played0, lost0) = self.loss_window;
+        if now.saturating_duration_since(start) >= LOSS_WINDOW {
+            self.loss_pct = percent(lost - lost0, j.played - played0);
+            self.loss_window = (now, j.played, lost);
+        }
+    }
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+/// RMS of a frame, linear, full scale = 1.
+fn rms(pcm: &[i16]) -> f32 {
+    if pcm.is_empty() {
+        return 0.0;
+    }
+    let sum: f64 = pcm.iter().map(|&s| f64::from(s) * f64::from(s)).sum();
+    ((sum / pcm.len() as f64).sqrt() / 32768.0) as f32
 }
 
 /// A participant's view of one call. See the module documentation.
@@ -387,7 +484,12 @@ pub struct CallEngine {
     ring_deadline: Option<Instant>,
     end_deadline: Option<Instant>,
     next_status: Instant,
+    status_interval: Duration,
     relay_rtt: Option<Duration>,
+    /// Last time the transport had a connection (an RTT), if ever.
+    relay_seen: Option<Instant>,
+    /// Loudest RMS captured since the last status.
+    level: f32,
     capture_to_send: Samples,
     first_audio_at: Option<Instant>,
     records: Option<FrameRecords>,
@@ -450,8 +552,11 @@ impl CallEngine {
                 .filter(|t| cfg.started && !t.is_zero())
                 .map(|t| now + t),
             end_deadline: cfg.duration.map(|d| now + d),
-            next_status: now + STATUS_INTERVAL,
+            next_status: now + cfg.status_interval,
+            status_interval: cfg.status_interval,
             relay_rtt: None,
+            relay_seen: None,
+            level: 0.0,
             capture_to_send: Samples::default(),
             first_audio_at: None,
             records: cfg.record_frames.then(FrameRecords::default),
@@ -520,6 +625,9 @@ impl CallEngine {
         match input {
             Input::Captured { pcm, captured_at } => {
                 let frame = self.outbound.encode(pcm)?;
+                if !self.outbound.muted() {
+                    self.level = self.level.max(rms(pcm));
+                }
                 self.capture_to_send.push(ms_between(captured_at, now));
                 if let Some(r) = &mut self.records {
                     r.sent(frame.seq, captured_at, now);
@@ -554,7 +662,12 @@ impl CallEngine {
                 }
             }
             Input::Command(UserCommand::Leave) => self.end(EndReason::Stopped),
-            Input::RelayRtt(rtt) => self.relay_rtt = rtt,
+            Input::RelayRtt(rtt) => {
+                self.relay_rtt = rtt;
+                if rtt.is_some() {
+                    self.relay_seen = Some(now);
+                }
+            }
             Input::Timeout => self.on_timeout(now),
         }
         // Checked here, after the input is handled, not where a member is dropped: a
@@ -611,7 +724,7 @@ impl CallEngine {
             self.drop_member(&pk, "lost");
         }
         if now >= self.next_status {
-            self.next_status = now + STATUS_INTERVAL;
+            self.next_status = now + self.status_interval;
             let status = self.status(now);
             self.event(CallEvent::Status(status));
         }
@@ -686,6 +799,10 @@ impl CallEngine {
                 present: true,
                 last_heard: now,
                 lost: false,
+                muted: false,
+                level: 0.0,
+                loss_window: (now, 0, 0),
+                loss_pct: 0.0,
             },
         );
         Ok(())
@@ -746,6 +863,7 @@ impl CallEngine {
             for (m, s) in self.mix.iter_mut().zip(slot.pcm) {
                 *m += i32::from(*s);
             }
+            peer.level = peer.level.max(rms(slot.pcm));
             let seq = match slot.kind {
                 SlotKind::Decoded { seq } | SlotKind::Fec { seq } => Some(seq),
                 _ => None,
@@ -833,6 +951,9 @@ impl CallEngine {
                             _ => None,
                         };
                         if let Some(muted) = muted {
+                            for p in self.peers.values_mut().filter(|p| p.pubkey == sender) {
+                                p.muted = muted;
+                            }
                             self.event(CallEvent::PeerMuted {
                                 npub: npub(&sender),
                                 muted,
@@ -939,21 +1060,43 @@ impl CallEngine {
         self.relay_rtt.map(|rtt| capture + ms(rtt))
     }
 
-    fn status(&self, now: Instant) -> CallStatus {
+    /// The status now; levels start again from silence for the next one.
+    fn status(&mut self, now: Instant) -> CallStatus {
         let estimate = self.estimated_ms();
         let mut peers: Vec<PeerReport> = self
             .peers
-            .values()
-            .map(|p| p.report(false, estimate))
+            .values_mut()
+            .map(|p| {
+                p.measure_loss(now);
+                let report = p.report(false, estimate);
+                p.level = 0.0;
+                report
+            })
             .collect();
         peers.sort_by_key(|p| p.leaf);
+        let level = std::mem::take(&mut self.level);
         CallStatus {
             seconds: ms_between(self.began, now) / 1e3,
             epoch: self.epoch,
             sent: self.outbound.sent(),
             muted: self.outbound.muted(),
+            level,
+            relay: self.relay_state(now),
             relay_rtt_ms: self.relay_rtt.map(ms),
             peers,
+        }
+    }
+
+    fn relay_state(&self, now: Instant) -> RelayState {
+        match (self.relay_rtt, self.relay_seen) {
+            (Some(_), _) => RelayState::Connected,
+            (None, None) if now.saturating_duration_since(self.began) < RELAY_LOST_AFTER => {
+                RelayState::Connecting
+            }
+            (None, Some(seen)) if now.saturating_duration_since(seen) < RELAY_LOST_AFTER => {
+                RelayState::Reconnecting
+            }
+            (None, _) => RelayState::Lost,
         }
     }
 

@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use url::Url;
 
 pub use super::engine::{
-    npub, CallEvent, CallReport, CallStatus, EndReason, PeerReport, UserCommand,
+    npub, CallEvent, CallReport, CallStatus, EndReason, PeerReport, RelayState, UserCommand,
+    STATUS_INTERVAL,
 };
 use super::engine::{CallEngine, EngineConfig, Input, Output};
 use super::probe::{probe_calls, Liveness, ProbeOptions};
@@ -85,6 +86,8 @@ pub struct JoinOptions {
     pub relay_token: TokenPolicy,
     /// Leave once everyone else has left (`call listen --answer`: back to waiting).
     pub leave_when_alone: bool,
+    /// How often a status event comes ([`STATUS_INTERVAL`]; a live screen wants more).
+    pub status_interval: Duration,
 }
 
 impl JoinOptions {
@@ -103,6 +106,7 @@ impl JoinOptions {
             record_frames: false,
             relay_token: TokenPolicy::Auto,
             leave_when_alone: false,
+            status_interval: STATUS_INTERVAL,
         }
     }
 }
@@ -609,7 +613,21 @@ pub async fn run_session<S: MdkStorageProvider>(
     };
     let started_call = chosen.is_none();
     let (offer, participants) = match chosen {
-        Some(call) => (call.offer, call.participants),
+        Some(call) => {
+            // A running call keeps the relay its offer names; say so rather than ignore
+            // the one asked for in silence.
+            if let Some(asked) = opts
+                .moq_relay
+                .as_ref()
+                .filter(|u| **u != call.offer.moq_url)
+            {
+                tracing::warn!(
+                    "joining the running call on {}; the MoQ relay {asked} is not used (use --new to start a call there)",
+                    call.offer.moq_url
+                );
+            }
+            (call.offer, call.participants)
+        }
         None => {
             let moq_url = opts.moq_relay.clone().ok_or(CallError::NoMoqRelay)?;
             let max_leaf = leaves.keys().copied().max().unwrap_or(0);
@@ -664,6 +682,7 @@ pub async fn run_session<S: MdkStorageProvider>(
             counters,
             record_frames: opts.record_frames,
             leave_when_alone: opts.leave_when_alone,
+            status_interval: opts.status_interval,
         },
         Instant::now(),
     )?;

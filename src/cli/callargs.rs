@@ -11,7 +11,8 @@ use crate::transport::{CertVerification, TokenPolicy};
 #[derive(Args, Debug, Clone)]
 pub struct RelayArgs {
     /// Pin the MoQ relay's certificate by its SHA-256 fingerprint (hex).
-    #[arg(long, env = "CALL_MOQ_FINGERPRINT", conflicts_with = "moq_insecure")]
+    #[arg(long, env = "CALL_MOQ_FINGERPRINT", conflicts_with = "moq_insecure",
+          value_parser = super::config::parse_fingerprint)]
     pub moq_fingerprint: Option<String>,
     /// Accept any MoQ relay certificate. For development only.
     #[arg(long, env = "CALL_MOQ_INSECURE")]
@@ -24,12 +25,17 @@ pub struct RelayArgs {
 }
 
 impl RelayArgs {
-    pub fn verification(&self) -> anyhow::Result<CertVerification> {
+    /// The flags' choice, else `moq_fingerprint` in config.toml, else the web PKI.
+    pub fn verification(&self, settings: &Settings) -> anyhow::Result<CertVerification> {
         Ok(match (&self.moq_fingerprint, self.moq_insecure) {
             (Some(fp), _) => CertVerification::fingerprint(fp)
                 .map_err(|e| anyhow::anyhow!("--moq-fingerprint: {e}"))?,
             (None, true) => CertVerification::Insecure,
-            (None, false) => CertVerification::WebPki,
+            (None, false) => match &settings.moq_fingerprint {
+                Some(fp) => CertVerification::fingerprint(fp)
+                    .map_err(|e| anyhow::anyhow!("moq_fingerprint in config.toml: {e}"))?,
+                None => CertVerification::WebPki,
+            },
         })
     }
 

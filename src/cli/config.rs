@@ -23,11 +23,12 @@ pub struct CommonArgs {
         long = "nostr-relay",
         env = "CALL_NOSTR_RELAYS",
         value_delimiter = ',',
-        global = true
+        global = true,
+        value_parser = parse_nostr_url
     )]
     pub nostr_relays: Vec<Url>,
-    /// MoQ relay for calls. Falls back to `moq_relay` in config.toml.
-    #[arg(long, env = "CALL_MOQ_RELAY", global = true)]
+    /// MoQ relay for calls (moqt:// or https://). Falls back to `moq_relay` in config.toml.
+    #[arg(long, env = "CALL_MOQ_RELAY", global = true, value_parser = parse_moq_url)]
     pub moq_relay: Option<Url>,
     /// Seconds to wait for relays to answer a query.
     #[arg(long, env = "CALL_NOSTR_TIMEOUT", default_value_t = 10, global = true,
@@ -47,6 +48,41 @@ pub struct ConfigFile {
     pub moq_relay: Option<Url>,
     /// `auto`, `always` or `never`: when `call join` presents the relay token.
     pub relay_token: Option<String>,
+    /// SHA-256 fingerprint (hex) of the MoQ relay's certificate, as `--moq-fingerprint`.
+    pub moq_fingerprint: Option<String>,
+}
+
+/// A MoQ relay URL: `moqt://` (raw QUIC) or `https://` (WebTransport), with a host.
+pub fn parse_moq_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "moqt" | "https") {
+        return Err(format!(
+            "`{}://` is not a MoQ relay; use moqt://HOST:PORT (or https:// for WebTransport)",
+            url.scheme()
+        ));
+    }
+    if url.host().is_none() {
+        return Err("the URL has no host".into());
+    }
+    Ok(url)
+}
+
+/// A Nostr relay URL: `ws://` or `wss://`.
+pub fn parse_nostr_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "ws" | "wss") {
+        return Err(format!(
+            "`{}://` is not a Nostr relay; use ws:// or wss://",
+            url.scheme()
+        ));
+    }
+    Ok(url)
+}
+
+/// A certificate fingerprint: 32 bytes of hex, `:` separators allowed.
+pub fn parse_fingerprint(s: &str) -> Result<String, String> {
+    crate::transport::CertVerification::fingerprint(s)?;
+    Ok(s.to_string())
 }
 
 /// Settings after flags, environment and file are combined.
@@ -57,6 +93,8 @@ pub struct Settings {
     pub moq_relay: Option<Url>,
     /// From config.toml; `call join --relay-token` overrides it.
     pub relay_token: Option<TokenPolicy>,
+    /// From config.toml; `--moq-fingerprint` (and `--moq-insecure`) override it.
+    pub moq_fingerprint: Option<String>,
     pub timeout: Duration,
     pub json: bool,
 }
@@ -76,8 +114,15 @@ impl CommonArgs {
             .map(str::parse::<TokenPolicy>)
             .transpose()
             .with_context(|| format!("{}: relay_token", home.join("config.toml").display()))?;
+        let moq_fingerprint = file
+            .moq_fingerprint
+            .map(|f| parse_fingerprint(&f))
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("{}: moq_fingerprint", home.join("config.toml").display()))?;
         Ok(Settings {
             relay_token,
+            moq_fingerprint,
             nostr_relays: if self.nostr_relays.is_empty() {
                 file.nostr_relays
             } else {
@@ -134,12 +179,35 @@ mod tests {
             err.contains("relay_token") && err.contains("sometimes"),
             "{err}"
         );
+        std::fs::write(dir.join("config.toml"), "moq_fingerprint = \"zz\"").unwrap();
+        let err = format!("{:#}", args.resolve().unwrap_err());
+        assert!(err.contains("moq_fingerprint"), "{err}");
+        let fp = "ab".repeat(32);
+        std::fs::write(
+            dir.join("config.toml"),
+            format!("moq_fingerprint = \"{fp}\""),
+        )
+        .unwrap();
+        assert_eq!(args.resolve().unwrap().moq_fingerprint, Some(fp));
         std::fs::write(dir.join("config.toml"), "relay_token = \"Never\"").unwrap();
         assert_eq!(
             args.resolve().unwrap().relay_token,
             Some(TokenPolicy::Never)
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn relay_urls_and_fingerprints_are_checked_as_flags() {
+        assert!(parse_moq_url("moqt://127.0.0.1:4443").is_ok());
+        assert!(parse_moq_url("https://relay.example/moq").is_ok());
+        assert!(parse_moq_url("http://127.0.0.1:4443")
+            .unwrap_err()
+            .contains("moqt://"));
+        assert!(parse_nostr_url("wss://relay.example").is_ok());
+        assert!(parse_nostr_url("https://relay.example").is_err());
+        assert!(parse_fingerprint("zz").is_err());
+        assert!(parse_fingerprint(&format!("{}ab", "ab:".repeat(31))).is_ok());
     }
 
     #[test]

@@ -30,13 +30,15 @@ pub struct DemoArgs {
     #[arg(long)]
     pub json: bool,
     /// MoQ relay (moqt:// or https://). Without it and --nostr-relay, relays are embedded.
-    #[arg(long, env = "CALL_MOQ_RELAY")]
+    #[arg(long, env = "CALL_MOQ_RELAY", value_parser = super::config::parse_moq_url)]
     pub moq_relay: Option<Url>,
     /// Nostr relay(s), comma-separated (ws:// or wss://).
-    #[arg(long = "nostr-relay", env = "CALL_NOSTR_RELAYS", value_delimiter = ',')]
+    #[arg(long = "nostr-relay", env = "CALL_NOSTR_RELAYS", value_delimiter = ',',
+          value_parser = super::config::parse_nostr_url)]
     pub nostr_relays: Vec<Url>,
     /// Pin the MoQ relay's certificate by its SHA-256 fingerprint (hex), as call-relay prints it.
-    #[arg(long, env = "CALL_MOQ_FINGERPRINT", conflicts_with = "moq_insecure")]
+    #[arg(long, env = "CALL_MOQ_FINGERPRINT", conflicts_with = "moq_insecure",
+          value_parser = super::config::parse_fingerprint)]
     pub moq_fingerprint: Option<String>,
     /// Accept any MoQ relay certificate. For development only.
     #[arg(long, env = "CALL_MOQ_INSECURE")]

@@ -25,7 +25,8 @@ pub enum KeysCommand {
 pub enum GroupCommand {
     /// Create a group with you as admin, optionally inviting people right away.
     Create {
-        /// Name shown to members (need not be unique).
+        /// Name shown to members; must differ from your other groups' names, since
+        /// commands find groups by name.
         name: String,
         /// npub (or hex) of someone to invite; repeat for several.
         #[arg(long = "invite", value_name = "NPUB")]
@@ -71,6 +72,14 @@ pub enum GroupCommand {
 
 pub(super) async fn connect(settings: &Settings) -> anyhow::Result<(Home, Member)> {
     let home = Home::open(&settings.home)?;
+    connect_home(settings, home).await
+}
+
+/// [`connect`] with the home already open (its identity is checked again here).
+pub(super) async fn connect_home(
+    settings: &Settings,
+    home: Home,
+) -> anyhow::Result<(Home, Member)> {
     let keys = home.keys()?;
     if settings.nostr_relays.is_empty() {
         bail!("no Nostr relays: pass --nostr-relay, set CALL_NOSTR_RELAYS or nostr_relays in config.toml");
@@ -80,11 +89,37 @@ pub(super) async fn connect(settings: &Settings) -> anyhow::Result<(Home, Member
         .iter()
         .map(|u| RelayUrl::parse(u.as_str()).with_context(|| format!("relay {u}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let storage = home.storage()?;
+    let storage = open_storage(&home).await?;
     let member = Member::connect(keys, storage, &relays)
         .await?
         .with_timeout(settings.timeout);
     Ok((home, member))
+}
+
+/// The home's MLS storage. Opened read-only beside a running call, the database may be
+/// locked for the moment that process commits; try again briefly (SQLite waits for nobody
+/// by itself here).
+async fn open_storage(home: &Home) -> anyhow::Result<MdkSqliteStorage> {
+    let mut tries = 0;
+    loop {
+        match home.storage() {
+            Err(crate::group::HomeError::Storage { .. }) if home.is_read_only() && tries < 40 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Says on stderr (not in `--json` output) that a read-only command did not catch up.
+pub(super) fn note_not_caught_up(settings: &Settings, home: &Home) {
+    if home.is_read_only() && !settings.json {
+        eprintln!(
+            "note: another `call` process (a call?) is using {}; shown as it stands, not caught up",
+            home.dir().display()
+        );
+    }
 }
 
 fn parse_pubkeys(list: &[String]) -> anyhow::Result<Vec<PublicKey>> {
@@ -390,8 +425,56 @@ fn sync_json(g: &Group, o: &SyncOutcome) -> serde_json::Value {
             "kind": m.kind.as_u16(),
             "content": m.content,
             "epoch": m.epoch,
+            "call_signal": call_signal(m),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// A call signaling message (kinds 450–454) in words, e.g. `call 3fa2b1c4…: left`;
+/// `None` for anything else (chat).
+fn call_signal(m: &crate::group::Rumor) -> Option<String> {
+    use crate::call::signaling::{
+        AnswerStatus, CallAnswer, CallOffer, CallState, StateAction, KIND_ANSWER, KIND_OFFER,
+        KIND_STATE,
+    };
+    let short = |id: &[u8; 32]| format!("call {}…", &hex::encode(id)[..8]);
+    let malformed = |what: &str| Some(format!("malformed call {what}"));
+    if m.kind == KIND_OFFER {
+        return Some(match CallOffer::from_rumor(m.kind, &m.tags) {
+            Ok(o) => format!("{}: offered on {}", short(&o.call_id), o.moq_url),
+            Err(_) => return malformed("offer"),
+        });
+    }
+    if m.kind == KIND_ANSWER {
+        return Some(match CallAnswer::from_rumor(m.kind, &m.tags) {
+            Ok(a) => format!(
+                "{}: {}",
+                short(&a.call_id),
+                match a.status {
+                    AnswerStatus::Accept => "joined",
+                    AnswerStatus::Decline => "declined",
+                    AnswerStatus::Busy => "busy",
+                }
+            ),
+            Err(_) => return malformed("answer"),
+        });
+    }
+    if m.kind == KIND_STATE {
+        return Some(match CallState::from_rumor(m.kind, &m.tags) {
+            Ok(st) => format!(
+                "{}: {}",
+                short(&st.call_id),
+                match &st.action {
+                    StateAction::Leave => "left".to_string(),
+                    StateAction::End => "ended".to_string(),
+                    StateAction::CallInfo { .. } => "re-announced".to_string(),
+                    StateAction::Other(a) => a.replace('_', " "),
+                }
+            ),
+            Err(_) => return malformed("state"),
+        });
+    }
+    None
 }
 
 fn print(settings: &Settings, value: serde_json::Value, human: impl FnOnce() -> String) {
@@ -449,7 +532,10 @@ pub async fn run_sync(settings: &Settings) -> anyhow::Result<u8> {
                     o.dropped.future_dated
                 ));
                 for m in &o.messages {
-                    s.push_str(&format!("\n  {}: {}", npub(&m.sender), m.content));
+                    match call_signal(m) {
+                        Some(signal) => s.push_str(&format!("\n  {}: [{signal}]", npub(&m.sender))),
+                        None => s.push_str(&format!("\n  {}: {}", npub(&m.sender), m.content)),
+                    }
                 }
             }
             s
@@ -459,7 +545,12 @@ pub async fn run_sync(settings: &Settings) -> anyhow::Result<u8> {
 }
 
 pub async fn run_group(settings: &Settings, cmd: &GroupCommand) -> anyhow::Result<u8> {
-    let (home, member) = connect(settings).await?;
+    // Listing only reads: it works during a call, and does not create a home.
+    let home = match cmd {
+        GroupCommand::List | GroupCommand::Members { .. } => Home::open_read(&settings.home)?,
+        _ => Home::open(&settings.home)?,
+    };
+    let (home, member) = connect_home(settings, home).await?;
     let result = run_group_connected(settings, &home, &member, cmd).await;
     member.disconnect().await;
     result
@@ -480,6 +571,14 @@ async fn run_group_connected(
         } => {
             let invitees = parse_pubkeys(invite)?;
             let admins = parse_pubkeys(admin)?;
+            if let Some(same) = member.groups()?.iter().find(|g| &g.name == name) {
+                bail!(
+                    "you already have a group named `{name}` ({}, {}); every `call join {name}` \
+                     would be ambiguous: pick another name",
+                    group_id_hex(same),
+                    same.state.as_str()
+                );
+            }
             if let Some(a) = admins.iter().find(|a| !invitees.contains(a)) {
                 bail!("admin {} must also be invited (--invite)", npub(a));
             }
@@ -647,9 +746,12 @@ async fn run_group_connected(
         }
         GroupCommand::Members { group } => {
             let group = find(group)?;
-            if group.state.as_str() == "active" {
+            // Read-only beside a call: that process keeps the group current.
+            let caught_up = group.state.as_str() == "active" && !home.is_read_only();
+            if caught_up {
                 sync_groups(home, member, std::slice::from_ref(&group)).await?;
             }
+            note_not_caught_up(settings, home);
             let group = find(&group_id_hex(&group))?;
             let leaves: BTreeMap<u32, PublicKey> = member
                 .mdk()
@@ -668,7 +770,7 @@ async fn run_group_connected(
                 .collect();
             print(
                 settings,
-                json!({ "group": group_json(&group), "members": list }),
+                json!({ "group": group_json(&group), "members": list, "caught_up": caught_up }),
                 || {
                     let mut s = format!("{} (epoch {})", group.name, group.epoch);
                     for (leaf, pk) in &leaves {

@@ -41,7 +41,11 @@ impl std::fmt::Debug for SecretArg {
 }
 
 pub fn run(settings: &Settings, cmd: &IdCommand) -> anyhow::Result<u8> {
-    let home = Home::open(&settings.home)?;
+    // `show` only reads: it works during a call and creates no home.
+    let home = match cmd {
+        IdCommand::Show => Home::open_read(&settings.home)?,
+        _ => Home::open(&settings.home)?,
+    };
     let keys = match cmd {
         IdCommand::New => {
             let keys = Keys::generate();

@@ -1,6 +1,8 @@
 //! `call join <group>`: take part in the group's call (or start one) from this terminal.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,12 +13,14 @@ use tokio::sync::mpsc;
 use super::callargs::{MediaArgs, RelayArgs};
 use super::config::CommonArgs;
 use super::demo::{parse_frame_ms, parse_privacy};
-use super::group::{connect, resolve_group, resume_of, save_cursor};
+use super::group::{connect_home, resolve_group, resume_of, save_cursor};
+use super::output;
+use super::screen::{Screen, SCREEN_STATUS_INTERVAL};
 use crate::call::session::{
     self, CallEvent, CallReport, CallTarget, EndReason, JoinOptions, UserCommand,
 };
 use crate::call::signaling::Privacy;
-use crate::group::GroupRef;
+use crate::group::{GroupRef, Home};
 
 #[derive(Args, Debug)]
 pub struct JoinArgs {
@@ -39,7 +43,15 @@ pub struct JoinArgs {
     /// Privacy of a call we start: `enhanced` = constant bit rate, one packet size.
     #[arg(long, env = "CALL_PRIVACY", default_value = "standard", value_parser = parse_privacy)]
     pub privacy: Privacy,
+    /// Print a line per event and a status every 5 s instead of the live screen (which
+    /// needs a terminal on stdin and stderr, and is never used with `--json`).
+    #[arg(long, env = "CALL_NO_SCREEN")]
+    pub no_screen: bool,
 }
+
+/// How long `call join` waits for members' names (kind 0) before the screen shows npubs;
+/// names that come later still replace them.
+const NAMES_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn print_event(event: &CallEvent) {
     match event {
@@ -145,7 +157,7 @@ fn user_commands() -> mpsc::UnboundedReceiver<UserCommand> {
         call_relay::stop_signal().await;
         let _ = on_signal.send(UserCommand::Leave);
     });
-    if std::io::stdin().is_terminal() {
+    if std::io::stdin().is_terminal() && !output::is_json() {
         eprintln!("type m⏎ to mute or unmute, q⏎ (or Ctrl-C) to leave");
     }
     // A thread, because reading stdin blocks; it dies with the process.
@@ -174,8 +186,11 @@ fn user_commands() -> mpsc::UnboundedReceiver<UserCommand> {
 
 pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
     let settings = common.resolve()?;
-    let verification = args.media.relay.verification()?;
-    // Devices and files first: a missing microphone should not cost a signaling round.
+    let verification = args.media.relay.verification(&settings)?;
+    // The identity first (a missing one must not hide behind audio library noise), then
+    // devices and files: a missing microphone should not cost a relay connection.
+    let home = Home::open(&settings.home)?;
+    home.keys()?;
     let source = args
         .media
         .source
@@ -183,7 +198,11 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
         .context("opening the audio source")?;
     let sink = args.media.sink.open().context("opening the audio sink")?;
 
-    let (home, member) = connect(&settings).await?;
+    let (home, member) = connect_home(&settings, home).await?;
+    let live = !settings.json
+        && !args.no_screen
+        && std::io::stdin().is_terminal()
+        && std::io::stderr().is_terminal();
     let result = async {
         let group = resolve_group(&member.groups()?, &args.group)?;
         anyhow::ensure!(
@@ -212,9 +231,20 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             record_frames: false,
             relay_token: args.media.relay.token_policy(&settings),
             leave_when_alone: false,
+            status_interval: if live {
+                SCREEN_STATUS_INTERVAL
+            } else {
+                session::STATUS_INTERVAL
+            },
         };
-        let commands = user_commands();
-        let (report, cursor) = session::run(
+        let names = Arc::new(Mutex::new(BTreeMap::new()));
+        let (mut screen, commands) = if live {
+            let (screen, commands) = Screen::start(&group.name, names.clone())?;
+            (Some(screen), commands)
+        } else {
+            (None, user_commands())
+        };
+        let call = session::run(
             &member,
             &group_ref,
             resume_of(&home, &group)?,
@@ -222,17 +252,34 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             source,
             sink,
             commands,
-            |e: &CallEvent| {
-                if settings.json {
-                    // Scripts get the events too, one JSON object per line on stderr.
-                    eprintln!("{}", json!(e));
-                } else {
-                    print_event(e);
-                }
+            |e: &CallEvent| match &mut screen {
+                Some(screen) => screen.on_event(e),
+                // Scripts get the events too, one JSON object per line on stderr.
+                None if settings.json => output::json_line(json!(e)),
+                None => print_event(e),
             },
-        )
-        .await
-        .with_context(|| format!("call in group {}", group.name))?;
+        );
+        // Names for the screen, fetched while the call starts; the call does not wait.
+        let fetch_names = async {
+            if !live {
+                return;
+            }
+            let members: Vec<_> = member
+                .leaf_map(&group_ref)
+                .map(|l| l.into_values().collect())
+                .unwrap_or_default();
+            match member.fetch_names(&members, NAMES_TIMEOUT).await {
+                Ok(found) => {
+                    if let Ok(mut names) = names.lock() {
+                        names.extend(found.into_iter().map(|(pk, n)| (session::npub(&pk), n)));
+                    }
+                }
+                Err(e) => tracing::info!("fetching members' names: {e}"),
+            }
+        };
+        let (call, ()) = futures::join!(call, fetch_names);
+        drop(screen);
+        let (report, cursor) = call.with_context(|| format!("call in group {}", group.name))?;
         save_cursor(&home, &group, &cursor)?;
         Ok(report)
     }
@@ -261,11 +308,12 @@ pub async fn run_calls(
 ) -> anyhow::Result<u8> {
     let settings = common.resolve()?;
     let probe_opts = crate::call::probe::ProbeOptions {
-        verification: relay.verification()?,
+        verification: relay.verification(&settings)?,
         relay_token: relay.token_policy(&settings),
         through: None,
     };
-    let (home, member) = connect(&settings).await?;
+    // Only reads: works during a call (which keeps the group current) and creates nothing.
+    let (home, member) = connect_home(&settings, Home::open_read(&settings.home)?).await?;
     let result = async {
         let group = resolve_group(&member.groups()?, group)?;
         let group_ref = GroupRef {
@@ -273,11 +321,14 @@ pub async fn run_calls(
             nostr_group_id: group.nostr_group_id,
         };
         // Catch up first: the newest offers and leaves are what matter.
-        let (since, seen) = resume_of(&home, &group)?.unzip();
-        let synced = member
-            .sync_group(&group, since, &seen.unwrap_or_default())
-            .await?;
-        save_cursor(&home, &group, &synced.cursor)?;
+        if !home.is_read_only() {
+            let (since, seen) = resume_of(&home, &group)?.unzip();
+            let synced = member
+                .sync_group(&group, since, &seen.unwrap_or_default())
+                .await?;
+            save_cursor(&home, &group, &synced.cursor)?;
+        }
+        super::group::note_not_caught_up(&settings, &home);
         let leaves = member.leaf_map(&group_ref)?;
         let calls = session::calls_from_history(&session::history(&member, &group_ref)?, &leaves);
         anyhow::Ok((group, calls))

@@ -149,7 +149,7 @@ fn stdin_commands() -> mpsc::UnboundedReceiver<ListenCommand> {
 
 pub async fn run(common: &CommonArgs, args: &ListenArgs) -> anyhow::Result<u8> {
     let settings = common.resolve()?;
-    let verification = args.media.relay.verification()?;
+    let verification = args.media.relay.verification(&settings)?;
     let mut join = JoinOptions::new(settings.moq_relay.clone(), verification);
     join.target = CallTarget::New; // replaced per call
     join.duration = args.media.seconds.map(Duration::from_secs);

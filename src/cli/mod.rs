@@ -10,6 +10,8 @@ mod id;
 mod join;
 mod listen;
 mod loopback;
+mod output;
+mod screen;
 
 use std::process::ExitCode;
 
@@ -35,15 +37,21 @@ pub mod exit {
     after_help = "Examples:\n  call id new && call keys publish --nostr-relay ws://127.0.0.1:7777\n  call group create friends --invite npub1…\n  call demo                      3 participants, 5 s, embedded relays\n  call demo -n 5 -s 10 --json    5 participants, JSON report on stdout\n  call demo --moq-relay moqt://127.0.0.1:4443 --moq-fingerprint <hex> \\\n            --nostr-relay ws://127.0.0.1:7777\n  call devices --json            audio devices for scripts"
 )]
 pub struct Cli {
-    /// Log filter (tracing syntax), e.g. `info` or `call=debug`. moq-transport warns about
-    /// every NOT_FOUND, which relays routing by track produce as a matter of course.
+    /// Log filter (tracing syntax), e.g. `info` or `call=debug`. By default quiet about
+    /// expected conditions that libraries log loudly: moq-transport warns about every
+    /// NOT_FOUND (relays routing by track produce them as a matter of course); MDK and
+    /// openmls log ERROR for a group message from an epoch whose keys are gone or our own
+    /// message coming back, which `call` handles and counts itself.
     #[arg(
         long,
         global = true,
         env = "CALL_LOG",
-        default_value = "warn,moq_transport=error"
+        default_value = "warn,moq_transport=error,mdk_core::messages=off,openmls=off"
     )]
     pub log: String,
+    /// Write logs to this file (appended) instead of stderr.
+    #[arg(long, global = true, env = "CALL_LOG_FILE", value_name = "PATH")]
+    pub log_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -139,24 +147,38 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// `--json`: stderr then carries JSON lines only.
+    fn json(&self) -> bool {
+        match self {
+            Self::Join { common, .. }
+            | Self::Calls { common, .. }
+            | Self::Listen { common, .. }
+            | Self::Id { common, .. }
+            | Self::Keys { common, .. }
+            | Self::Group { common, .. }
+            | Self::Sync { common } => common.json,
+            Self::Demo(a) => a.json,
+            Self::Bench(a) => a.json,
+            Self::Devices(a) => a.json,
+            Self::Loopback(a) => a.json,
+        }
+    }
+}
+
 /// Entry point of the `call` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only where a person reads them, not in log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if let Err(e) = output::init(&cli.log, cli.command.json(), cli.log_file.as_deref()) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(exit::USAGE);
+    }
     // Both ring and aws-lc-rs end up in the build; rustls needs to be told which to use.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
+            output::error(&format!("starting the async runtime: {e}"));
             return ExitCode::from(exit::FAILURE);
         }
     };
@@ -187,7 +209,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            output::error(&format!("{e:#}"));
             ExitCode::from(exit::FAILURE)
         }
     }

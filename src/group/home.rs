@@ -1,5 +1,7 @@
 //! A user's home directory: the Nostr identity, the MLS state (MDK on encrypted SQLite) and
-//! the per-group sync cursors, guarded by an exclusive lock so two processes never share it.
+//! the per-group sync cursors, guarded by an exclusive lock so two processes never change it
+//! at once. Read-only commands ([`Home::open_read`]) may open it while another process holds
+//! the lock (a running call): they then only read, and change nothing.
 //!
 //! Layout of `$CALL_HOME`:
 //! - `lock`          advisory lock held for as long as a [`Home`] is open
@@ -36,6 +38,10 @@ pub enum HomeError {
     },
     #[error("busy: another `call` process is using {0} (wait for it to finish)")]
     Busy(PathBuf),
+    #[error("no home at {0}: run `call id new` or `call id import <nsec>` first")]
+    NoHome(PathBuf),
+    #[error("{0} is in use by another `call` process (a call?); this command only reads it")]
+    ReadOnly(PathBuf),
     #[error("no identity in {0}: run `call id new` or `call id import <nsec>`")]
     NoIdentity(PathBuf),
     #[error("an identity already exists in {0} (its MLS state belongs to it); use another home")]
@@ -100,7 +106,8 @@ pub struct OutboxWelcome {
 /// An open, locked home directory. The lock is released when this is dropped.
 pub struct Home {
     dir: PathBuf,
-    _lock: File,
+    /// `None`: opened read-only while another process holds the lock.
+    _lock: Option<File>,
 }
 
 impl std::fmt::Debug for Home {
@@ -135,8 +142,37 @@ impl Home {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            _lock: lock,
+            _lock: Some(lock),
         })
+    }
+
+    /// Opens `dir` for a command that may only read: never creates it ([`HomeError::NoHome`]),
+    /// takes the lock if it is free (the command may then catch up and save as usual), and
+    /// otherwise opens it read-only ([`Home::is_read_only`]): another process (a call) is
+    /// changing it, so this one must not. SQLite keeps the reads consistent.
+    pub fn open_read(dir: &Path) -> Result<Self, HomeError> {
+        if !dir.is_dir() {
+            return Err(HomeError::NoHome(dir.into()));
+        }
+        match Self::open(dir) {
+            Err(HomeError::Busy(_)) => Ok(Self {
+                dir: dir.to_path_buf(),
+                _lock: None,
+            }),
+            other => other,
+        }
+    }
+
+    /// Opened without the lock: writes are refused.
+    pub fn is_read_only(&self) -> bool {
+        self._lock.is_none()
+    }
+
+    fn writable(&self) -> Result<(), HomeError> {
+        if self.is_read_only() {
+            return Err(HomeError::ReadOnly(self.dir.clone()));
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -150,6 +186,7 @@ impl Home {
     /// Stores `keys` as this home's identity. Refuses to replace an existing one: the MLS
     /// state in this home belongs to that identity.
     pub fn set_identity(&self, keys: &Keys) -> Result<(), HomeError> {
+        self.writable()?;
         if self.has_identity() {
             return Err(HomeError::IdentityExists(self.dir.clone()));
         }
@@ -185,6 +222,7 @@ impl Home {
                     reason: format!("missing, but {} exists", db_path.display()),
                 });
             }
+            self.writable()?;
             let mut key = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut key);
             write_secret(&key_path, hex::encode(key).as_bytes())?;
@@ -233,6 +271,7 @@ impl Home {
         &self,
         cursors: &BTreeMap<String, SyncCursor>,
     ) -> Result<(), HomeError> {
+        self.writable()?;
         let bytes = serde_json::to_vec_pretty(cursors).expect("cursors serialize");
         write_private_atomic(&self.dir, SYNC_FILE, &bytes)
     }
@@ -255,6 +294,7 @@ impl Home {
     /// Replaces the unsent welcomes atomically (fsynced before it returns: the caller
     /// publishes a commit next and relies on these surviving a crash).
     pub fn save_outbox(&self, outbox: &[OutboxWelcome]) -> Result<(), HomeError> {
+        self.writable()?;
         let bytes = serde_json::to_vec_pretty(outbox).expect("outbox serializes");
         write_private_atomic(&self.dir, OUTBOX_FILE, &bytes)?;
         // The rename itself must be durable too.

@@ -5,6 +5,7 @@ mod fetch;
 mod home;
 mod manage;
 mod member;
+mod profiles;
 
 pub use fetch::{
     event_size, horizon, is_future_dated, FetchError, Fetched, MAX_CLOCK_SKEW, MAX_EVENT_BYTES,
@@ -19,6 +20,7 @@ pub use mdk_sqlite_storage::MdkSqliteStorage;
 pub use mdk_storage_traits::groups::types::Group;
 pub use mdk_storage_traits::welcomes::types::Welcome;
 pub use member::{CallSecretExport, GroupError, GroupEvents, GroupMember, GroupRef, Rumor};
+pub use profiles::{clean_name, MAX_NAME_CHARS};
 
 /// MLS exporter label for call media keys (PROTOCOL.md §3).
 pub use crate::media::keys::EXPORTER_LABEL;

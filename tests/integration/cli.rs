@@ -71,6 +71,64 @@ fn bad_flags_exit_with_usage_code() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("participants"));
     let out = call().args(["demo", "--frame-ms", "15"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // Relay URLs and fingerprints are flag values like any other: exit 2, with a hint.
+    for (args, hint) in [
+        (
+            &["join", "g", "--moq-relay", "http://127.0.0.1:4443"][..],
+            "moqt://",
+        ),
+        (&["join", "g", "--moq-fingerprint", "zz"][..], "hex"),
+        (&["demo", "--moq-relay", "ws://127.0.0.1:1"][..], "moqt://"),
+        (
+            &["group", "list", "--nostr-relay", "http://127.0.0.1:1"][..],
+            "ws://",
+        ),
+    ] {
+        let out = call().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(hint), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn reads_create_no_home() {
+    let home = std::env::temp_dir().join(format!("call-nohome-{}", std::process::id()));
+    for args in [&["group", "list"][..], &["id", "show"], &["calls", "g"]] {
+        let out = call()
+            .env("CALL_HOME", &home)
+            .env("CALL_NOSTR_RELAYS", "ws://127.0.0.1:9")
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("call id new"), "{args:?}: {stderr}");
+        assert!(!home.exists(), "{args:?} created {}", home.display());
+    }
+}
+
+#[test]
+fn join_checks_the_identity_before_opening_devices() {
+    let home = std::env::temp_dir().join(format!("call-noid-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    // A WAV that does not exist: opened first, it would be the error shown.
+    let out = call()
+        .env("CALL_HOME", &home)
+        .args([
+            "join",
+            "g",
+            "--source",
+            "wav:/nonexistent.wav",
+            "--sink",
+            "null",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no identity"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&home);
 }
 
 #[test]

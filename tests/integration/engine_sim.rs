@@ -185,6 +185,7 @@ impl Sim {
                 counters: None,
                 record_frames: false,
                 leave_when_alone: false,
+                status_interval: call::call::engine::STATUS_INTERVAL,
             },
             self.at(),
         )

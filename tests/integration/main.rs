@@ -6,6 +6,7 @@
 mod common;
 
 mod bench;
+mod call_output;
 mod call_session;
 mod cli;
 mod client_stats;
