@@ -22,7 +22,7 @@ type Member = GroupMember<MdkMemoryStorage>;
 use crate::common::memory_member as member;
 
 /// Waits for an event matching `pred`, failing after `within`.
-async fn expect(
+pub(crate) async fn expect(
     rx: &mut mpsc::UnboundedReceiver<CallEvent>,
     within: Duration,
     what: &str,
@@ -40,7 +40,7 @@ async fn expect(
     .unwrap_or_else(|_| panic!("no {what} within {within:?}"))
 }
 
-fn npub(pk: PublicKey) -> String {
+pub(crate) fn npub(pk: PublicKey) -> String {
     use nostr_sdk::prelude::ToBech32;
     pk.to_bech32().unwrap()
 }

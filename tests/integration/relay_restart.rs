@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::call_session::{expect, npub};
 use crate::common::{memory_member as member, TestRelay};
 use call::call::session::UserCommand;
 use call::call::session::{self, CallEvent, CallReport, CallTarget, EndReason, JoinOptions};
@@ -16,7 +17,7 @@ use call::transport::{CertVerification, TokenPolicy};
 use call_relay::RelayConfig;
 use futures::{SinkExt, StreamExt};
 use mdk_memory_storage::MdkMemoryStorage;
-use nostr_sdk::prelude::{EventBuilder, JsonUtil, Keys, PublicKey, RelayMessage, RelayUrl};
+use nostr_sdk::prelude::{EventBuilder, JsonUtil, Keys, RelayMessage, RelayUrl};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -24,29 +25,6 @@ type Member = GroupMember<MdkMemoryStorage>;
 
 /// How long the relay is down.
 const DOWN: Duration = Duration::from_millis(300);
-
-async fn expect(
-    rx: &mut mpsc::UnboundedReceiver<CallEvent>,
-    within: Duration,
-    what: &str,
-    pred: impl Fn(&CallEvent) -> bool,
-) -> CallEvent {
-    tokio::time::timeout(within, async {
-        loop {
-            let e = rx.recv().await.expect("session still running");
-            if pred(&e) {
-                return e;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {what} within {within:?}"))
-}
-
-fn npub(pk: PublicKey) -> String {
-    use nostr_sdk::prelude::ToBech32;
-    pk.to_bech32().unwrap()
-}
 
 async fn participant(
     m: &Member,
