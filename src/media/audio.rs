@@ -441,6 +441,27 @@ pub struct DeviceSetup {
     pub buffer_frames: Option<u32>,
 }
 
+/// A running mean of a delay, in microseconds, written from a device callback.
+#[derive(Default)]
+struct DelayMeter {
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl DelayMeter {
+    fn add(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The mean in milliseconds, `None` before the first callback.
+    fn mean_ms(&self) -> Option<f64> {
+        let n = self.count.load(Ordering::Relaxed);
+        (n > 0).then(|| self.sum_us.load(Ordering::Relaxed) as f64 / n as f64 / 1e3)
+    }
+}
+
 /// Frames the capture queue holds before the oldest is dropped (the call's side fell
 /// behind the device clock).
 const CAPTURE_QUEUE_FRAMES: usize = 2;
@@ -596,6 +617,7 @@ pub struct DeviceCapture {
     frames: tokio::sync::mpsc::Receiver<CapturedFrame>,
     frame_samples: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
+    age: Arc<DelayMeter>,
     setup: DeviceSetup,
     _stream: StreamThread,
 }
@@ -611,6 +633,8 @@ struct CaptureState {
     frame_samples: Arc<AtomicUsize>,
     frames: tokio::sync::mpsc::Sender<CapturedFrame>,
     dropped: Arc<AtomicU64>,
+    /// How old each buffer was when its callback ran (the device's and driver's part).
+    age: Arc<DelayMeter>,
 }
 
 impl CaptureState {
@@ -622,6 +646,7 @@ impl CaptureState {
             .callback
             .checked_duration_since(ts.capture)
             .unwrap_or_default();
+        self.age.add(age);
         downmix_to_f32(data, self.channels, &mut self.mono);
         let buffer_end = now
             .checked_sub(age)
@@ -665,6 +690,7 @@ impl DeviceCapture {
         let (tx, frames) = tokio::sync::mpsc::channel(CAPTURE_QUEUE_FRAMES);
         let frame_samples = Arc::new(AtomicUsize::new(SAMPLE_RATE as usize / 50));
         let dropped = Arc::new(AtomicU64::new(0));
+        let age = Arc::new(DelayMeter::default());
         // Only the callback locks it: the lock is never contended.
         let state = Arc::new(Mutex::new(CaptureState {
             channels: usize::from(channels),
@@ -676,6 +702,7 @@ impl DeviceCapture {
             frame_samples: frame_samples.clone(),
             frames: tx,
             dropped: dropped.clone(),
+            age: age.clone(),
         }));
         let label = device_id(&device);
         let (stream, buffer_frames) = spawn_stream(move || {
@@ -697,6 +724,7 @@ impl DeviceCapture {
             frames,
             frame_samples,
             dropped,
+            age,
             setup: DeviceSetup {
                 device: label,
                 sample_rate: rate,
@@ -722,6 +750,12 @@ impl DeviceCapture {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Mean time from a buffer's capture to its callback (device, driver and sound
+    /// server), in milliseconds.
+    pub fn device_delay_ms(&self) -> Option<f64> {
+        self.age.mean_ms()
+    }
+
     pub fn setup(&self) -> &DeviceSetup {
         &self.setup
     }
@@ -730,6 +764,10 @@ impl DeviceCapture {
 /// Between the playback callback and the call.
 struct PlaybackShared {
     state: Mutex<PlaybackState>,
+    /// From a callback to when its first sample is played (device, driver, sound server).
+    lead: DelayMeter,
+    /// Our own queue, in device samples' time, as each callback found it.
+    queued: DelayMeter,
     /// Woken when the device's queue falls below its low-water mark.
     want: tokio::sync::Notify,
 }
@@ -790,6 +828,8 @@ impl DevicePlayback {
                 dropped_samples: 0,
             }),
             want: tokio::sync::Notify::new(),
+            lead: DelayMeter::default(),
+            queued: DelayMeter::default(),
         });
         let label = device_id(&device);
         let cb_shared = shared.clone();
@@ -810,6 +850,8 @@ impl DevicePlayback {
                             return;
                         };
                         let frames = data.len() / ch;
+                        shared.lead.add(lead);
+                        shared.queued.add(duration_of(st.queue.len(), rate));
                         for frame in data.chunks_mut(ch) {
                             let v = match st.queue.pop_front() {
                                 Some(v) => v,
@@ -911,6 +953,17 @@ impl DevicePlayback {
     /// Device samples played as silence because nothing was queued.
     pub fn underrun_samples(&self) -> u64 {
         self.shared.state.lock().map_or(0, |st| st.underrun_samples)
+    }
+
+    /// Mean time from a callback to its first sample being played (device, driver and
+    /// sound server), in milliseconds.
+    pub fn device_delay_ms(&self) -> Option<f64> {
+        self.shared.lead.mean_ms()
+    }
+
+    /// Mean audio waiting in our queue when the device asked for more, in milliseconds.
+    pub fn queued_ms(&self) -> Option<f64> {
+        self.shared.queued.mean_ms()
     }
 
     pub fn setup(&self) -> &DeviceSetup {

@@ -138,6 +138,12 @@ pub struct AudioIoReport {
     pub capture_dropped: u64,
     /// Device samples played as silence because no audio was queued.
     pub playback_underrun_samples: u64,
+    /// Where device time goes (means, ms): capture → its callback, and a playback
+    /// callback → its first sample played, as the driver reports them; and our own
+    /// playback queue as each callback found it.
+    pub capture_device_delay_ms: Option<f64>,
+    pub playback_device_delay_ms: Option<f64>,
+    pub playback_queue_ms: Option<f64>,
 }
 
 /// A source and a sink, each on its own clock, as one stream of events.
@@ -218,6 +224,12 @@ impl AudioIo {
                         _ => std::future::pending().await,
                     }
                 } => match frame {
+                    // Captured before `new` set the frame size (the device starts as soon
+                    // as it is opened): too short a stretch to matter, and the wrong size
+                    // for the encoder.
+                    Some(f) if f.pcm.len() != self.spf => {
+                        tracing::debug!("capture: skipped a {}-sample frame", f.pcm.len());
+                    }
                     Some(f) => return Ok(AudioEvent::Captured(f)),
                     None => {
                         self.source_ended = true;
@@ -274,12 +286,15 @@ impl AudioIo {
         if let AudioIn::Device(d) = &self.input {
             report.capture = Some(d.setup().clone());
             report.capture_dropped = d.dropped();
+            report.capture_device_delay_ms = d.device_delay_ms();
         }
         match &mut self.output {
             AudioOut::Timer(sink) => sink.finish()?,
             AudioOut::Device(p) => {
                 report.playback = Some(p.setup().clone());
                 report.playback_underrun_samples = p.underrun_samples();
+                report.playback_device_delay_ms = p.device_delay_ms();
+                report.playback_queue_ms = p.queued_ms();
             }
         }
         Ok(report)

@@ -84,11 +84,19 @@ pub struct JitterBuffer {
     hold: u64,
     /// Slots played since the last stretch.
     since_stretch: u32,
+    /// The shallowest the buffer was in the current [`SETTLE_WINDOW`], and how many slots
+    /// of that window have passed.
+    low_depth: u64,
+    window_slots: u64,
     stats: JitterStats,
 }
 
 /// Minimum number of played slots between two stretches.
 const STRETCH_SPACING: u32 = 4;
+/// A buffer that stayed deeper than its target for this long holds delay that no arrival
+/// needed (it started deep, or the jitter that made it deep has passed): one frame of it is
+/// dropped. Both clocks of a call can run for hours, so without this the excess would stay.
+const SETTLE_WINDOW: Duration = Duration::from_secs(1);
 
 impl JitterBuffer {
     pub fn new(cfg: JitterConfig) -> Self {
@@ -102,6 +110,8 @@ impl JitterBuffer {
             delays: VecDeque::new(),
             hold: 0,
             since_stretch: STRETCH_SPACING,
+            low_depth: u64::MAX,
+            window_slots: 0,
             stats: JitterStats::default(),
         }
     }
@@ -215,8 +225,17 @@ impl JitterBuffer {
         }
         let target_frames = self.frames(self.target).max(1);
         let depth = self.depth();
+        self.low_depth = self.low_depth.min(depth);
+        self.window_slots += 1;
+        let settled = self.window_slots >= self.frames(SETTLE_WINDOW);
+        // Deeper for a whole window than the target asks: one frame more than needed.
+        let excess = settled && self.low_depth > target_frames;
+        if settled {
+            self.low_depth = u64::MAX;
+            self.window_slots = 0;
+        }
         // Too deep for the target: skip the oldest frame (one per slot, so it stays gentle).
-        if depth > target_frames + 2 && self.slots.contains_key(&next) {
+        if (depth > target_frames + 2 || excess) && self.slots.contains_key(&next) {
             self.slots.remove(&next);
             self.next = Some(next + 1);
             self.stats.drained += 1;
@@ -252,6 +271,57 @@ mod tests {
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
+    }
+
+    #[test]
+    fn a_buffer_deeper_than_its_target_settles_down_to_it() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterConfig::for_frame_ms(20));
+        // Playout starts 80 ms late (a device slow to open): it starts three frames deep,
+        // then arrivals and playout run on one clock. Each second one unneeded frame goes.
+        for i in 0..4 {
+            jb.push(i, vec![0xF8, i as u8], t0 + ms(20 * i));
+        }
+        let mut depth = Vec::new();
+        for i in 4..250 {
+            let now = t0 + ms(20 * i);
+            jb.push(i, vec![0xF8, i as u8], now);
+            assert!(!matches!(jb.pop(now), Playout::Idle));
+            // What waits after this slot's frame was taken.
+            depth.push(jb.depth());
+        }
+        assert_eq!(depth[0], 2, "starts deep");
+        assert_eq!(*depth.last().unwrap(), 0, "{depth:?}");
+        let s = jb.stats();
+        assert_eq!((s.concealed, s.late), (0, 0), "{s:?}");
+    }
+
+    #[test]
+    fn settling_never_drains_what_jitter_needs() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterConfig::for_frame_ms(20));
+        // Arrivals 0..15 ms late (seeded), playout every 20 ms at a fixed phase.
+        let mut x: u64 = 7;
+        let mut arrivals: Vec<(Duration, u64)> = (0..1000u64)
+            .map(|i| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (ms(20 * i + (x >> 33) % 16), i)
+            })
+            .collect();
+        arrivals.sort();
+        let mut next = arrivals.into_iter().peekable();
+        for k in 0..1000u64 {
+            let pop_at = ms(20 * k + 5);
+            while let Some((at, i)) = next.next_if(|(at, _)| *at <= pop_at) {
+                jb.push(i, vec![0xF8, i as u8], t0 + at);
+            }
+            jb.pop(t0 + pop_at);
+        }
+        let s = jb.stats();
+        assert_eq!((s.concealed, s.late), (0, 0), "{s:?}");
+        assert!(s.played > 950, "{s:?}");
     }
 
     #[test]
