@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::common::cli::{relay_flags, spawn_started};
 use crate::common::users::{create_and_join, User};
 use crate::common::TestRelay;
 use serde_json::Value;
@@ -46,29 +47,9 @@ fn start_call(
     cmd.env_remove("CALL_LOG")
         .args(["join", "team", "--source", "tone:440", "--sink", "null"])
         .args(["--seconds", "12", "--ring-timeout", "0"])
-        .args(["--moq-relay", relay.moq_url.as_str()])
-        .args(["--moq-fingerprint", &relay.fingerprint, "--json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (started_tx, started_rx) = std::sync::mpsc::channel();
-    let log = std::thread::spawn(move || {
-        let mut log = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains(r#""event":"started""#) {
-                let _ = started_tx.send(());
-            }
-            log.push_str(&line);
-            log.push('\n');
-        }
-        log
-    });
-    started_rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("A started a call");
-    (child, log)
+        .args(relay_flags(relay))
+        .stdin(Stdio::piped());
+    spawn_started(&mut cmd, "A")
 }
 
 fn leave(mut child: std::process::Child) -> std::process::Output {

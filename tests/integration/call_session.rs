@@ -65,7 +65,22 @@ async fn participant(
     commands: mpsc::UnboundedReceiver<UserCommand>,
     events: mpsc::UnboundedSender<CallEvent>,
 ) -> CallReport {
-    let (report, _) = session::run(
+    tone_session(m, group, resume, opts, hz, commands, events)
+        .await
+        .report
+}
+
+/// [`participant`], returning the whole session (report, cursor, track).
+pub(crate) async fn tone_session(
+    m: &Member,
+    group: &GroupRef,
+    resume: Resume,
+    opts: &JoinOptions,
+    hz: f64,
+    commands: mpsc::UnboundedReceiver<UserCommand>,
+    events: mpsc::UnboundedSender<CallEvent>,
+) -> session::Session {
+    session::run_session(
         m,
         group,
         resume,
@@ -78,8 +93,7 @@ async fn participant(
         },
     )
     .await
-    .expect("the session runs");
-    report
+    .expect("the session runs")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

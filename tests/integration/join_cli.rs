@@ -5,20 +5,10 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::common::cli::{relay_flags, spawn_started};
 use crate::common::users::{create_and_join, User};
 use crate::common::TestRelay;
 use serde_json::Value;
-
-/// The call flags both users need: the test relay's MoQ URL and certificate pin.
-fn media_flags(relay: &TestRelay) -> Vec<String> {
-    vec![
-        "--moq-relay".into(),
-        relay.moq_url.to_string(),
-        "--moq-fingerprint".into(),
-        relay.fingerprint.clone(),
-        "--json".into(),
-    ]
-}
 
 fn report(out: &std::process::Output, who: &str, stderr: &str) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -28,37 +18,6 @@ fn report(out: &std::process::Output, who: &str, stderr: &str) -> Value {
         "{who}: stdout {stdout}\nstderr {stderr}"
     );
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{who}: {e}: {stdout}"))
-}
-
-/// Spawns `cmd` (a `call join … --json`) and returns once its call has started: the child
-/// (stdout still piped) and a thread collecting its stderr.
-fn spawn_started(
-    cmd: &mut std::process::Command,
-    who: &str,
-) -> (std::process::Child, std::thread::JoinHandle<String>) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (started_tx, started_rx) = std::sync::mpsc::channel();
-    let log = std::thread::spawn(move || {
-        let mut log = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            // With --json, events are JSON lines on stderr.
-            if line.contains(r#""event":"started""#) {
-                let _ = started_tx.send(());
-            }
-            log.push_str(&line);
-            log.push('\n');
-        }
-        log
-    });
-    started_rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("{who} started no call"));
-    (child, log)
 }
 
 fn heard(report: &Value) -> f64 {
@@ -86,7 +45,7 @@ async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
         .arg("--sink")
         .arg(format!("wav:{}", a_wav.display()))
         .args(["--seconds", "30"])
-        .args(media_flags(&relay))
+        .args(relay_flags(&relay))
         .stdin(Stdio::piped());
     let (mut a_child, a_log) = spawn_started(&mut a_cmd, "A");
 
@@ -198,7 +157,7 @@ async fn two_members_call_each_other_from_the_cli_and_hear_each_other() {
         "silence",
     ])
     .args(["--sink", "null"])
-    .args(media_flags(&relay))
+    .args(relay_flags(&relay))
     .stdin(Stdio::null());
     let (bot, bot_log) = spawn_started(&mut bot, "the bot");
     let killed = std::process::Command::new("kill")

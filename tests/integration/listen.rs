@@ -8,19 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
+use crate::common::cli::relay_flags;
 use crate::common::users::{create_and_join, User};
 use crate::common::TestRelay;
 use serde_json::Value;
-
-fn relay_flags(relay: &TestRelay) -> Vec<String> {
-    vec![
-        "--moq-relay".into(),
-        relay.moq_url.to_string(),
-        "--moq-fingerprint".into(),
-        relay.fingerprint.clone(),
-        "--json".into(),
-    ]
-}
 
 /// A running `call` process whose stdout and stderr lines arrive, with the time they were
 /// read, on two channels.

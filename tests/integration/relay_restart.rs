@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::call_session::{expect, npub};
+use crate::call_session::{expect, npub, tone_session as participant};
 use crate::common::{memory_member as member, TestRelay};
 use call::call::session::UserCommand;
 use call::call::session::{self, CallEvent, CallReport, CallTarget, EndReason, JoinOptions};
@@ -25,31 +25,6 @@ type Member = GroupMember<MdkMemoryStorage>;
 
 /// How long the relay is down.
 const DOWN: Duration = Duration::from_millis(300);
-
-async fn participant(
-    m: &Member,
-    group: &GroupRef,
-    resume: Resume,
-    opts: &JoinOptions,
-    hz: f64,
-    commands: mpsc::UnboundedReceiver<UserCommand>,
-    events: mpsc::UnboundedSender<CallEvent>,
-) -> session::Session {
-    session::run_session(
-        m,
-        group,
-        resume,
-        opts,
-        AudioIn::Timer(Box::new(ToneSource::new(hz))),
-        AudioOut::Timer(Box::new(NullSink)),
-        commands,
-        move |e| {
-            let _ = events.send(e.clone());
-        },
-    )
-    .await
-    .expect("the session runs")
-}
 
 /// Retries `op` (a group command whose relay connection may still be coming back) until it
 /// succeeds, for at most `within`; returns its value and how long it took.

@@ -1,6 +1,7 @@
 //! Real relays on loopback for integration tests.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod users;
 
 use call_relay::{Relay, RelayConfig};
