@@ -2,9 +2,7 @@
 //! is a JSON object with a time, and read-only commands of the same identity work while a
 //! call holds its home.
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
-use std::time::Duration;
 
 use crate::common::cli::{relay_flags, spawn_started};
 use crate::common::users::{create_and_join, User};

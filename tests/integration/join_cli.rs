@@ -1,7 +1,6 @@
 //! `call join` between two real `call` processes: one starts the call, the other finds it in
 //! the group and joins; each hears the other's tone through MoQ, SFrame and Opus.
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
