@@ -94,6 +94,13 @@ fn resumption(
     ))
 }
 
+/// Whether `p`'s tone was heard at `hz`, within the 3 Hz the other call tests allow: the
+/// estimate looks at the last half second only, where a frame concealed on a loaded
+/// machine moves it by a fraction of a hertz.
+fn heard(p: &session::PeerReport, hz: f64) -> bool {
+    p.heard_hz.is_some_and(|h| (h - hz).abs() <= 3.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_comes_back_after_a_relay_restart_and_a_member_invited_after_it_joins() {
     let state = tempfile::tempdir().unwrap();
@@ -270,7 +277,7 @@ async fn a_call_comes_back_after_a_relay_restart_and_a_member_invited_after_it_j
         let p = peer(report, other);
         // Both talked throughout: about 9 s at 50 frames/s, less the outage.
         assert!(p.received >= 300, "{p:?}");
-        assert_eq!(p.heard_hz, Some(other_hz), "{p:?}");
+        assert!(heard(&p, other_hz), "{p:?}");
         assert_eq!(p.rejects.auth_failed, 0, "{p:?}");
         let (back_after, silence) = resumption(session, &p.track, restarted)
             .unwrap_or_else(|| panic!("{name} heard nothing after the restart"));
@@ -288,11 +295,12 @@ async fn a_call_comes_back_after_a_relay_restart_and_a_member_invited_after_it_j
             "{name}: {back_after:?}"
         );
         // And Dave, who joined after the restart, was heard.
-        assert_eq!(peer(report, &dave).heard_hz, Some(880.0), "{name}");
+        let d = peer(report, &dave);
+        assert!(heard(&d, 880.0), "{name}: {d:?}");
     }
     assert_eq!(dave_report.ended_by, EndReason::Stopped);
-    assert_eq!(peer(dave_report, &bob).heard_hz, Some(440.0));
-    assert_eq!(peer(dave_report, &carol).heard_hz, Some(660.0));
+    assert!(heard(&peer(dave_report, &bob), 440.0), "{dave_report:?}");
+    assert!(heard(&peer(dave_report, &carol), 660.0), "{dave_report:?}");
     // Every track went through the restarted relay: about 4 s of three talkers to two
     // listeners each.
     assert!(relay.stats().objects_out >= 600, "{:?}", relay.stats());
