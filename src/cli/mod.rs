@@ -62,12 +62,14 @@ pub struct Cli {
     /// expected conditions that libraries log loudly: moq-transport warns about every
     /// NOT_FOUND (relays routing by track produce them as a matter of course); MDK and
     /// openmls log ERROR for a group message from an epoch whose keys are gone or our own
-    /// message coming back, which `call` handles and counts itself.
+    /// message coming back, which `call` handles and counts itself; nostr-relay-pool logs
+    /// ERROR for every attempt to reach a Nostr relay that is down (one a second: a
+    /// command that needs the relay says so when it fails).
     #[arg(
         long,
         global = true,
         env = "CALL_LOG",
-        default_value = "warn,moq_transport=error,mdk_core::messages=off,openmls=off"
+        default_value = "warn,moq_transport=error,mdk_core::messages=off,openmls=off,nostr_relay_pool::relay=off"
     )]
     pub log: String,
     /// Write logs to this file (appended) instead of stderr.
