@@ -215,7 +215,7 @@ impl Fatal {
             Self::Refused(reason) => TransportError::SessionRefused(reason.clone()),
             Self::Certificate(url, problem) => TransportError::Certificate {
                 url: url.clone(),
-                problem: problem.clone(),
+                problem: Box::new(problem.clone()),
             },
         }
     }
@@ -516,7 +516,7 @@ async fn drive(
             // Logged at debug only: every handle gets the error, and the caller reports it.
             Err(TransportError::Certificate { url, problem }) => {
                 tracing::debug!(%url, "certificate refused: {problem}");
-                give_up(&shared, &remotes, Fatal::Certificate(url, problem));
+                give_up(&shared, &remotes, Fatal::Certificate(url, *problem));
                 return;
             }
             Err(e) if shared.connects.load(Ordering::Relaxed) == 0 => {

@@ -52,7 +52,7 @@ pub enum TransportError {
     Tls(String),
     /// The relay was reached but its certificate was refused; the message says what to do.
     #[error("connecting to {url}: {problem}")]
-    Certificate { url: Url, problem: CertError },
+    Certificate { url: Url, problem: Box<CertError> },
     #[error("the relay refused the request: wrong or missing relay token")]
     Unauthorized,
     /// The relay closed the session itself as UNAUTHORIZED (at SETUP, typically because of

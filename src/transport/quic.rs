@@ -108,7 +108,7 @@ pub(crate) async fn dial(url: &Url, verify: &CertVerification) -> Result<Dialled
             |e| match verdict.lock().expect("certificate verdict lock").take() {
                 Some(problem) => TransportError::Certificate {
                     url: url.clone(),
-                    problem,
+                    problem: Box::new(problem),
                 },
                 None => connect_err(e.to_string()),
             },
