@@ -275,8 +275,12 @@ async fn a_call_comes_back_after_a_relay_restart_and_a_member_invited_after_it_j
         assert_eq!(report.ended_by, EndReason::Stopped, "{name}");
         assert_eq!(report.epochs, vec![1, 2], "{name}");
         let p = peer(report, other);
-        // Both talked throughout: about 9 s at 50 frames/s, less the outage.
-        assert!(p.received >= 300, "{p:?}");
+        // Both talked throughout: 2 s before the restart, then until 2 s after Dave joined,
+        // less the outage: about 6 s at 50 frames/s now that the group's signaling is back
+        // about a second after the relay (it took ~10 s with nostr-sdk's default reconnect
+        // interval, which made this call, and this count, longer); 4 s of frames leaves
+        // room for a loaded machine.
+        assert!(p.received >= 200, "{p:?}");
         assert!(heard(&p, other_hz), "{p:?}");
         assert_eq!(p.rejects.auth_failed, 0, "{p:?}");
         let (back_after, silence) = resumption(session, &p.track, restarted)
