@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use mdk_storage_traits::MdkStorageProvider;
-use nostr_sdk::prelude::{EventId, Kind, PublicKey, Tags, Timestamp};
+use nostr_sdk::prelude::{Event, EventId, Kind, PublicKey, Tags, Timestamp};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
@@ -30,6 +30,10 @@ const MAX_RINGING: usize = 64;
 const MAX_SEEN: usize = 4096;
 /// How long a decline/busy answer may take to reach a relay.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The reason sent with the `busy` a call in another group gets while we are in a call.
+pub const IN_CALL_REASON: &str = "in another call";
+/// Event ids remembered during one call to process an event delivered twice once.
+const MAX_PROCESSED: usize = 10_000;
 
 /// Something `call listen` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -141,6 +145,10 @@ pub struct Ringer {
     seen: HashSet<[u8; 32]>,
     seen_order: VecDeque<[u8; 32]>,
     events: VecDeque<ListenEvent>,
+    /// We are in a call: offers do not ring but are answered `busy`.
+    in_call: bool,
+    /// Offers that came while in a call, to be answered `busy` ([`Ringer::take_busy`]).
+    busy: VecDeque<Ringing>,
 }
 
 impl Ringer {
@@ -152,7 +160,20 @@ impl Ringer {
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
             events: VecDeque::new(),
+            in_call: false,
+            busy: VecDeque::new(),
         }
+    }
+
+    /// Whether we are in a call now. While we are, an offer does not ring: it is reported
+    /// missed (`in_call`) and queued for a `busy` answer.
+    pub fn set_in_call(&mut self, in_call: bool) {
+        self.in_call = in_call;
+    }
+
+    /// The next offer that came while we were in a call, to answer `busy`.
+    pub fn take_busy(&mut self) -> Option<Ringing> {
+        self.busy.pop_front()
     }
 
     /// A signaling rumor of `group`, processed at `now` (`wall` = the same moment as a Unix
@@ -171,6 +192,16 @@ impl Ringer {
             let age = Duration::from_secs(wall.as_secs().saturating_sub(s.created_at.as_secs()));
             let reason = if age >= self.ring_timeout {
                 Some("late")
+            } else if self.in_call {
+                // Answered busy unless too many are waiting for it (they stay unanswered).
+                if self.busy.len() < MAX_RINGING {
+                    self.busy.push_back(Ringing {
+                        group: s.group.to_string(),
+                        offer: offer.clone(),
+                        noticed: now,
+                    });
+                }
+                Some("in_call")
             } else if self.ringing.len() >= MAX_RINGING {
                 Some("too_many")
             } else {
@@ -393,17 +424,25 @@ async fn refuse<S: MdkStorageProvider>(
     reason: Option<String>,
 ) -> Option<ListenEvent> {
     let w = groups.iter().find(|w| w.group.name == ring.group)?;
+    refuse_in(member, w.group_ref(), ring.clone(), status, reason).await
+}
+
+/// Answers `ring`, a call of `group`, with `decline` or `busy`.
+async fn refuse_in<S: MdkStorageProvider>(
+    member: &GroupMember<S>,
+    group: GroupRef,
+    ring: Ringing,
+    status: AnswerStatus,
+    reason: Option<String>,
+) -> Option<ListenEvent> {
     let answer = CallAnswer {
         call_id: ring.offer.call_id,
         status,
         reason,
         track: None,
     };
-    let sent = tokio::time::timeout(
-        ANSWER_TIMEOUT,
-        member.send_rumor(&w.group_ref(), answer.to_rumor()),
-    )
-    .await;
+    let sent =
+        tokio::time::timeout(ANSWER_TIMEOUT, member.send_rumor(&group, answer.to_rumor())).await;
     match sent {
         Ok(Ok(_)) => Some(ListenEvent::Answered {
             group: ring.group.clone(),
@@ -538,39 +577,11 @@ pub async fn listen<S: MdkStorageProvider>(
                     let Some((h, event)) = event else {
                         break Err("relays_closed");
                     };
-                    if !processed.insert(event.id) {
-                        continue;
-                    }
                     let Some(w) = groups.iter_mut().find(|w| w.group_ref().h_tag() == h) else {
                         continue;
                     };
-                    let outcome = member.process_group_event(&h, &event).await;
-                    if !matches!(outcome, GroupEventOutcome::Ignored(_)) {
-                        crate::group::advance_cursor(&mut w.resume, event.created_at, event.id);
-                        on_cursor(w);
-                    }
-                    match outcome {
-                        GroupEventOutcome::Message(r) => ringer.on_signal(
-                            &Signal {
-                                group: &w.group.name,
-                                sender: r.sender,
-                                kind: r.kind,
-                                tags: &r.tags,
-                                created_at: r.created_at,
-                            },
-                            Instant::now(),
-                            Timestamp::now(),
-                        ),
-                        GroupEventOutcome::CommittedProposal(id, at) => {
-                            processed.insert(id);
-                            crate::group::advance_cursor(&mut w.resume, at, id);
-                            on_cursor(w);
-                        }
-                        GroupEventOutcome::Ignored(why) => {
-                            tracing::debug!(id = %event.id, "group event ignored: {why}");
-                        }
-                        GroupEventOutcome::Commit | GroupEventOutcome::PendingProposal => {}
-                    }
+                    live_event(member, &mut ringer, w, &h, &event, &mut processed, &mut on_cursor)
+                        .await;
                 }
             }
         };
@@ -585,20 +596,28 @@ pub async fn listen<S: MdkStorageProvider>(
         while let Some(e) = ringer.poll_event() {
             on_event(&e);
         }
-        let Some(w) = groups.iter_mut().find(|w| w.group.name == ring.group) else {
+        let Some(i) = groups.iter().position(|w| w.group.name == ring.group) else {
             continue;
         };
+        let (before, rest) = groups.split_at_mut(i);
+        let (w, after) = rest.split_first_mut().expect("index from position");
+        let mut others: Vec<&mut Watched> = before.iter_mut().chain(after.iter_mut()).collect();
+        ringer.set_in_call(true);
         let ended = answer_call(
             member,
             w,
+            &mut others,
+            &mut ringer,
             &ring,
             config,
             &mut commands,
             &mut commands_open,
             &mut stop,
             &mut on_event,
+            &mut on_cursor,
         )
         .await;
+        ringer.set_in_call(false);
         on_event(&ended);
         on_cursor(w);
     };
@@ -608,19 +627,66 @@ pub async fn listen<S: MdkStorageProvider>(
     Ok(())
 }
 
+/// One group event delivered live on a subscription: processed once (several relays may
+/// deliver it), `w`'s cursor advanced, and a signaling message fed to `ringer`.
+async fn live_event<S: MdkStorageProvider>(
+    member: &GroupMember<S>,
+    ringer: &mut Ringer,
+    w: &mut Watched,
+    h: &str,
+    event: &Event,
+    processed: &mut HashSet<EventId>,
+    on_cursor: &mut impl FnMut(&Watched),
+) {
+    if !processed.insert(event.id) {
+        return;
+    }
+    let outcome = member.process_group_event(h, event).await;
+    if !matches!(outcome, GroupEventOutcome::Ignored(_)) {
+        crate::group::advance_cursor(&mut w.resume, event.created_at, event.id);
+        on_cursor(w);
+    }
+    match outcome {
+        GroupEventOutcome::Message(r) => ringer.on_signal(
+            &Signal {
+                group: &w.group.name,
+                sender: r.sender,
+                kind: r.kind,
+                tags: &r.tags,
+                created_at: r.created_at,
+            },
+            Instant::now(),
+            Timestamp::now(),
+        ),
+        GroupEventOutcome::CommittedProposal(id, at) => {
+            processed.insert(id);
+            crate::group::advance_cursor(&mut w.resume, at, id);
+            on_cursor(w);
+        }
+        GroupEventOutcome::Ignored(why) => {
+            tracing::debug!(id = %event.id, "group event ignored: {why}");
+        }
+        GroupEventOutcome::Commit | GroupEventOutcome::PendingProposal => {}
+    }
+}
+
 /// Joins the ringing call `ring` of `w` until it is over for us (everyone else left, the
 /// caller ended it, the duration passed, a `Leave` command, or `stop`); returns the
-/// closing event.
+/// closing event. Meanwhile the `others` groups are watched: a call offered there is
+/// answered `busy` (the ringer is in call mode and reports it missed, `in_call`).
 #[allow(clippy::too_many_arguments)]
 async fn answer_call<S: MdkStorageProvider>(
     member: &GroupMember<S>,
     w: &mut Watched,
+    others: &mut [&mut Watched],
+    ringer: &mut Ringer,
     ring: &Ringing,
     config: &ListenConfig,
     commands: &mut mpsc::UnboundedReceiver<ListenCommand>,
     commands_open: &mut bool,
     stop: &mut watch::Receiver<bool>,
     on_event: &mut impl FnMut(&ListenEvent),
+    on_cursor: &mut impl FnMut(&Watched),
 ) -> ListenEvent {
     let call_id = hex::encode(ring.offer.call_id);
     let group_name = w.group.name.clone();
@@ -643,6 +709,24 @@ async fn answer_call<S: MdkStorageProvider>(
         call_id: call_id.clone(),
         after_ms: super::timing::ms(ring.noticed.elapsed()),
     });
+    // The other groups' events from now on (the call's own group is the session's). An
+    // offer that came between the last catch-up and now is found by the next one.
+    let other_refs: Vec<GroupRef> = others.iter().map(|o| o.group_ref()).collect();
+    let mut other_events = match other_refs.is_empty() {
+        true => None,
+        false => match member.groups_events(&other_refs, Timestamp::now()).await {
+            Ok(events) => Some(events),
+            Err(e) => {
+                tracing::warn!("not watching the other groups during the call: {e}");
+                None
+            }
+        },
+    };
+    let mut processed: HashSet<EventId> = HashSet::new();
+    // Busy answers on their way, sent beside the call rather than holding it up.
+    let mut refusals = futures::stream::FuturesUnordered::new();
+    // Shared with the session's event callback; never borrowed across an await.
+    let on_event = std::cell::RefCell::new(on_event);
     // Kept open until the session ends: a closed channel means "leave".
     let (to_session, from_listener) = mpsc::unbounded_channel();
     let noticed = ring.noticed;
@@ -656,6 +740,7 @@ async fn answer_call<S: MdkStorageProvider>(
         output,
         from_listener,
         |e: &CallEvent| {
+            let mut on_event = on_event.borrow_mut();
             if matches!(e, CallEvent::Joined { .. }) {
                 // The engine has just queued our accept: this is when we answered.
                 on_event(&ListenEvent::Answered {
@@ -696,8 +781,54 @@ async fn answer_call<S: MdkStorageProvider>(
                 Some(_) => {}
                 None => *commands_open = false,
             },
+            event = async {
+                match other_events.as_mut() {
+                    Some(events) => events.next_tagged().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some((h, event)) = event else {
+                    other_events = None;
+                    continue;
+                };
+                if processed.len() >= MAX_PROCESSED {
+                    processed.clear();
+                }
+                if let Some(o) = others.iter_mut().find(|o| o.group_ref().h_tag() == h) {
+                    live_event(member, ringer, o, &h, &event, &mut processed, &mut *on_cursor)
+                        .await;
+                }
+                while let Some(e) = ringer.poll_event() {
+                    (on_event.borrow_mut())(&e);
+                }
+                while let Some(busy) = ringer.take_busy() {
+                    let Some(o) = others.iter().find(|o| o.group.name == busy.group) else {
+                        continue;
+                    };
+                    refusals.push(refuse_in(
+                        member,
+                        o.group_ref(),
+                        busy,
+                        AnswerStatus::Busy,
+                        Some(IN_CALL_REASON.into()),
+                    ));
+                }
+            }
+            Some(answered) = futures::StreamExt::next(&mut refusals), if !refusals.is_empty() => {
+                if let Some(e) = answered {
+                    (on_event.borrow_mut())(&e);
+                }
+            }
         }
     };
+    while let Some(answered) = futures::StreamExt::next(&mut refusals).await {
+        if let Some(e) = answered {
+            (on_event.borrow_mut())(&e);
+        }
+    }
+    if let Some(events) = other_events {
+        member.close_events(events).await;
+    }
     match result {
         Ok(s) => {
             w.resume = s.cursor;
@@ -880,6 +1011,38 @@ mod tests {
             ]
         );
         assert!(f.ringer.ringing().is_empty());
+    }
+
+    #[test]
+    fn in_a_call_an_offer_is_missed_and_queued_for_busy_not_rung() {
+        let (me, a) = (Keys::generate(), Keys::generate());
+        let mut f = Fixture::new(&me);
+        f.ringer.set_in_call(true);
+        f.feed(&a, offer(1).to_rumor(), 0, 1);
+        // Too old to answer at all: missed as late, nobody told busy.
+        f.feed(&a, offer(2).to_rumor(), 0, 40);
+        assert_eq!(kinds(&f.events()), ["missed:in_call", "missed:late"]);
+        assert!(f.ringer.ringing().is_empty(), "nothing rings in a call");
+        let busy = f.ringer.take_busy().expect("one to answer busy");
+        assert_eq!(busy.offer.call_id, [1; 32]);
+        assert_eq!(busy.group, "team");
+        assert!(f.ringer.take_busy().is_none());
+        // Out of the call, offers ring again; a re-sent one does not.
+        f.ringer.set_in_call(false);
+        f.feed(&a, offer(1).to_rumor(), 0, 2);
+        f.feed(&a, offer(3).to_rumor(), 0, 2);
+        assert_eq!(kinds(&f.events()), ["ringing"]);
+        // The busy queue is bounded like the ringing set.
+        f.ringer.set_in_call(true);
+        for i in 0..(MAX_RINGING + 5) {
+            let mut o = offer(0);
+            o.call_id[..8].copy_from_slice(&(i as u64 + 100).to_be_bytes());
+            f.feed(&a, o.to_rumor(), 0, 3);
+        }
+        assert_eq!(
+            std::iter::from_fn(|| f.ringer.take_busy()).count(),
+            MAX_RINGING
+        );
     }
 
     #[test]

@@ -82,6 +82,10 @@ pub async fn probe_call(call: &KnownCall, opts: &ProbeOptions) -> Liveness {
         // The window starts once a connection is up: a slow handshake is not silence.
         let connect_deadline = tokio::time::Instant::now() + PROBE_CONNECT;
         while client.connects() == 0 {
+            // Gave up (a refused certificate, no route): say why, not only "no connection".
+            if let Some(e) = client.failure() {
+                return Liveness::Unreachable(e.to_string());
+            }
             if tokio::time::Instant::now() >= connect_deadline {
                 return Liveness::Unreachable("no connection to the relay".into());
             }

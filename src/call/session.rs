@@ -495,6 +495,9 @@ async fn media_loop(
                 }
             } => engine.handle(Input::Timeout, Instant::now()),
             _ = rtt.tick() => engine.handle(Input::RelayRtt(client.rtt()), Instant::now()),
+            // The client gave up (e.g. the relay came back with another certificate): it
+            // will never connect again, so the call cannot go on. Say why.
+            e = client.failed() => break Err(CallError::from(e)),
         };
         if let Err(e) = handled {
             break Err(CallError::from(e));

@@ -12,7 +12,11 @@ pub struct DevicesArgs {
 }
 
 pub fn run(args: DevicesArgs) -> anyhow::Result<u8> {
-    let devices = audio::list_devices()?;
+    // Listing opens every PCM ALSA knows, and the libraries behind them (alsa-lib, libjack
+    // for ALSA's `jack` PCM) report each failure on stderr themselves. Nothing else of ours
+    // prints meanwhile, so the whole of stderr goes to the log for that time; what failed
+    // still shows in the list (`unusable: …`).
+    let devices = crate::media::hush::stderr_to_log(audio::list_devices)?;
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer(&mut out, &serde_json::json!({ "devices": devices }))?;

@@ -112,10 +112,12 @@ fn print_event(event: &CallEvent) {
     }
 }
 
+/// The report for a person: lines that fit 80 columns (the call id cut to the 16 hex
+/// digits `call calls` shows; each peer's npub on a line of its own).
 fn print_human(r: &CallReport) {
     println!(
-        "call {} ({}): {:.1} s, {} frames sent, epochs {:?}, ended: {}",
-        r.call_id,
+        "call {}… ({}): {:.1} s, {} frames sent, epochs {:?}, ended: {}",
+        &r.call_id[..16.min(r.call_id.len())],
         if r.started { "started" } else { "joined" },
         r.seconds,
         r.sent,
@@ -132,10 +134,9 @@ fn print_human(r: &CallReport) {
         )
     };
     for p in &r.peers {
+        println!("  {} (leaf {})", p.npub, p.leaf);
         println!(
-            "  {} (leaf {}): {} frames, {} refused, {} concealed, heard {}; receive→play {}, mouth-to-ear ≈ {} (p50/p95/p99)",
-            p.npub,
-            p.leaf,
+            "    {} frames, {} refused, {} concealed, heard {}\n    receive→play {}, mouth-to-ear ≈ {} (p50/p95/p99)",
             p.received,
             p.rejects.total(),
             p.jitter.concealed,

@@ -23,14 +23,18 @@ Examples:
 On a terminal, while a call rings: a⏎ answers (with --source/--sink), d⏎ declines,
 b⏎ says busy; in a call m⏎ mutes or unmutes and q⏎ leaves (back to listening).
 A call rings for --ring-timeout seconds, then it is reported as missed. One call at a time:
-calls that ring while we are in one are reported as missed (`in_call`).
+calls that were ringing when we went into one are reported as missed (`in_call`); a call
+offered in another group while we are in one is answered busy (\"in another call\") and
+reported as missed (`in_call`) and answered (busy).
 
 --json events (stdout, each with `ts`, Unix seconds): listening, ringing, answered
 (status accept/decline/busy, after_ms since it rang), joining, call (an event of the call
 we are in), call_ended (with the call's report), call_failed, missed (reason timeout, late,
 ended, left, in_call, too_many), answered_elsewhere, stopped.
 
-Exit codes: 0 stopped by Ctrl-C/SIGTERM, 1 error (relays, identity, groups), 2 bad flags.";
+Exit codes: 0 stopped by Ctrl-C/SIGTERM, 1 error (relays, identity, groups), 2 bad flags.
+A call that cannot be joined (e.g. its relay's certificate refused) is a call_failed event;
+listening goes on.";
 
 #[derive(Args, Debug)]
 pub struct ListenArgs {

@@ -27,6 +27,27 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// The command ran, but its checks failed (e.g. a peer heard too little).
     pub const CHECK_FAILED: u8 = 3;
+    /// The MoQ relay's certificate was refused: not trusted (a self-signed relay needs
+    /// `--moq-fingerprint`), or not the pinned one. Retrying will not help; the message
+    /// says what to do.
+    pub const CERTIFICATE: u8 = 4;
+
+    /// The exit code of a command that failed with `err`.
+    pub fn of_error(err: &anyhow::Error) -> u8 {
+        use crate::call::CallError;
+        use crate::transport::TransportError;
+        let certificate = err.chain().any(|e| {
+            let transport = match e.downcast_ref::<CallError>() {
+                Some(CallError::Transport(t)) => Some(t),
+                _ => e.downcast_ref::<TransportError>(),
+            };
+            transport.is_some_and(|t| t.certificate().is_some())
+        });
+        match certificate {
+            true => CERTIFICATE,
+            false => FAILURE,
+        }
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -41,12 +62,14 @@ pub struct Cli {
     /// expected conditions that libraries log loudly: moq-transport warns about every
     /// NOT_FOUND (relays routing by track produce them as a matter of course); MDK and
     /// openmls log ERROR for a group message from an epoch whose keys are gone or our own
-    /// message coming back, which `call` handles and counts itself.
+    /// message coming back, which `call` handles and counts itself; nostr-relay-pool logs
+    /// ERROR for every attempt to reach a Nostr relay that is down (one a second: a
+    /// command that needs the relay says so when it fails).
     #[arg(
         long,
         global = true,
         env = "CALL_LOG",
-        default_value = "warn,moq_transport=error,mdk_core::messages=off,openmls=off"
+        default_value = "warn,moq_transport=error,mdk_core::messages=off,openmls=off,nostr_relay_pool::relay=off"
     )]
     pub log: String,
     /// Write logs to this file (appended) instead of stderr.
@@ -61,7 +84,7 @@ pub enum Command {
     /// Take part in the group's running call, or start one: your microphone and speakers
     /// (or tone/WAV for bots), end-to-end encrypted, keys rotating with the group.
     #[command(
-        after_help = "Examples:\n  call join friends                            join the running call or start one\n  call join friends --new --ring-timeout 60\n  call join 3fa2 --call 9c1e                   a particular call, by id prefix\n  call join friends --source wav:hello.wav --sink wav:heard.wav --json   a bot\n\nExit codes: 0 the call ran and we left, 1 error (or removed from the group),\n2 bad flags, 3 nobody answered a call we started."
+        after_help = "Examples:\n  call join friends                            join the running call or start one\n  call join friends --new --ring-timeout 60\n  call join 3fa2 --call 9c1e                   a particular call, by id prefix\n  call join friends --source wav:hello.wav --sink wav:heard.wav --json   a bot\n\nExit codes: 0 the call ran and we left, 1 error (or removed from the group),\n2 bad flags, 3 nobody answered a call we started, 4 the MoQ relay's certificate was\nrefused (pass --moq-fingerprint, as the message says)."
     )]
     Join {
         #[command(flatten)]
@@ -210,7 +233,7 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             output::error(&format!("{e:#}"));
-            ExitCode::from(exit::FAILURE)
+            ExitCode::from(exit::of_error(&e))
         }
     }
 }

@@ -160,14 +160,15 @@ impl<S: tracing::Subscriber> Layer<S> for Route {
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_else(|| meta.target().to_string());
         let level = meta.level().as_str().to_ascii_lowercase();
-        let mut text = format!("{} {target}: {}", meta.level(), fields.message);
+        let mut said = fields.message.clone();
         for (k, v) in &fields.rest {
             let _ = write!(
-                text,
+                said,
                 " {k}={}",
                 v.as_str().map_or(v.to_string(), String::from)
             );
         }
+        let text = format!("{} {target}: {said}", meta.level());
         if let Some(file) = LOG_FILE.get() {
             if let Ok(mut f) = file.lock() {
                 let _ = writeln!(f, "{} {text}", unix_ms());
@@ -192,7 +193,8 @@ impl<S: tracing::Subscriber> Layer<S> for Route {
                     if kept.len() >= KEPT_FOR_SCREEN {
                         kept.pop_front();
                     }
-                    kept.push_back(text);
+                    // 80 columns hold little: the module path goes, the message stays.
+                    kept.push_back(format!("{} {said}", meta.level()));
                 }
             }
             _ => eprintln!("{text}"),

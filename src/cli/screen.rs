@@ -15,7 +15,7 @@ use ratatui::crossterm::{execute, terminal};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style, Stylize};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Paragraph, Row, Table, Wrap};
+use ratatui::widgets::{Block, Borders, Padding, Paragraph, Row, Table, Wrap};
 use ratatui::{Frame, Terminal};
 use tokio::sync::mpsc;
 
@@ -29,6 +29,11 @@ const NOTES_KEPT: usize = 4;
 const METER: usize = 10;
 /// The quietest level the meter shows (dBFS); silence below it is an empty meter.
 const METER_FLOOR_DB: f32 = -60.0;
+/// Widths of the participant columns: name, speaking dot, meter, state, loss, delay. The
+/// "you" line above the table uses the same ones, so the dots and meters line up.
+const COLUMNS: [u16; 6] = [24, 1, METER as u16, 5, 6, 8];
+/// Cells between two columns.
+const COLUMN_GAP: u16 = 2;
 
 /// One participant as the screen shows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -269,19 +274,21 @@ pub fn draw(frame: &mut Frame, view: &View) {
         header,
     );
 
+    // Laid out as a row of the participants' table (one cell of margin, then its columns).
+    let gap = " ".repeat(usize::from(COLUMN_GAP));
     let you_line = Line::from(vec![
-        Span::raw(format!(" {:<20} ", "you")),
+        Span::raw(format!(" {:<w$}{gap}", "you", w = usize::from(COLUMNS[0]))),
         Span::raw(if view.muted {
             " ".to_string()
         } else {
             speaking_dot(view.level >= crate::call::engine::SPEAKING_LEVEL)
         }),
-        Span::raw(" "),
+        Span::raw(gap.clone()),
         Span::styled(
             meter(if view.muted { 0.0 } else { view.level }, METER),
             Style::new().fg(Color::Cyan),
         ),
-        Span::raw(" "),
+        Span::raw(gap),
         if view.muted {
             Span::styled("MUTED", Style::new().fg(Color::Red).bold())
         } else {
@@ -309,10 +316,12 @@ pub fn draw(frame: &mut Frame, view: &View) {
         draw_peers(frame, view, peers);
     }
 
+    // Cut, not wrapped: four lines of notes stay four lines.
+    let room = usize::from(notes.width.saturating_sub(1));
     let note_lines: Vec<Line> = view
         .notes
         .iter()
-        .map(|n| Line::from(format!(" {n}")).dim())
+        .map(|n| Line::from(format!(" {}", ellipsize(n, room))).dim())
         .collect();
     frame.render_widget(
         Paragraph::new(note_lines).block(Block::new().borders(Borders::TOP)),
@@ -329,6 +338,16 @@ pub fn draw(frame: &mut Frame, view: &View) {
         ])),
         keys,
     );
+}
+
+/// `text` cut to `width` characters, the last of them `…` if it was cut.
+fn ellipsize(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 fn speaking_dot(speaking: bool) -> String {
@@ -387,20 +406,19 @@ fn draw_peers(frame: &mut Frame, view: &View, area: Rect) {
         0 => " nobody else here ".to_string(),
         n => format!(" {n} other{} ", if n == 1 { "" } else { "s" }),
     };
-    let table = Table::new(
-        rows,
-        [
-            Constraint::Length(24),
-            Constraint::Length(1),
-            Constraint::Length(METER as u16),
-            Constraint::Length(5),
-            Constraint::Length(6),
-            Constraint::Length(8),
-        ],
-    )
-    .header(header)
-    .column_spacing(2)
-    .block(Block::new().borders(Borders::TOP).title(title));
+    let table = Table::new(rows, COLUMNS.map(Constraint::Length))
+        .column_spacing(COLUMN_GAP)
+        .block(
+            Block::new()
+                .borders(Borders::TOP)
+                .title(title)
+                .padding(Padding::left(1)),
+        );
+    // Column names only above somebody.
+    let table = match view.peers.is_empty() {
+        true => table,
+        false => table.header(header),
+    };
     frame.render_widget(table, area);
 }
 
@@ -605,6 +623,26 @@ mod tests {
             "{screen}"
         );
         assert!(screen.contains("call 3fa2b1c4"), "{screen}");
+    }
+
+    #[test]
+    fn you_line_up_with_the_others_and_long_notes_are_cut_not_wrapped() {
+        let mut v = view_with_two();
+        v.apply(&CallEvent::Muted { muted: false });
+        v.note(format!("WARN {}", "a long log message ".repeat(8)));
+        let screen = text(&v, 80, 24);
+        let column = |row: &str, what: char| row.chars().position(|c| c == what);
+        let you = screen.lines().find(|l| l.contains("you")).unwrap();
+        let alice = screen.lines().find(|l| l.contains("Alice")).unwrap();
+        assert_eq!(column(you, 'y'), column(alice, 'A'), "{screen}");
+        assert_eq!(column(you, '●'), column(alice, '●'), "{screen}");
+        assert_eq!(column(you, '█'), column(alice, '█'), "{screen}");
+        let note = screen.lines().find(|l| l.contains("WARN")).unwrap();
+        assert!(note.trim_end().ends_with('…'), "{note}");
+        assert_eq!(screen.lines().filter(|l| l.contains("long log")).count(), 1);
+        // Nobody else: no column names over an empty table.
+        let alone = text(&View::new("friends"), 80, 24);
+        assert!(!alone.contains("delay"), "{alone}");
     }
 
     #[test]

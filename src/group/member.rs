@@ -10,6 +10,19 @@ use openmls::prelude::OpenMlsProvider;
 pub const KIND_KEY_PACKAGE: Kind = Kind::Custom(30443);
 /// How far back gift wraps may be dated (NIP-59 randomises `created_at` up to 2 days).
 pub(super) const GIFT_WRAP_LOOKBACK: Duration = Duration::from_secs(2 * 24 * 3600 + 3600);
+/// Wait between attempts to reconnect to a Nostr relay that went away. nostr-sdk's default
+/// (10 s, growing with every failure the client ever had, ±3 s jitter, at most 60 s) left
+/// signaling dead for ~10 s after a relay restart. Fixed instead (see docs/protocol.md §1,
+/// Relay reconnects): one TCP connection attempt a second per relay that is down.
+pub const NOSTR_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How every Nostr relay connection is made: as nostr-sdk's client would (default
+/// `ClientOptions`), but reconnecting every [`NOSTR_RETRY_INTERVAL`].
+fn relay_options() -> RelayOptions {
+    RelayOptions::new()
+        .retry_interval(NOSTR_RETRY_INTERVAL)
+        .adjust_retry_interval(false)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GroupError {
@@ -109,7 +122,11 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             .admit_policy(size_gate)
             .build();
         for url in relays {
-            client.add_relay(url.clone()).await?;
+            client
+                .pool()
+                .add_relay(url.clone(), relay_options())
+                .await
+                .map_err(nostr_sdk::client::Error::from)?;
         }
         client.connect().await;
         // Wait for every relay, but once one is up give the rest only a moment: a relay

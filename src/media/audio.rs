@@ -366,6 +366,19 @@ pub fn list_devices() -> Result<Vec<DeviceInfo>, AudioError> {
     Ok(out)
 }
 
+/// The device to open and its configuration. Probing opens PCMs, and alsa-lib reports each
+/// one that fails on stderr by itself: those reports go to the log (see `hush`).
+fn open_device(
+    input: bool,
+    name: Option<&str>,
+) -> Result<(cpal::Device, cpal::SupportedStreamConfig), AudioError> {
+    super::hush::alsa_to_log(|| {
+        let device = find_device(input, name)?;
+        let config = pick_config(&device, input)?;
+        Ok((device, config))
+    })
+}
+
 /// Picks a device by exact id or name, else by a unique case-insensitive substring of either.
 fn find_device(input: bool, name: Option<&str>) -> Result<cpal::Device, AudioError> {
     let kind = if input { "input" } else { "output" };
@@ -683,8 +696,7 @@ impl DeviceCapture {
     /// Opens the input device (`None`: the default one). Frames are 20 ms until
     /// [`Self::set_frame_samples`] says otherwise.
     pub fn open(name: Option<&str>) -> Result<Self, AudioError> {
-        let device = find_device(true, name)?;
-        let config = pick_config(&device, true)?;
+        let (device, config) = open_device(true, name)?;
         let rate = config.sample_rate();
         let channels = config.channels();
         let (tx, frames) = tokio::sync::mpsc::channel(CAPTURE_QUEUE_FRAMES);
@@ -812,8 +824,7 @@ pub struct DevicePlayback {
 
 impl DevicePlayback {
     pub fn open(name: Option<&str>) -> Result<Self, AudioError> {
-        let device = find_device(false, name)?;
-        let config = pick_config(&device, false)?;
+        let (device, config) = open_device(false, name)?;
         let rate = config.sample_rate();
         let channels = config.channels();
         let per_frame = rate as usize / 50;
@@ -996,10 +1007,14 @@ where
     let handle = std::thread::Builder::new()
         .name("call-audio".into())
         .spawn(move || {
-            match build().and_then(|(s, extra)| {
-                s.play().map_err(|e| AudioError::Device(e.to_string()))?;
-                Ok((s, extra))
-            }) {
+            // Opening the PCM here may make alsa-lib print (see `hush`).
+            let built = super::hush::alsa_to_log(|| {
+                build().and_then(|(s, extra)| {
+                    s.play().map_err(|e| AudioError::Device(e.to_string()))?;
+                    Ok((s, extra))
+                })
+            });
+            match built {
                 Ok((stream, extra)) => {
                     let _ = ready_tx.send(Ok(extra));
                     // Blocks until the owner drops the sender.

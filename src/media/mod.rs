@@ -1,6 +1,7 @@
 //! Media: Opus, SFrame with the profile's key schedule, tone source and analysis.
 
 pub mod audio;
+pub mod hush;
 pub mod io;
 pub mod jitter;
 pub mod keyring;

@@ -22,8 +22,8 @@ use url::Url;
 
 use super::fetch::FetchIndex;
 use super::{
-    publish_on, subscribe_on, CertVerification, MoqConnection, TokenPolicy, TrackPublisher,
-    TransportError, UNAUTHORIZED,
+    publish_on, subscribe_on, CertError, CertVerification, MoqConnection, TokenPolicy,
+    TrackPublisher, TransportError, UNAUTHORIZED,
 };
 
 /// First wait before reconnecting; doubles per failed attempt up to [`MAX_BACKOFF`].
@@ -203,6 +203,9 @@ enum Fatal {
     /// The relay closed the session as UNAUTHORIZED, and the token policy leaves nothing
     /// else to try.
     Refused(String),
+    /// The relay's certificate was refused, at the first connection or a reconnect (a relay
+    /// back with another certificate): the relay is there, so this is no outage to wait out.
+    Certificate(Url, CertError),
 }
 
 impl Fatal {
@@ -210,6 +213,10 @@ impl Fatal {
         match self {
             Self::Unreachable(reason) => TransportError::Unreachable(reason.clone()),
             Self::Refused(reason) => TransportError::SessionRefused(reason.clone()),
+            Self::Certificate(url, problem) => TransportError::Certificate {
+                url: url.clone(),
+                problem: Box::new(problem.clone()),
+            },
         }
     }
 }
@@ -265,6 +272,21 @@ impl MoqClient {
     /// [`TokenPolicy::Never`], and under [`TokenPolicy::Auto`] once the relay refused it.
     pub fn presents_token(&self) -> bool {
         self.shared.presents_token.load(Ordering::Relaxed)
+    }
+
+    /// Why the client gave up for good, if it did (it then never connects again).
+    pub fn failure(&self) -> Option<TransportError> {
+        self.shared.fatal.borrow().as_ref().map(Fatal::error)
+    }
+
+    /// Waits until the client gives up for good, and says why.
+    pub async fn failed(&self) -> TransportError {
+        let mut fatal = self.shared.fatal.subscribe();
+        let error = match fatal.wait_for(Option::is_some).await {
+            Ok(f) => f.as_ref().map_or(TransportError::Closed, Fatal::error),
+            Err(_) => TransportError::Closed,
+        };
+        error
     }
 
     /// The smoothed RTT to the relay (see [`TrackStats::rtt`]).
@@ -491,8 +513,14 @@ async fn drive(
                     return;
                 }
             }
+            // Logged at debug only: every handle gets the error, and the caller reports it.
+            Err(TransportError::Certificate { url, problem }) => {
+                tracing::debug!(%url, "certificate refused: {problem}");
+                give_up(&shared, &remotes, Fatal::Certificate(url, *problem));
+                return;
+            }
             Err(e) if shared.connects.load(Ordering::Relaxed) == 0 => {
-                tracing::warn!(url = %config.url, "could not connect: {e}");
+                tracing::debug!(url = %config.url, "could not connect: {e}");
                 give_up(&shared, &remotes, Fatal::Unreachable(e.to_string()));
                 return;
             }
@@ -531,7 +559,8 @@ fn refused(
         shared.presents_token.store(false, Ordering::Relaxed);
         return true;
     }
-    tracing::warn!(url = %config.url, "the relay refused the session: unauthorized ({reason})");
+    // Every handle gets the error; the caller reports it.
+    tracing::debug!(url = %config.url, "the relay refused the session: unauthorized ({reason})");
     give_up(shared, remotes, Fatal::Refused(reason));
     false
 }

@@ -31,7 +31,7 @@ use fetch::{FetchIndex, RecentGroups};
 pub use fetch::{RECENT_AGE, RECENT_GROUPS};
 pub use impair::{ImpairedPath, Impairment, Offered};
 pub use quic::{IDLE_TIMEOUT, KEEP_ALIVE};
-pub use tls::CertVerification;
+pub use tls::{CertError, CertVerification};
 
 /// Audio is the most urgent thing on the connection (lower value = more urgent).
 pub const AUDIO_PRIORITY: u8 = 0;
@@ -50,6 +50,9 @@ pub enum TransportError {
     Namespace(String),
     #[error("tls: {0}")]
     Tls(String),
+    /// The relay was reached but its certificate was refused; the message says what to do.
+    #[error("connecting to {url}: {problem}")]
+    Certificate { url: Url, problem: Box<CertError> },
     #[error("the relay refused the request: wrong or missing relay token")]
     Unauthorized,
     /// The relay closed the session itself as UNAUTHORIZED (at SETUP, typically because of
@@ -65,6 +68,16 @@ pub enum TransportError {
     Closed,
     #[error("track {0} was not found on the relay before the deadline")]
     NotFound(String),
+}
+
+impl TransportError {
+    /// The certificate problem, if the relay's certificate was refused.
+    pub fn certificate(&self) -> Option<&CertError> {
+        match self {
+            Self::Certificate { problem, .. } => Some(problem),
+            _ => None,
+        }
+    }
 }
 
 /// The namespace of a call: `call/<hex>`.

@@ -10,6 +10,7 @@ use moq_transport::session::transport as wt;
 use moq_transport::session::Transport;
 use url::Url;
 
+use super::tls::CertVerdict;
 use super::{CertVerification, TransportError};
 
 /// A keep-alive every this long keeps an idle call's connection measurable and alive.
@@ -82,7 +83,10 @@ pub(crate) async fn dial(url: &Url, verify: &CertVerification) -> Result<Dialled
         .await
         .map_err(connect_err)?;
 
-    let mut tls = verify.client_config().map_err(TransportError::Tls)?;
+    let verdict = CertVerdict::default();
+    let mut tls = verify
+        .reporting_config(&verdict)
+        .map_err(TransportError::Tls)?;
     tls.alpn_protocols = vec![alpn];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TransportError::Tls(e.to_string()))?;
@@ -99,7 +103,16 @@ pub(crate) async fn dial(url: &Url, verify: &CertVerification) -> Result<Dialled
         .connect_with(config, addr, &host)
         .map_err(|e| connect_err(e.to_string()))?
         .await
-        .map_err(|e| connect_err(e.to_string()))?;
+        // A refused certificate says so, rather than as a failed handshake.
+        .map_err(
+            |e| match verdict.lock().expect("certificate verdict lock").take() {
+                Some(problem) => TransportError::Certificate {
+                    url: url.clone(),
+                    problem: Box::new(problem),
+                },
+                None => connect_err(e.to_string()),
+            },
+        )?;
 
     let session = match kind {
         Transport::RawQuic => wt::quinn::Session::raw(

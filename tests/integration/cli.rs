@@ -214,3 +214,67 @@ fn a_bad_relay_token_policy_is_refused_naming_the_choices() {
         "the flag wins over the environment"
     );
 }
+
+/// `call` with no sound server to reach: ALSA's pulse plugin then fails, and so do the
+/// `jack`, `oss` and card plugins; each of these libraries reports it on stderr by itself.
+fn call_without_sound_server() -> Command {
+    let mut cmd = call();
+    cmd.env("PULSE_SERVER", "unix:/nonexistent/pulse-socket")
+        .env("JACK_NO_START_SERVER", "1");
+    cmd
+}
+
+#[test]
+fn devices_keeps_the_audio_libraries_noise_off_stderr() {
+    let out = call_without_sound_server().arg("devices").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(!stderr.contains("ALSA lib"), "{stderr}");
+    assert!(!stderr.to_lowercase().contains("jack"), "{stderr}");
+    assert_eq!(stderr, "", "nothing but the list, on stdout");
+    // What failed still shows in the list, from cpal's results.
+    assert!(stdout.contains("alsa:pulse"), "{stdout}");
+    assert!(stdout.contains("unusable"), "{stdout}");
+
+    // The noise was there and went to the log: with --json and the library target at
+    // debug, it comes as `log` objects, and stderr stays JSON only.
+    let out = call_without_sound_server()
+        .args(["devices", "--json", "--log", "warn,audio_lib=debug"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let logged: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let from_libraries: Vec<&str> = logged
+        .iter()
+        .filter(|v| v["event"] == "log" && v["target"] == "audio_lib")
+        .filter_map(|v| v["message"].as_str())
+        .collect();
+    assert!(
+        from_libraries.iter().any(|m| m.contains("PulseAudio")),
+        "alsa-lib's report of the missing server, logged: {stderr}"
+    );
+    let devices: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!devices["devices"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn opening_a_device_that_fails_shows_our_error_and_no_library_noise() {
+    let out = call_without_sound_server()
+        .args([
+            "loopback", "--source", "device", "--sink", "null", "-s", "1",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("ALSA lib"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "our error, alone: {stderr}");
+    assert!(lines[0].starts_with("error:"), "{stderr}");
+    assert!(lines[0].contains("audio device"), "{stderr}");
+}

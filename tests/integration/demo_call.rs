@@ -95,7 +95,14 @@ async fn a_relay_certificate_that_does_not_match_the_pin_is_refused() {
         ..demo_config(&relay)
     };
     let err = demo::run(config, &|_| {}).await.expect_err("pin mismatch");
-    assert!(err.to_string().contains("connecting to"), "{err}");
+    let err = err.to_string();
+    assert!(err.contains("connecting to"), "{err}");
+    assert!(
+        err.contains("certificate fingerprint does not match --moq-fingerprint"),
+        "{err}"
+    );
+    assert!(err.contains(&relay.fingerprint), "the presented one: {err}");
+    assert!(!err.contains("unreachable"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -378,3 +378,102 @@ fn listener_lines(rest: &[String]) -> impl Iterator<Item = &str> {
         .map(String::as_str)
         .filter(|l| !l.trim().is_empty())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_in_a_call_answers_busy_to_a_call_in_another_group() {
+    let relay = TestRelay::start().await;
+    let (a, b, c) = (
+        User::new("inbusy-a", &[&relay.nostr_url]),
+        User::new("inbusy-b", &[&relay.nostr_url]),
+        User::new("inbusy-c", &[&relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    c.new_identity().await;
+    create_and_join("desk", &a, &[(&b, &b_npub)]).await;
+    create_and_join("side", &c, &[(&b, &b_npub)]).await;
+
+    let mut bot = Proc::spawn(
+        b.command()
+            .args([
+                "listen", "--answer", "--source", "tone:660", "--sink", "null",
+            ])
+            .args(relay_flags(&relay)),
+    );
+    let (_, listening) = bot.wait_json(true, Duration::from_secs(20), "listening", |v| {
+        event(v, "listening")
+    });
+    assert_eq!(
+        listening["groups"].as_array().unwrap().len(),
+        2,
+        "{listening}"
+    );
+
+    // A calls in `desk`; the bot takes it.
+    let a_proc = Proc::spawn(
+        a.command()
+            .args(["join", "desk", "--new", "--seconds", "15"])
+            .args(["--source", "tone:440", "--sink", "null"])
+            .args(relay_flags(&relay)),
+    );
+    bot.wait_json(true, Duration::from_secs(20), "the bot answering A", |v| {
+        event(v, "answered") && v["status"] == "accept" && v["group"] == "desk"
+    });
+
+    // C calls in `side` meanwhile: told busy at once (it still rings out its 6 s: a caller
+    // waits for every member).
+    let mut c_proc = Proc::spawn(
+        c.command()
+            .args(["join", "side", "--new", "--ring-timeout", "6"])
+            .args(["--source", "silence", "--sink", "null"])
+            .args(relay_flags(&relay)),
+    );
+    let (offered_at, started) = c_proc.wait_json(false, Duration::from_secs(20), "C's call", |v| {
+        event(v, "started")
+    });
+    let c_call = started["call_id"].as_str().unwrap().to_string();
+    let (told_at, said) = c_proc.wait_json(false, Duration::from_secs(10), "C told busy", |v| {
+        event(v, "peer_declined")
+    });
+    println!(
+        "C's offer out → busy from the listener in a call: {:.0} ms",
+        told_at.duration_since(offered_at).as_secs_f64() * 1000.0
+    );
+    assert_eq!(said["npub"], b_npub.as_str(), "{said}");
+    assert_eq!(said["status"], "busy", "{said}");
+    assert_eq!(said["reason"], "in another call", "{said}");
+    let (_, missed) = bot.wait_json(true, Duration::from_secs(5), "missed in_call", |v| {
+        event(v, "missed")
+    });
+    assert_eq!(missed["reason"], "in_call", "{missed}");
+    assert_eq!(missed["group"], "side", "{missed}");
+    assert_eq!(missed["call_id"], c_call.as_str(), "{missed}");
+    let (_, busy) = bot.wait_json(true, Duration::from_secs(5), "answered busy", |v| {
+        event(v, "answered")
+    });
+    assert_eq!(busy["status"], "busy", "{busy}");
+    assert_eq!(busy["call_id"], c_call.as_str(), "{busy}");
+    let (code, _) = c_proc.finish();
+    assert_eq!(code, Some(3), "nobody accepted C's call");
+
+    // The bot's call with A was not disturbed: it ends when A leaves, heard both ways.
+    let (_, ended) = bot.wait_json(true, Duration::from_secs(30), "call_ended", |v| {
+        event(v, "call_ended")
+    });
+    assert_eq!(ended["group"], "desk", "{ended}");
+    let heard = ended["report"]["peers"][0]["heard_hz"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!((heard - 440.0).abs() <= 3.0, "{ended}");
+    let (code, _) = a_proc.finish();
+    assert_eq!(code, Some(0));
+    // C's call is over: it does not ring once the bot is back to listening.
+    bot.signal("-TERM");
+    let (code, rest) = bot.finish();
+    assert_eq!(code, Some(0));
+    assert!(
+        !listener_lines(&rest)
+            .any(|l| l.contains(r#""event":"ringing""#) && l.contains(c_call.as_str())),
+        "{rest:?}"
+    );
+}

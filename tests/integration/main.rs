@@ -8,6 +8,7 @@ mod common;
 mod bench;
 mod call_output;
 mod call_session;
+mod cert_errors;
 mod cli;
 mod client_stats;
 mod demo_call;

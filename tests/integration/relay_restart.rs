@@ -66,6 +66,13 @@ fn resumption(
     ))
 }
 
+/// Whether `p`'s tone was heard at `hz`, within the 3 Hz the other call tests allow: the
+/// estimate looks at the last half second only, where a frame concealed on a loaded
+/// machine moves it by a fraction of a hertz.
+fn heard(p: &session::PeerReport, hz: f64) -> bool {
+    p.heard_hz.is_some_and(|h| (h - hz).abs() <= 3.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_comes_back_after_a_relay_restart_and_a_member_invited_after_it_joins() {
     let state = tempfile::tempdir().unwrap();
@@ -240,9 +247,13 @@ async fn a_call_comes_back_after_a_relay_restart_and_a_member_invited_after_it_j
         assert_eq!(report.ended_by, EndReason::Stopped, "{name}");
         assert_eq!(report.epochs, vec![1, 2], "{name}");
         let p = peer(report, other);
-        // Both talked throughout: about 9 s at 50 frames/s, less the outage.
-        assert!(p.received >= 300, "{p:?}");
-        assert_eq!(p.heard_hz, Some(other_hz), "{p:?}");
+        // Both talked throughout: 2 s before the restart, then until 2 s after Dave joined,
+        // less the outage: about 6 s at 50 frames/s now that the group's signaling is back
+        // about a second after the relay (it took ~10 s with nostr-sdk's default reconnect
+        // interval, which made this call, and this count, longer); 4 s of frames leaves
+        // room for a loaded machine.
+        assert!(p.received >= 200, "{p:?}");
+        assert!(heard(&p, other_hz), "{p:?}");
         assert_eq!(p.rejects.auth_failed, 0, "{p:?}");
         let (back_after, silence) = resumption(session, &p.track, restarted)
             .unwrap_or_else(|| panic!("{name} heard nothing after the restart"));
@@ -260,11 +271,12 @@ async fn a_call_comes_back_after_a_relay_restart_and_a_member_invited_after_it_j
             "{name}: {back_after:?}"
         );
         // And Dave, who joined after the restart, was heard.
-        assert_eq!(peer(report, &dave).heard_hz, Some(880.0), "{name}");
+        let d = peer(report, &dave);
+        assert!(heard(&d, 880.0), "{name}: {d:?}");
     }
     assert_eq!(dave_report.ended_by, EndReason::Stopped);
-    assert_eq!(peer(dave_report, &bob).heard_hz, Some(440.0));
-    assert_eq!(peer(dave_report, &carol).heard_hz, Some(660.0));
+    assert!(heard(&peer(dave_report, &bob), 440.0), "{dave_report:?}");
+    assert!(heard(&peer(dave_report, &carol), 660.0), "{dave_report:?}");
     // Every track went through the restarted relay: about 4 s of three talkers to two
     // listeners each.
     assert!(relay.stats().objects_out >= 600, "{:?}", relay.stats());
