@@ -19,7 +19,7 @@ use super::signaling::{
     KIND_STATE,
 };
 use super::CallError;
-use crate::group::{Group, GroupEventOutcome, GroupMember, GroupRef, Resume};
+use crate::group::{Group, GroupEventOutcome, GroupMember, GroupRef, Resume, Rumor};
 use crate::media::io::{SinkSpec, SourceSpec};
 
 /// PROTOCOL.md §2: a call rings this long; an offer older than that is a missed call.
@@ -114,6 +114,19 @@ pub struct Signal<'a> {
     pub kind: Kind,
     pub tags: &'a Tags,
     pub created_at: Timestamp,
+}
+
+impl<'a> Signal<'a> {
+    /// A rumor of `group`, as the ringer sees it.
+    fn of(group: &'a str, r: &'a Rumor) -> Self {
+        Self {
+            group,
+            sender: r.sender,
+            kind: r.kind,
+            tags: &r.tags,
+            created_at: r.created_at,
+        }
+    }
 }
 
 struct Ring {
@@ -497,17 +510,7 @@ pub async fn listen<S: MdkStorageProvider>(
             processed.extend(sync.seen_ids.iter().copied());
             let (now, wall) = (Instant::now(), Timestamp::now());
             for r in &sync.messages {
-                ringer.on_signal(
-                    &Signal {
-                        group: &w.group.name,
-                        sender: r.sender,
-                        kind: r.kind,
-                        tags: &r.tags,
-                        created_at: r.created_at,
-                    },
-                    now,
-                    wall,
-                );
+                ringer.on_signal(&Signal::of(&w.group.name, r), now, wall);
             }
             if sync.cursor != w.resume {
                 w.resume = sync.cursor;
@@ -648,13 +651,7 @@ async fn live_event<S: MdkStorageProvider>(
     }
     match outcome {
         GroupEventOutcome::Message(r) => ringer.on_signal(
-            &Signal {
-                group: &w.group.name,
-                sender: r.sender,
-                kind: r.kind,
-                tags: &r.tags,
-                created_at: r.created_at,
-            },
+            &Signal::of(&w.group.name, &r),
             Instant::now(),
             Timestamp::now(),
         ),

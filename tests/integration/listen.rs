@@ -98,6 +98,22 @@ impl Proc {
     }
 }
 
+/// `user`'s `call listen --answer` bot (tone 660 Hz in, nothing out), once it listens;
+/// with its `listening` event.
+fn answering_bot(user: &User, relay: &TestRelay) -> (Proc, Value) {
+    let mut bot = Proc::spawn(
+        user.command()
+            .args([
+                "listen", "--answer", "--source", "tone:660", "--sink", "null",
+            ])
+            .args(relay_flags(relay)),
+    );
+    let (_, listening) = bot.wait_json(true, Duration::from_secs(20), "listening", |v| {
+        event(v, "listening")
+    });
+    (bot, listening)
+}
+
 fn event(v: &Value, name: &str) -> bool {
     v["event"] == name
 }
@@ -246,16 +262,7 @@ async fn a_listening_bot_answers_calls_and_both_sides_hear_each_other() {
     let b_npub = b.new_identity().await;
     create_and_join("desk", &a, &[(&b, &b_npub)]).await;
 
-    let mut bot = Proc::spawn(
-        b.command()
-            .args([
-                "listen", "--answer", "--source", "tone:660", "--sink", "null",
-            ])
-            .args(relay_flags(&relay)),
-    );
-    let (_, listening) = bot.wait_json(true, Duration::from_secs(20), "listening", |v| {
-        event(v, "listening")
-    });
+    let (mut bot, listening) = answering_bot(&b, &relay);
     assert_eq!(listening["groups"], serde_json::json!(["desk"]));
     assert!(listening["ts"].as_f64().unwrap() > 1.0e9, "{listening}");
 
@@ -393,16 +400,7 @@ async fn a_listener_in_a_call_answers_busy_to_a_call_in_another_group() {
     create_and_join("desk", &a, &[(&b, &b_npub)]).await;
     create_and_join("side", &c, &[(&b, &b_npub)]).await;
 
-    let mut bot = Proc::spawn(
-        b.command()
-            .args([
-                "listen", "--answer", "--source", "tone:660", "--sink", "null",
-            ])
-            .args(relay_flags(&relay)),
-    );
-    let (_, listening) = bot.wait_json(true, Duration::from_secs(20), "listening", |v| {
-        event(v, "listening")
-    });
+    let (mut bot, listening) = answering_bot(&b, &relay);
     assert_eq!(
         listening["groups"].as_array().unwrap().len(),
         2,
