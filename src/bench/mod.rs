@@ -12,6 +12,7 @@
 
 mod harness;
 mod moq;
+pub mod plot;
 pub mod scenario;
 mod webrtc;
 
@@ -51,15 +52,22 @@ pub enum Transport {
     /// WebRTC peer to peer (str0m): ICE, DTLS-SRTP, one Opus RTP stream carrying the SFrame
     /// ciphertext, NACK off.
     Webrtc,
+    /// The same with NACK and RTX retransmission (RFC 4588) on.
+    WebrtcNack,
 }
 
 impl Transport {
-    pub const ALL: &'static [Transport] = &[Transport::MoqStream, Transport::Webrtc];
+    pub const ALL: &'static [Transport] = &[
+        Transport::MoqStream,
+        Transport::Webrtc,
+        Transport::WebrtcNack,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Transport::MoqStream => "moq-stream",
             Transport::Webrtc => "webrtc",
+            Transport::WebrtcNack => "webrtc-nack",
         }
     }
 }
@@ -77,7 +85,10 @@ impl std::str::FromStr for Transport {
             .iter()
             .copied()
             .find(|t| t.as_str() == s)
-            .ok_or_else(|| format!("`{s}` is not moq-stream or webrtc"))
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|t| t.as_str()).collect();
+                format!("`{s}` is not one of {}", known.join(", "))
+            })
     }
 }
 
@@ -191,6 +202,9 @@ async fn run_one(
                     let link = match transport {
                         Transport::MoqStream => moq::stream(&scenario, seed).await?,
                         Transport::Webrtc => webrtc::peer_to_peer(&scenario, seed, &media).await?,
+                        Transport::WebrtcNack => {
+                            webrtc::peer_to_peer_nack(&scenario, seed, &media).await?
+                        }
                     };
                     harness::run(transport, &scenario, &media, link).await
                 }),
