@@ -121,6 +121,9 @@ pub struct RunReport {
     pub fec_recovered: u64,
     /// Frames not heard: concealed (PLC), or no slot before the end.
     pub concealed: u64,
+    /// Of `concealed`, frames that arrived but were never played: the jitter buffer dropped
+    /// them to shrink back to its target after a delay spike.
+    pub drained: u64,
     /// `concealed` as a share of `frames`.
     pub residual_loss_pct: f64,
     pub decrypt_failed: u64,

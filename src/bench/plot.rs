@@ -280,6 +280,7 @@ mod tests {
             late: 0,
             fec_recovered: 0,
             concealed,
+            drained: 0,
             residual_loss_pct: 100.0 * concealed as f64 / 150.0,
             decrypt_failed: 0,
             send_dropped: 0,

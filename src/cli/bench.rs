@@ -125,7 +125,7 @@ fn print_table(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "{:<10} {:<12} {:>20} {:>20} {:>6} {:>5} {:>5} {:>6} {:>8} {:>7} {:>6} {:>6}",
+        "{:<10} {:<12} {:>20} {:>20} {:>5} {:>5} {:>4} {:>5} {:>6} {:>7} {:>8} {:>6} {:>6}",
         "scenario",
         "transport",
         "network p50/95/99",
@@ -133,6 +133,7 @@ fn print_table(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
         "lost",
         "late",
         "FEC",
+        "drop",
         "resid%",
         "up B/s",
         "down B/s",
@@ -146,7 +147,7 @@ fn print_table(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
         };
         writeln!(
             out,
-            "{:<10} {:<12} {:>20} {:>20} {:>6} {:>5} {:>5} {:>6.1} {:>8.0} {:>7.0} {:>6.0} {:>6}",
+            "{:<10} {:<12} {:>20} {:>20} {:>5} {:>5} {:>4} {:>5} {:>6.1} {:>7.0} {:>8.0} {:>6.0} {:>6}",
             run.scenario,
             run.transport.as_str(),
             l(run.network_ms),
@@ -154,6 +155,7 @@ fn print_table(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
             run.lost,
             run.late,
             run.fec_recovered,
+            run.drained,
             run.residual_loss_pct,
             run.wire_up_bytes_per_s,
             run.wire_down_bytes_per_s,
@@ -163,7 +165,7 @@ fn print_table(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
     }
     writeln!(
         out,
-        "latency in ms; lost = never arrived, late = after its playout slot, FEC = rebuilt from the next packet, resid% = not heard (concealed); bytes/s on the sender's link with IP/UDP/QUIC or SRTP headers; CPU = whole run (endpoints, relay, paths) per frame"
+        "latency in ms; lost = never arrived, late = after its playout slot, FEC = rebuilt from the next packet, drop = arrived but dropped by the jitter buffer shrinking after a spike, resid% = not heard (concealed or dropped); bytes/s on the sender's link with IP/UDP/QUIC or SRTP headers; CPU = whole run (endpoints, relay, paths) per frame"
     )
 }
 

@@ -44,6 +44,7 @@ async fn every_transport_carries_the_tone_clean_and_lossy_and_is_plotted() {
             "acks or RTCP come back: {r:?}"
         );
         assert_eq!(r.decrypt_failed, 0);
+        assert!(r.drained <= r.concealed && r.drained <= r.received, "{r:?}");
     }
     for t in Transport::ALL {
         let (clean, lossy) = (run("clean", *t), run("loss-10", *t));
