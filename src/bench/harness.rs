@@ -228,7 +228,7 @@ pub(crate) async fn run(
     let in_window = |s: &u64| (from..until).contains(s);
     let mut network = Vec::new();
     let mut m2e = Vec::new();
-    let (mut fec, mut concealed, mut received) = (0u64, 0u64, 0u64);
+    let (mut fec, mut concealed, mut received, mut drained) = (0u64, 0u64, 0u64, 0u64);
     for seq in from..until {
         let Some(&(captured, sent_at)) = sent.get(&seq) else {
             continue;
@@ -240,8 +240,15 @@ pub(crate) async fn run(
         match outcome.get(&seq) {
             Some(Outcome::Decoded(played)) => m2e.push(ms_between(captured, *played)),
             Some(Outcome::Fec) => fec += 1,
-            // Concealed, or never given a slot before the drain ended: not heard.
-            Some(Outcome::Concealed) | None => concealed += 1,
+            Some(Outcome::Concealed) => concealed += 1,
+            // Never given a slot: dropped unplayed by the jitter buffer (it arrived in
+            // time but the buffer shrank to its target), or nothing came before the end.
+            None => {
+                concealed += 1;
+                if arrived.contains_key(&seq) {
+                    drained += 1;
+                }
+            }
         }
     }
     let late_in_window = late.min(arrived.keys().filter(|s| in_window(s)).count() as u64);
@@ -272,6 +279,7 @@ pub(crate) async fn run(
         late: late_in_window + link.transport_late.load(Ordering::Relaxed),
         fec_recovered: fec,
         concealed,
+        drained,
         residual_loss_pct: 100.0 * concealed as f64 / frames.max(1) as f64,
         decrypt_failed: rejects,
         send_dropped,

@@ -12,6 +12,7 @@
 
 mod harness;
 mod moq;
+pub mod plot;
 pub mod scenario;
 mod webrtc;
 
@@ -51,15 +52,22 @@ pub enum Transport {
     /// WebRTC peer to peer (str0m): ICE, DTLS-SRTP, one Opus RTP stream carrying the SFrame
     /// ciphertext, NACK off.
     Webrtc,
+    /// The same with NACK and RTX retransmission (RFC 4588) on.
+    WebrtcNack,
 }
 
 impl Transport {
-    pub const ALL: &'static [Transport] = &[Transport::MoqStream, Transport::Webrtc];
+    pub const ALL: &'static [Transport] = &[
+        Transport::MoqStream,
+        Transport::Webrtc,
+        Transport::WebrtcNack,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Transport::MoqStream => "moq-stream",
             Transport::Webrtc => "webrtc",
+            Transport::WebrtcNack => "webrtc-nack",
         }
     }
 }
@@ -77,7 +85,10 @@ impl std::str::FromStr for Transport {
             .iter()
             .copied()
             .find(|t| t.as_str() == s)
-            .ok_or_else(|| format!("`{s}` is not moq-stream or webrtc"))
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|t| t.as_str()).collect();
+                format!("`{s}` is not one of {}", known.join(", "))
+            })
     }
 }
 
@@ -110,6 +121,9 @@ pub struct RunReport {
     pub fec_recovered: u64,
     /// Frames not heard: concealed (PLC), or no slot before the end.
     pub concealed: u64,
+    /// Of `concealed`, frames that arrived but were never played: the jitter buffer dropped
+    /// them to shrink back to its target after a delay spike.
+    pub drained: u64,
     /// `concealed` as a share of `frames`.
     pub residual_loss_pct: f64,
     pub decrypt_failed: u64,
@@ -191,6 +205,9 @@ async fn run_one(
                     let link = match transport {
                         Transport::MoqStream => moq::stream(&scenario, seed).await?,
                         Transport::Webrtc => webrtc::peer_to_peer(&scenario, seed, &media).await?,
+                        Transport::WebrtcNack => {
+                            webrtc::peer_to_peer_nack(&scenario, seed, &media).await?
+                        }
                     };
                     harness::run(transport, &scenario, &media, link).await
                 }),

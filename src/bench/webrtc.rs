@@ -1,9 +1,16 @@
 //! WebRTC peer to peer with str0m (sans-IO): ICE with host candidates on loopback,
-//! DTLS-SRTP, one Opus RTP stream whose payload is the SFrame ciphertext (MIP-06's mesh),
-//! NACK off (str0m negotiates no NACK for audio). The sender reaches the receiver only
-//! through the impaired path: neither SDP carries a candidate, the sender is given the
-//! path's address, and the receiver is ICE-lite (it answers checks, never starts any), so
-//! no pair can bypass the path.
+//! DTLS-SRTP, one Opus RTP stream whose payload is the SFrame ciphertext (MIP-06's mesh).
+//! The sender reaches the receiver only through the impaired path: neither SDP carries a
+//! candidate, the sender is given the path's address, and the receiver is ICE-lite (it
+//! answers checks, never starts any), so no pair can bypass the path.
+//!
+//! Two variants. `webrtc`: no NACK (str0m's default for audio). `webrtc-nack`: NACK with
+//! RTX retransmission (RFC 4588), which str0m only does for audio at its RTP level: its
+//! Opus packetizer marks every packet not resendable, and an offerer's audio stream gets
+//! no RTX SSRC. So in that variant both peers run str0m's RTP mode (the sender writes the
+//! RTP packets itself, marked resendable; the receiver takes RTP packets, retransmissions
+//! included), Opus is configured with an RTX payload type, and the receiver makes the
+//! offer, so that the sender, answering, declares its stream with an RTX SSRC.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -12,9 +19,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use str0m::change::{SdpAnswer, SdpOffer};
-use str0m::format::Codec;
+use str0m::format::{Codec, FormatParams};
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::{RtpWrite, SeqNo};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
@@ -36,20 +44,95 @@ fn without_candidates(sdp: &str) -> String {
         .join("\r\n")
 }
 
-fn config() -> RtcConfig {
-    RtcConfig::new()
-        .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
-        .clear_codecs()
-        .enable_opus(true, false)
-        // Hand every packet on at once: reordering and gaps are the jitter buffer's job,
-        // as on the MoQ side.
-        .set_reordering_size_audio(0)
+/// Whether lost packets are asked for again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    NoNack,
+    Nack,
 }
 
+/// Opus and its retransmissions in the NACK variant (the payload type str0m gives Opus, and
+/// the next one).
+const PT_OPUS: u8 = 111;
+const PT_OPUS_RTX: u8 = 112;
+
+fn config(variant: Variant) -> RtcConfig {
+    let config = RtcConfig::new()
+        .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
+        .clear_codecs()
+        // Hand every packet on at once: reordering and gaps are the jitter buffer's job,
+        // as on the MoQ side.
+        .set_reordering_size_audio(0);
+    match variant {
+        Variant::NoNack => config.enable_opus(true, false),
+        Variant::Nack => {
+            let mut config = config.set_rtp_mode(true);
+            // What `enable_opus` configures, plus an RTX payload type: with one, the
+            // receiving stream sends NACKs and the sending stream keeps packets to resend.
+            config.codec_config().add_config(
+                PT_OPUS.into(),
+                Some(PT_OPUS_RTX.into()),
+                Codec::Opus,
+                Frequency::FORTY_EIGHT_KHZ,
+                Some(2),
+                FormatParams {
+                    min_p_time: Some(10),
+                    use_inband_fec: Some(true),
+                    ..Default::default()
+                },
+            );
+            config
+        }
+    }
+}
+
+/// `webrtc`: no NACK.
 pub(crate) async fn peer_to_peer(
     scenario: &Scenario,
     seed: u64,
     media: &Media,
+) -> Result<Link, BenchError> {
+    connect(scenario, seed, media, Variant::NoNack).await
+}
+
+/// `webrtc-nack`: NACK and RTX.
+pub(crate) async fn peer_to_peer_nack(
+    scenario: &Scenario,
+    seed: u64,
+    media: &Media,
+) -> Result<Link, BenchError> {
+    connect(scenario, seed, media, Variant::Nack).await
+}
+
+/// An offer/answer exchange with the candidates taken out of both SDPs.
+fn negotiate(
+    offerer: &mut Rtc,
+    answerer: &mut Rtc,
+    direction: Direction,
+) -> Result<Mid, BenchError> {
+    let mut change = offerer.sdp_api();
+    let mid = change.add_media(MediaKind::Audio, direction, None, None, None);
+    let (offer, pending) = change.apply().ok_or_else(|| setup("offer", "no change"))?;
+    let offer = SdpOffer::from_sdp_string(&without_candidates(&offer.to_sdp_string()))
+        .map_err(|e| setup("offer", e))?;
+    let answer = answerer
+        .sdp_api()
+        .accept_offer(offer)
+        .map_err(|e| setup("answer", e))?;
+    let answer = SdpAnswer::from_sdp_string(&without_candidates(&answer.to_sdp_string()))
+        .map_err(|e| setup("answer", e))?;
+    offerer
+        .sdp_api()
+        .accept_answer(pending, answer)
+        .map_err(|e| setup("answer", e))?;
+    Ok(mid)
+}
+
+async fn connect(
+    scenario: &Scenario,
+    seed: u64,
+    media: &Media,
+    variant: Variant,
 ) -> Result<Link, BenchError> {
     let begun = Instant::now();
     let socket_a = UdpSocket::bind("127.0.0.1:0")
@@ -67,25 +150,17 @@ pub(crate) async fn peer_to_peer(
     );
 
     let now = Instant::now();
-    let mut a = config().build(now);
-    let mut b = config().set_ice_lite(true).build(now);
+    // `a` sends, `b` receives.
+    let mut a = config(variant).build(now);
+    let mut b = config(variant).set_ice_lite(true).build(now);
     let host = |addr: SocketAddr| Candidate::host(addr, "udp").map_err(|e| setup("candidate", e));
     a.add_local_candidate(host(addr_a)?);
     b.add_local_candidate(host(addr_b)?);
-    let mut change = a.sdp_api();
-    let mid = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
-    let (offer, pending) = change.apply().ok_or_else(|| setup("offer", "no change"))?;
-    let offer = SdpOffer::from_sdp_string(&without_candidates(&offer.to_sdp_string()))
-        .map_err(|e| setup("offer", e))?;
-    let answer = b
-        .sdp_api()
-        .accept_offer(offer)
-        .map_err(|e| setup("answer", e))?;
-    let answer = SdpAnswer::from_sdp_string(&without_candidates(&answer.to_sdp_string()))
-        .map_err(|e| setup("answer", e))?;
-    a.sdp_api()
-        .accept_answer(pending, answer)
-        .map_err(|e| setup("answer", e))?;
+    let mid = match variant {
+        Variant::NoNack => negotiate(&mut a, &mut b, Direction::SendOnly)?,
+        // The answerer's sending stream is the one declared with an RTX SSRC.
+        Variant::Nack => negotiate(&mut b, &mut a, Direction::RecvOnly)?,
+    };
     a.add_remote_candidate(host(path.addr())?);
 
     let spf = media.codec.samples_per_frame() as u64;
@@ -101,6 +176,7 @@ pub(crate) async fn peer_to_peer(
             mid,
             frames: frames_rx,
             spf,
+            rtp: variant == Variant::Nack,
         },
         a_up,
     ));
@@ -136,6 +212,8 @@ enum Role {
         mid: Mid,
         frames: mpsc::Receiver<(u64, Bytes)>,
         spf: u64,
+        /// Writes RTP packets itself (str0m's RTP mode), resendable on NACK.
+        rtp: bool,
     },
     Receiver {
         arrivals: mpsc::Sender<Arrival>,
@@ -151,6 +229,13 @@ async fn drive(mut rtc: Rtc, socket: UdpSocket, mut role: Role, connected: watch
     };
     let mut buf = vec![0u8; 2048];
     let mut pt: Option<Pt> = None;
+    let mut is_connected = false;
+    // Start the clock: until its first time step an agent may schedule nothing (the
+    // answering side's ICE agent does not start checking otherwise).
+    if let Err(e) = rtc.handle_input(Input::Timeout(Instant::now())) {
+        tracing::debug!("webrtc start: {e}");
+        return;
+    }
     loop {
         let timeout = loop {
             match rtc.poll_output() {
@@ -161,7 +246,22 @@ async fn drive(mut rtc: Rtc, socket: UdpSocket, mut role: Role, connected: watch
                 }
                 Ok(Output::Event(e)) => match e {
                     Event::Connected => {
+                        is_connected = true;
                         let _ = connected.send(true);
+                    }
+                    // RTP mode (the NACK variant): retransmissions come out here too,
+                    // under their original sequence number and timestamp.
+                    Event::RtpPacket(p) => {
+                        if let Role::Receiver { arrivals, spf } = &role {
+                            let arrival = Arrival {
+                                seq: u64::from(p.header.timestamp) / *spf,
+                                payload: Bytes::copy_from_slice(&p.payload),
+                                at: p.timestamp,
+                            };
+                            if arrivals.try_send(arrival).is_err() && arrivals.is_closed() {
+                                return;
+                            }
+                        }
                     }
                     Event::MediaData(d) => {
                         if let Role::Receiver { arrivals, spf } = &role {
@@ -204,7 +304,43 @@ async fn drive(mut rtc: Rtc, socket: UdpSocket, mut role: Role, connected: watch
                 }
             } => {
                 let Some((seq, payload)) = f else { return };
-                let Role::Sender { mid, spf, .. } = &role else { continue };
+                let Role::Sender { mid, spf, rtp, .. } = &role else { continue };
+                if *rtp {
+                    // Before ICE completes a frame is dropped, like a frame with no
+                    // connection.
+                    if !is_connected {
+                        continue;
+                    }
+                    let p = match pt {
+                        Some(p) => p,
+                        None => {
+                            let Some(p) = rtc
+                                .codec_config()
+                                .iter()
+                                .find(|p| p.spec().codec == Codec::Opus)
+                                .map(|p| p.pt())
+                            else {
+                                continue;
+                            };
+                            pt = Some(p);
+                            p
+                        }
+                    };
+                    let mut api = rtc.direct_api();
+                    let Some(stream) = api.stream_tx_by_mid(*mid, None) else {
+                        continue;
+                    };
+                    // RTP time as in the frame API: frame `seq` at seq × samples per frame;
+                    // RTP sequence numbers follow the frames.
+                    let time = (seq * *spf) as u32;
+                    let payload: Arc<[u8]> = Arc::from(&payload[..]);
+                    let now = Instant::now();
+                    stream.write_rtp(
+                        RtpWrite::new(p, SeqNo::from(seq), time, now, payload).nackable(true),
+                    );
+                    // A written packet leaves on str0m's next time step: take it now.
+                    Input::Timeout(now)
+                } else {
                 let Some(writer) = rtc.writer(*mid) else { continue };
                 let p = match pt {
                     Some(p) => p,
@@ -226,6 +362,7 @@ async fn drive(mut rtc: Rtc, socket: UdpSocket, mut role: Role, connected: watch
                     tracing::debug!("webrtc write: {e}");
                 }
                 continue;
+                }
             }
             () = tokio::time::sleep_until(timeout.into()) => Input::Timeout(Instant::now()),
         };

@@ -1,4 +1,5 @@
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
@@ -7,11 +8,14 @@ use crate::bench::{self, scenario, BenchConfig, BenchReport, Scenario, Transport
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenarios, comma-separated: clean, loss-1, loss-5, loss-10, delay-50, jitter-30,
-    /// far-relay (80 ms per relay leg), or all. Default: clean,loss-5,jitter-30,far-relay.
+    /// Scenarios, comma-separated, or all. clean; loss-1, loss-5, loss-10 (random loss, %);
+    /// burst-5 (5 % loss in runs of 4 packets on average); delay-20, delay-50, delay-100
+    /// (one-way ms); jitter-10, jitter-30 (ms); far-relay (80 ms on each relay leg, 160 ms
+    /// end to end). Default: clean,loss-5,jitter-30,far-relay.
     #[arg(long = "scenario", env = "CALL_BENCH_SCENARIOS", value_delimiter = ',')]
     pub scenarios: Vec<String>,
-    /// Transports, comma-separated: moq-stream, webrtc. Default: all.
+    /// Transports, comma-separated: moq-stream, webrtc, webrtc-nack (NACK/RTX on). Default:
+    /// all.
     #[arg(
         long = "transport",
         env = "CALL_BENCH_TRANSPORTS",
@@ -35,6 +39,21 @@ pub struct BenchArgs {
     /// Print exactly one JSON object on stdout instead of the table.
     #[arg(long, env = "CALL_BENCH_JSON")]
     pub json: bool,
+    /// Also draw the results into this SVG file: per scenario, the mouth-to-ear latency
+    /// distribution (CDF) of each transport and its residual loss (frames concealed).
+    #[arg(long, env = "CALL_BENCH_PLOT", value_name = "FILE.svg", value_parser = parse_plot)]
+    pub plot: Option<PathBuf>,
+}
+
+fn parse_plot(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("svg") => Ok(path),
+        _ => Err(format!(
+            "`{s}`: the plot is drawn as SVG, name the file FILE.svg (PNG would need a font \
+             rasteriser in the build)"
+        )),
+    }
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -73,6 +92,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     let report = bench::run(&config, &progress)
         .await
         .context("bench failed")?;
+    if let Some(path) = &args.plot {
+        bench::plot::write_svg(&report, path)
+            .with_context(|| format!("drawing the plot into {}", path.display()))?;
+        progress(&format!("plot written to {}", path.display()));
+    }
     let mut out = std::io::stdout().lock();
     if json {
         serde_json::to_writer(&mut out, &report)?;
@@ -101,7 +125,7 @@ fn print_table(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "{:<10} {:<10} {:>20} {:>20} {:>6} {:>5} {:>5} {:>6} {:>8} {:>7} {:>6} {:>6}",
+        "{:<10} {:<12} {:>20} {:>20} {:>5} {:>5} {:>4} {:>5} {:>6} {:>7} {:>8} {:>6} {:>6}",
         "scenario",
         "transport",
         "network p50/95/99",
@@ -109,6 +133,7 @@ fn print_table(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
         "lost",
         "late",
         "FEC",
+        "drop",
         "resid%",
         "up B/s",
         "down B/s",
@@ -122,7 +147,7 @@ fn print_table(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
         };
         writeln!(
             out,
-            "{:<10} {:<10} {:>20} {:>20} {:>6} {:>5} {:>5} {:>6.1} {:>8.0} {:>7.0} {:>6.0} {:>6}",
+            "{:<10} {:<12} {:>20} {:>20} {:>5} {:>5} {:>4} {:>5} {:>6.1} {:>7.0} {:>8.0} {:>6.0} {:>6}",
             run.scenario,
             run.transport.as_str(),
             l(run.network_ms),
@@ -130,6 +155,7 @@ fn print_table(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
             run.lost,
             run.late,
             run.fec_recovered,
+            run.drained,
             run.residual_loss_pct,
             run.wire_up_bytes_per_s,
             run.wire_down_bytes_per_s,
@@ -139,6 +165,39 @@ fn print_table(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
     }
     writeln!(
         out,
-        "latency in ms; lost = never arrived, late = after its playout slot, FEC = rebuilt from the next packet, resid% = not heard (concealed); bytes/s on the sender's link with IP/UDP/QUIC or SRTP headers; CPU = whole run (endpoints, relay, paths) per frame"
+        "latency in ms; lost = never arrived, late = after its playout slot, FEC = rebuilt from the next packet, drop = arrived but dropped by the jitter buffer shrinking after a spike, resid% = not heard (concealed or dropped); bytes/s on the sender's link with IP/UDP/QUIC or SRTP headers; CPU = whole run (endpoints, relay, paths) per frame"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use crate::bench::scenario;
+
+    #[test]
+    fn help_lists_every_scenario_and_the_plot_flag() {
+        let mut cli = crate::cli::Cli::command();
+        let bench = cli
+            .find_subcommand_mut("bench")
+            .expect("a bench subcommand");
+        let help = bench.render_long_help().to_string();
+        for name in scenario::NAMES.iter().chain(scenario::DEFAULT) {
+            assert!(
+                help.contains(name),
+                "--help does not name `{name}`:\n{help}"
+            );
+        }
+        for needle in ["--plot", "CALL_BENCH_PLOT", "CALL_BENCH_SCENARIOS"] {
+            assert!(help.contains(needle), "--help lacks {needle}");
+        }
+    }
+
+    #[test]
+    fn the_plot_must_be_svg() {
+        assert!(super::parse_plot("docs/bench.svg").is_ok());
+        assert!(super::parse_plot("bench.SVG").is_ok());
+        assert!(super::parse_plot("bench.png").is_err());
+        assert!(super::parse_plot("bench").is_err());
+    }
 }

@@ -146,6 +146,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
         privacy: args.privacy,
         impairment: impaired.then_some(Impairment {
             loss: args.loss / 100.0,
+            pattern: crate::transport::LossPattern::Random,
             delay: Duration::from_millis(args.delay),
             jitter: Duration::from_millis(args.jitter),
             seed: args.seed,

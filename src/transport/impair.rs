@@ -15,11 +15,28 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+/// How the lost datagrams of one direction are spread over time.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum LossPattern {
+    /// Each datagram is lost on its own, with probability `loss`.
+    #[default]
+    Random,
+    /// Losses come in runs (a two-state Gilbert model): after a delivered datagram a run of
+    /// losses starts with probability `p`, after a lost one it ends with probability
+    /// `1 / mean_len`, and `p` is chosen so that the long-run share lost is still `loss`.
+    /// Run lengths are geometric with mean `mean_len` datagrams. Real access links (Wi-Fi,
+    /// cellular handovers, a full queue) lose in runs, and a run defeats Opus in-band FEC,
+    /// which can only rebuild a frame whose next packet arrives.
+    Bursts { mean_len: f64 },
+}
+
 /// What happens to each datagram, in each direction.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Impairment {
     /// Share of datagrams dropped, 0.0..=1.0.
     pub loss: f64,
+    /// Whether those losses are independent or come in runs.
+    pub pattern: LossPattern,
     /// One-way delay added to every datagram.
     pub delay: Duration,
     /// Extra delay, uniform in 0..jitter, per datagram. Datagrams keep their order (a late
@@ -32,6 +49,7 @@ impl Impairment {
     pub fn none() -> Self {
         Self {
             loss: 0.0,
+            pattern: LossPattern::Random,
             delay: Duration::ZERO,
             jitter: Duration::ZERO,
             seed: 0,
@@ -78,6 +96,8 @@ struct Shaper {
     counters: Arc<Counters>,
     /// Delivery time of the previous datagram: a datagram never overtakes it.
     last: Instant,
+    /// In a run of losses ([`LossPattern::Bursts`]).
+    in_burst: bool,
 }
 
 impl Shaper {
@@ -95,14 +115,37 @@ impl Shaper {
             cut,
             counters,
             last: Instant::now(),
+            in_burst: false,
+        }
+    }
+
+    /// Whether the next datagram is lost (one draw from this direction's random stream).
+    fn lose(&mut self) -> bool {
+        let loss = self.impairment.loss;
+        if loss.is_nan() || loss <= 0.0 {
+            return false;
+        }
+        match self.impairment.pattern {
+            LossPattern::Random => self.rng.gen_bool(loss.min(1.0)),
+            LossPattern::Bursts { .. } if loss >= 1.0 => true,
+            LossPattern::Bursts { mean_len } => {
+                let end = 1.0 / mean_len.max(1.0);
+                // Stationary share lost of the two-state chain: start / (start + end).
+                let start = (loss * end / (1.0 - loss)).min(1.0);
+                self.in_burst = if self.in_burst {
+                    !self.rng.gen_bool(end)
+                } else {
+                    self.rng.gen_bool(start)
+                };
+                self.in_burst
+            }
         }
     }
 
     /// When to deliver a datagram that arrived now, or `None` to drop it.
     fn schedule(&mut self) -> Option<Instant> {
         let i = self.impairment;
-        if self.cut.load(Ordering::Relaxed) || (i.loss > 0.0 && self.rng.gen_bool(i.loss.min(1.0)))
-        {
+        if self.cut.load(Ordering::Relaxed) || self.lose() {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -265,6 +308,7 @@ mod tests {
         let run = |seed| {
             let imp = Impairment {
                 loss: 0.1,
+                pattern: LossPattern::Random,
                 delay: Duration::from_millis(20),
                 jitter: Duration::from_millis(10),
                 seed,
@@ -283,5 +327,76 @@ mod tests {
         let pattern = |v: &[Option<Instant>]| v.iter().map(Option::is_some).collect::<Vec<_>>();
         assert_eq!(pattern(&a), pattern(&run(7)), "same seed, same losses");
         assert_ne!(pattern(&a), pattern(&run(8)));
+    }
+
+    /// Lengths of the runs of `true` in `lost`.
+    fn runs(lost: &[bool]) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut n = 0;
+        for &l in lost {
+            if l {
+                n += 1;
+            } else if n > 0 {
+                out.push(n);
+                n = 0;
+            }
+        }
+        if n > 0 {
+            out.push(n);
+        }
+        out
+    }
+
+    #[test]
+    fn bursts_are_seeded_keep_the_rate_and_come_in_runs() {
+        let counters = Arc::new(Counters::default());
+        let run = |seed, pattern| {
+            let imp = Impairment {
+                loss: 0.05,
+                pattern,
+                delay: Duration::ZERO,
+                jitter: Duration::ZERO,
+                seed,
+            };
+            let mut s = Shaper::new(imp, 1, Arc::default(), counters.clone());
+            (0..40_000)
+                .map(|_| s.schedule().is_none())
+                .collect::<Vec<_>>()
+        };
+        let bursts = LossPattern::Bursts { mean_len: 4.0 };
+        let a = run(11, bursts);
+        let lost = a.iter().filter(|l| **l).count();
+        assert!(
+            (1400..2600).contains(&lost),
+            "{lost} of 40000 lost at 5 % in bursts"
+        );
+        let mean_run = |v: &[bool]| {
+            let r = runs(v);
+            r.iter().sum::<usize>() as f64 / r.len().max(1) as f64
+        };
+        let bursty = mean_run(&a);
+        assert!(
+            (3.0..5.0).contains(&bursty),
+            "mean run {bursty}, wanted about 4"
+        );
+        let random = mean_run(&run(11, LossPattern::Random));
+        assert!(random < 1.3, "independent losses rarely pair up: {random}");
+        assert_eq!(a, run(11, bursts), "same seed, same losses");
+        assert_ne!(a, run(12, bursts));
+        // Everything lost stays everything lost.
+        let all = Impairment {
+            loss: 1.0,
+            ..Impairment::none()
+        };
+        let mut s = Shaper::new(
+            Impairment {
+                pattern: bursts,
+                ..all
+            },
+            1,
+            Arc::default(),
+            counters,
+        );
+        assert!((0..100).all(|_| s.schedule().is_none()));
     }
 }

@@ -29,7 +29,7 @@ pub use client::{
 };
 use fetch::{FetchIndex, RecentGroups};
 pub use fetch::{RECENT_AGE, RECENT_GROUPS};
-pub use impair::{ImpairedPath, Impairment, Offered};
+pub use impair::{ImpairedPath, Impairment, LossPattern, Offered};
 pub use quic::{IDLE_TIMEOUT, KEEP_ALIVE};
 pub use tls::{CertError, CertVerification};
 

@@ -5,7 +5,7 @@
 use call::bench::{self, BenchConfig, Scenario, Transport};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_transport_carries_the_tone_clean_and_lossy() {
+async fn every_transport_carries_the_tone_clean_and_lossy_and_is_plotted() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = BenchConfig {
         scenarios: Scenario::parse_list(&["clean".into(), "loss-10".into()]).unwrap(),
@@ -16,7 +16,7 @@ async fn every_transport_carries_the_tone_clean_and_lossy() {
         seed: 3,
     };
     let report = bench::run(&config, &|_| {}).await.expect("bench runs");
-    assert_eq!(report.runs.len(), 4);
+    assert_eq!(report.runs.len(), 2 * Transport::ALL.len());
     let run = |s: &str, t: Transport| {
         report
             .runs
@@ -44,6 +44,7 @@ async fn every_transport_carries_the_tone_clean_and_lossy() {
             "acks or RTCP come back: {r:?}"
         );
         assert_eq!(r.decrypt_failed, 0);
+        assert!(r.drained <= r.concealed && r.drained <= r.received, "{r:?}");
     }
     for t in Transport::ALL {
         let (clean, lossy) = (run("clean", *t), run("loss-10", *t));
@@ -72,4 +73,69 @@ async fn every_transport_carries_the_tone_clean_and_lossy() {
         moq.lost,
         rtc.lost
     );
+    // With NACK, the receiver asks for what is missing and the sender resends it (RTX).
+    let nack = run("loss-10", Transport::WebrtcNack);
+    assert!(
+        nack.lost < rtc.lost,
+        "webrtc-nack {} never arrived vs webrtc {}",
+        nack.lost,
+        rtc.lost
+    );
+
+    // The plot of this report: a well-formed SVG naming every scenario and transport.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.svg");
+    bench::plot::write_svg(&report, &path).expect("plot written");
+    let svg = std::fs::read_to_string(&path).unwrap();
+    check_balanced(&svg).unwrap_or_else(|e| panic!("not well-formed: {e}"));
+    for s in [
+        "clean: no loss",
+        "loss-10: 10 % random loss",
+        "loss-10: residual loss",
+    ] {
+        assert!(svg.contains(s), "the plot lacks `{s}`");
+    }
+    let texts: Vec<&str> = svg
+        .split("</text>")
+        .filter_map(|chunk| chunk.rsplit_once('>').map(|(_, t)| t.trim()))
+        .collect();
+    for t in Transport::ALL {
+        // Its legend entry and its bar's label, in each of the two rows.
+        let n = texts.iter().filter(|x| **x == t.as_str()).count();
+        assert!(n >= 4, "{t} labelled {n} times");
+    }
+}
+
+/// Every element opened is closed, in order (enough of XML to catch a truncated or
+/// interleaved file).
+fn check_balanced(svg: &str) -> Result<(), String> {
+    let mut open: Vec<&str> = Vec::new();
+    let mut rest = svg.trim();
+    if !rest.starts_with("<svg") {
+        return Err("does not start with <svg".into());
+    }
+    while let Some(i) = rest.find('<') {
+        let end = rest[i..]
+            .find('>')
+            .ok_or_else(|| format!("unclosed tag at {}", svg.len() - rest.len() + i))?;
+        let tag = &rest[i + 1..i + end];
+        rest = &rest[i + end + 1..];
+        if tag.starts_with('?') || tag.starts_with('!') || tag.ends_with('/') {
+            continue;
+        }
+        if let Some(name) = tag.strip_prefix('/') {
+            match open.pop() {
+                Some(o) if o == name.trim() => {}
+                other => return Err(format!("</{name}> closes {other:?}")),
+            }
+        } else {
+            let name = tag.split_whitespace().next().unwrap_or_default();
+            open.push(name);
+        }
+    }
+    if open.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("left open: {open:?}"))
+    }
 }

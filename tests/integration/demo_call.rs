@@ -139,6 +139,7 @@ async fn a_call_over_impaired_paths_still_hears_everyone() {
         seconds: 3,
         impairment: Some(call::transport::Impairment {
             loss: 0.05,
+            pattern: call::transport::LossPattern::Random,
             delay: std::time::Duration::from_millis(30),
             jitter: std::time::Duration::from_millis(20),
             seed: 3,
