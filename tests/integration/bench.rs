@@ -54,7 +54,7 @@ async fn every_transport_carries_the_tone_clean_and_lossy_and_is_plotted() {
         if *t == Transport::MoqStream {
             assert!(
                 lossy.mouth_to_ear_ms.unwrap().p99 >= clean.mouth_to_ear_ms.unwrap().p50,
-                "{t}"
+                "{t}: clean {clean:?}\nlossy {lossy:?}"
             );
         }
     }
