@@ -22,8 +22,8 @@ use url::Url;
 
 use super::fetch::FetchIndex;
 use super::{
-    publish_on, subscribe_on, CertVerification, MoqConnection, TokenPolicy, TrackPublisher,
-    TransportError, UNAUTHORIZED,
+    publish_on, subscribe_on, CertVerification, Delivery, MoqConnection, TokenPolicy,
+    TrackPublisher, TransportError, UNAUTHORIZED,
 };
 
 /// First wait before reconnecting; doubles per failed attempt up to [`MAX_BACKOFF`].
@@ -93,8 +93,11 @@ pub struct TrackStats {
     pub received: AtomicU64,
     /// Frames dropped because they missed their playout deadline.
     pub late: AtomicU64,
-    /// Frames dropped for other reasons: no connection, full queue.
+    /// Frames dropped for other reasons: no connection, full queue, too large.
     pub dropped: AtomicU64,
+    /// Frames of a datagram track not sent because they did not fit one datagram (also
+    /// in `dropped`).
+    pub too_large: AtomicU64,
     /// Objects of a local track answered to a relay's (joining) FETCH.
     fetched: Arc<AtomicU64>,
     /// Smoothed RTT of the connection carrying the track, in µs; 0 while disconnected.
@@ -114,6 +117,9 @@ impl TrackStats {
     }
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+    pub fn too_large(&self) -> u64 {
+        self.too_large.load(Ordering::Relaxed)
     }
     /// Objects of a local track sent again in answer to a relay's joining FETCH: a relay
     /// that subscribed after they went out got them this way.
@@ -143,6 +149,7 @@ pub const RTT_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 struct LocalReg {
     namespace: TrackNamespace,
     name: String,
+    delivery: Delivery,
     slot: Arc<Mutex<Option<TrackPublisher>>>,
     /// Shared with the track's stats, counted by every connection's FETCH answers.
     fetched: Arc<AtomicU64>,
@@ -275,12 +282,24 @@ impl MoqClient {
         }
     }
 
-    /// Publishes `track` in `namespace` on every connection from now on.
+    /// Publishes `track` in `namespace` on every connection from now on, a QUIC stream per
+    /// frame.
     pub fn publish(&self, namespace: TrackNamespace, track: &str) -> LocalTrack {
+        self.publish_with(namespace, track, Delivery::Stream)
+    }
+
+    /// [`MoqClient::publish`], the frames carried as `delivery` says (on every connection).
+    pub fn publish_with(
+        &self,
+        namespace: TrackNamespace,
+        track: &str,
+        delivery: Delivery,
+    ) -> LocalTrack {
         let stats = TrackStats::sharing_rtt(&self.shared.rtt_us);
         let reg = Arc::new(LocalReg {
             namespace,
             name: track.to_string(),
+            delivery,
             slot: Arc::default(),
             fetched: stats.fetched.clone(),
             announced: watch::channel(0).0,
@@ -337,6 +356,12 @@ impl LocalTrack {
         let sent = match slot.as_mut() {
             Some(publisher) => match publisher.send(seq, payload) {
                 Ok(()) => true,
+                // This frame only: the track and its connection are fine.
+                Err(e @ TransportError::DatagramTooLarge { .. }) => {
+                    tracing::debug!("frame {seq} not sent: {e}");
+                    self.stats.too_large.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
                 Err(e) => {
                     tracing::debug!("publishing frame {seq} failed: {e}");
                     *slot = None;
@@ -574,7 +599,15 @@ async fn run_connection(
     rtt_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tasks: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
     for reg in locals.iter() {
-        tasks.push(publish_task(conn.publisher.clone(), conn.fetches.clone(), reg.clone()).boxed());
+        tasks.push(
+            publish_task(
+                conn.publisher.clone(),
+                conn.fetches.clone(),
+                conn.datagram_path(),
+                reg.clone(),
+            )
+            .boxed(),
+        );
     }
     for reg in remotes.iter() {
         tasks.push(subscribe_task(conn.subscriber.clone(), reg.clone()).boxed());
@@ -593,9 +626,14 @@ async fn run_connection(
             cmd = commands.recv() => match cmd {
                 Some(Command::Publish(reg)) => {
                     tasks.push(
-                        publish_task(conn.publisher.clone(), conn.fetches.clone(), reg.clone())
-                            .boxed(),
-                    );
+            publish_task(
+                conn.publisher.clone(),
+                conn.fetches.clone(),
+                conn.datagram_path(),
+                reg.clone(),
+            )
+            .boxed(),
+        );
                     locals.push(reg);
                 }
                 Some(Command::Subscribe(reg)) => {
@@ -621,13 +659,20 @@ async fn run_connection(
     ended
 }
 
-async fn publish_task(mut publisher: Publisher, fetches: Arc<FetchIndex>, reg: Arc<LocalReg>) {
+async fn publish_task(
+    mut publisher: Publisher,
+    fetches: Arc<FetchIndex>,
+    path: super::delivery::DatagramPath,
+    reg: Arc<LocalReg>,
+) {
     let announced = publish_on(
         &mut publisher,
         &fetches,
         reg.namespace.clone(),
         &reg.name,
         reg.fetched.clone(),
+        reg.delivery,
+        path,
     )
     .await;
     match announced {
