@@ -48,17 +48,25 @@ pub enum BenchError {
 pub enum Transport {
     /// MoQ through call-relay, one group (QUIC stream) per frame: today's delivery.
     MoqStream,
+    /// MoQ through call-relay, one OBJECT_DATAGRAM per frame (`call join --delivery
+    /// datagram`): no retransmission.
+    MoqDatagram,
     /// WebRTC peer to peer (str0m): ICE, DTLS-SRTP, one Opus RTP stream carrying the SFrame
     /// ciphertext, NACK off.
     Webrtc,
 }
 
 impl Transport {
-    pub const ALL: &'static [Transport] = &[Transport::MoqStream, Transport::Webrtc];
+    pub const ALL: &'static [Transport] = &[
+        Transport::MoqStream,
+        Transport::MoqDatagram,
+        Transport::Webrtc,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Transport::MoqStream => "moq-stream",
+            Transport::MoqDatagram => "moq-datagram",
             Transport::Webrtc => "webrtc",
         }
     }
@@ -77,7 +85,10 @@ impl std::str::FromStr for Transport {
             .iter()
             .copied()
             .find(|t| t.as_str() == s)
-            .ok_or_else(|| format!("`{s}` is not moq-stream or webrtc"))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|t| t.as_str()).collect();
+                format!("`{s}` is not one of {}", names.join(", "))
+            })
     }
 }
 
@@ -190,6 +201,7 @@ async fn run_one(
                 Ok(rt) => rt.block_on(async {
                     let link = match transport {
                         Transport::MoqStream => moq::stream(&scenario, seed).await?,
+                        Transport::MoqDatagram => moq::datagram(&scenario, seed).await?,
                         Transport::Webrtc => webrtc::peer_to_peer(&scenario, seed, &media).await?,
                     };
                     harness::run(transport, &scenario, &media, link).await

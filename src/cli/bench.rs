@@ -11,7 +11,7 @@ pub struct BenchArgs {
     /// far-relay (80 ms per relay leg), or all. Default: clean,loss-5,jitter-30,far-relay.
     #[arg(long = "scenario", env = "CALL_BENCH_SCENARIOS", value_delimiter = ',')]
     pub scenarios: Vec<String>,
-    /// Transports, comma-separated: moq-stream, webrtc. Default: all.
+    /// Transports, comma-separated: moq-stream, moq-datagram, webrtc. Default: all.
     #[arg(
         long = "transport",
         env = "CALL_BENCH_TRANSPORTS",
