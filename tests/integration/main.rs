@@ -10,6 +10,7 @@ mod call_output;
 mod call_session;
 mod cli;
 mod client_stats;
+mod datagram;
 mod demo_call;
 mod engine_sim;
 mod epoch_change;
