@@ -614,6 +614,11 @@ async fn run_connection(
     }
     let ended = loop {
         tokio::select! {
+            // The tracks' readers before the session: a datagram track keeps only its newest
+            // datagram, so its reader takes each one before the session hands over the next
+            // (see `quic::OneDatagramPerTurn`).
+            biased;
+            Some(()) = tasks.next(), if !tasks.is_empty() => {}
             res = &mut session => {
                 if let Err(e) = &res {
                     tracing::debug!("relay session ended: {e}");
@@ -625,15 +630,9 @@ async fn run_connection(
             }
             cmd = commands.recv() => match cmd {
                 Some(Command::Publish(reg)) => {
-                    tasks.push(
-            publish_task(
-                conn.publisher.clone(),
-                conn.fetches.clone(),
-                conn.datagram_path(),
-                reg.clone(),
-            )
-            .boxed(),
-        );
+                    let path = conn.datagram_path();
+                    let (publisher, fetches) = (conn.publisher.clone(), conn.fetches.clone());
+                    tasks.push(publish_task(publisher, fetches, path, reg.clone()).boxed());
                     locals.push(reg);
                 }
                 Some(Command::Subscribe(reg)) => {
@@ -645,7 +644,6 @@ async fn run_connection(
                     break Ended::Dropped;
                 }
             },
-            Some(()) = tasks.next(), if !tasks.is_empty() => {}
             _ = rtt_timer.tick() => {
                 // At least 1 µs: 0 means "not connected".
                 let us = u64::try_from(conn.rtt().as_micros()).unwrap_or(u64::MAX).max(1);
