@@ -133,8 +133,10 @@ pub(crate) async fn dial(url: &Url, verify: &CertVerification) -> Result<Dialled
 /// moq-transport 0.17 keeps only the newest datagram of a track until its reader takes it,
 /// and its receive loop does not yield between datagrams QUIC already holds: two datagrams
 /// of one track that arrive together (jitter bunches packets) were written one over the
-/// other before the reader ran, and the first was lost. Yielding before each datagram lets
-/// the woken reader take the previous one first (docs/protocol.md §4, Datagram delivery).
+/// other before the reader ran, and the first was lost. Yielding before handing over a
+/// datagram that was already waiting lets the woken reader take the previous one first
+/// (docs/protocol.md §4, Datagram delivery). Only then: a yield per idle wait slowed the
+/// session's stream handling.
 #[derive(Clone)]
 struct OneDatagramPerTurn(wt::quinn::Session);
 
@@ -164,8 +166,16 @@ impl web_transport_trait::Session for OneDatagramPerTurn {
     }
 
     async fn recv_datagram(&self) -> Result<bytes::Bytes, Self::Error> {
-        tokio::task::yield_now().await;
-        self.0.read_datagram().await
+        let mut read = std::pin::pin!(self.0.read_datagram());
+        match futures::poll!(&mut read) {
+            // QUIC already held it: the previous one may still be in its track's cell.
+            std::task::Poll::Ready(datagram) => {
+                tokio::task::yield_now().await;
+                datagram
+            }
+            // It comes later, after this task slept and its readers ran.
+            std::task::Poll::Pending => read.await,
+        }
     }
 
     fn max_datagram_size(&self) -> usize {
