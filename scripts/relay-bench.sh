@@ -58,8 +58,10 @@ bench() {
 }
 
 port_a=$((20000 + RANDOM % 20000)); port_b=$((port_a + 1)); port_c=$((port_a + 2))
+# Every load session comes from 127.0.0.1: lift the per-address session limit.
 relay_env=(CALL_RELAY_NOSTR_BIND=127.0.0.1:0 CALL_RELAY_AUTH=open CALL_RELAY_STATS_INTERVAL=0
-  CALL_RELAY_EPHEMERAL=1)
+  CALL_RELAY_MAX_SESSIONS_PER_ADDRESS=100000
+  CALL_RELAY_EPHEMERAL=true)
 a=$(bench call-relay "$port_a" stream -- env CALL_RELAY_MOQ_BIND="127.0.0.1:$port_a" \
   "${relay_env[@]}" "$root/target/release/call-relay")
 echo "$a"
