@@ -259,6 +259,7 @@ mod tests {
             frame_ms: 20,
             sender_bits: 4,
             privacy: Privacy::Standard,
+            delivery: Default::default(),
         };
         let answer = CallAnswer::accept([9; 32], track.clone());
         let state = CallState {

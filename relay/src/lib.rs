@@ -374,11 +374,13 @@ async fn log_stats(stats: StatsHandle, every: std::time::Duration) {
         );
         if now.setup_timeouts != last.setup_timeouts
             || now.refused_per_address != last.refused_per_address
+            || now.datagrams_too_large != last.datagrams_too_large
         {
             tracing::info!(
-                "moq setup_timeouts={} refused_per_address={}",
+                "moq setup_timeouts={} refused_per_address={} datagrams_too_large={}",
                 now.setup_timeouts - last.setup_timeouts,
                 now.refused_per_address - last.refused_per_address,
+                now.datagrams_too_large - last.datagrams_too_large,
             );
         }
         tracing::info!(
@@ -454,6 +456,11 @@ pub struct RelayStats {
     pub setup_timeouts: u64,
     /// MoQ sessions refused by `--max-sessions-per-address` (also in `refused`).
     pub refused_per_address: u64,
+    /// Objects received as OBJECT_DATAGRAMs (also in `objects_in`) since start.
+    pub datagrams_in: u64,
+    /// Datagram copies not sent because they exceed what the subscriber's path carries
+    /// (also in `drops`).
+    pub datagrams_too_large: u64,
     /// Open Nostr WebSocket connections (now).
     pub nostr_connections: u64,
     /// Bytes of stored Nostr events (JSON size, now).
@@ -485,6 +492,8 @@ impl moq::Routes {
             refused: self.stats.refused.load(Ordering::Relaxed),
             setup_timeouts: self.stats.setup_timeouts.load(Ordering::Relaxed),
             refused_per_address: self.stats.refused_per_address.load(Ordering::Relaxed),
+            datagrams_in: self.stats.datagrams_in.load(Ordering::Relaxed),
+            datagrams_too_large: self.stats.datagrams_too_large.load(Ordering::Relaxed),
             ..RelayStats::default()
         }
     }

@@ -18,10 +18,11 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use moq_native_ietf::quic;
 use moq_transport::coding::TrackNamespace;
+use moq_transport::data::ObjectStatus;
 use moq_transport::message::RequestErrorCode;
 use moq_transport::serve::{
-    FullTrackName, ServeError, Subgroup, SubgroupReader, SubgroupWriter, SubgroupsWriter, Track,
-    TrackReaderMode,
+    Datagram, DatagramsWriter, FullTrackName, ServeError, Subgroup, SubgroupReader, SubgroupWriter,
+    SubgroupsWriter, Track, TrackReaderMode, TrackWriter,
 };
 use moq_transport::session::{PublishedNamespace, Publisher, Session, Subscribed, Subscriber};
 use sha2::{Digest, Sha256};
@@ -115,6 +116,10 @@ pub(crate) struct Stats {
     pub setup_timeouts: AtomicU64,
     /// Sessions refused because their source address had too many (also in `refused`).
     pub refused_per_address: AtomicU64,
+    /// Objects received from publishers as OBJECT_DATAGRAMs (also in `objects_in`).
+    pub datagrams_in: AtomicU64,
+    /// Datagram copies not sent because they exceed what a path carries (also in `drops`).
+    pub datagrams_too_large: AtomicU64,
 }
 
 /// What one session presented and holds.
@@ -156,16 +161,65 @@ impl Refusal {
 /// being copied right now, and the newest complete group. A subscriber that attaches gets
 /// the groups in flight (objects so far, then the rest live) or, when none is, the newest
 /// complete group.
+///
+/// A track is delivered either as subgroups (a QUIC stream per group) or as
+/// OBJECT_DATAGRAMs; which one is known only when the publisher's first object arrives, so
+/// subscribers that attach before wait in `pending` with an undecided track. A datagram
+/// track is forwarded datagram by datagram, with nothing cached: a late subscriber starts
+/// with the next one (for audio, 20 ms later).
 pub(crate) struct Hub {
     state: Mutex<HubState>,
 }
 
 #[derive(Default)]
 struct HubState {
+    mode: HubMode,
+    pending: Vec<TrackWriter>,
     downstream: Vec<Downstream>,
+    datagram_outs: Vec<DatagramsWriter>,
     inflight: Vec<Arc<Mutex<GroupCopy>>>,
     latest: Option<CachedGroup>,
     closed: bool,
+}
+
+/// How the upstream track delivers its objects.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum HubMode {
+    /// No object yet.
+    #[default]
+    Unknown,
+    Subgroups,
+    Datagrams,
+}
+
+/// Worst-case bytes an OBJECT_DATAGRAM header adds to its payload and extension headers:
+/// type (1), track alias, group and object id (8-byte varints at most) and priority (1).
+const DATAGRAM_HEADER_MAX: usize = 26;
+
+/// The largest encoded datagram forwarded: what one QUIC datagram carries on any path
+/// (QUIC's 1200-byte minimum packet less the short header with the longest connection id,
+/// packet number, AEAD tag, DATAGRAM frame header and WebTransport's session prefix).
+///
+/// Not each subscriber's own limit: moq-transport's session hides the QUIC connection, and
+/// its `max_datagram_size` panics for a peer that takes no datagrams. A larger datagram
+/// could end that subscriber's subscription (moq-transport ends it when QUIC refuses one),
+/// so it is dropped and counted instead.
+const PATH_DATAGRAM_MAX: usize = 1142;
+
+/// The bytes `datagram` takes on the wire at most, QUIC framing aside.
+fn datagram_size(datagram: &Datagram) -> usize {
+    use moq_transport::coding::Encode;
+    let extensions = if datagram.extension_headers.0.is_empty() {
+        0
+    } else {
+        let mut buf = bytes::BytesMut::new();
+        match datagram.extension_headers.encode(&mut buf) {
+            Ok(()) => buf.len(),
+            // Not encodable: as good as too large.
+            Err(_) => usize::MAX / 2,
+        }
+    };
+    DATAGRAM_HEADER_MAX + extensions + datagram.payload.len()
 }
 
 /// One subscriber's track, and the first object of each group handed to it that its
@@ -245,18 +299,113 @@ impl Hub {
         self.state.lock().expect("hub lock").closed
     }
 
-    /// Adds a subscriber, first handing it what is in flight or the newest complete group.
-    fn attach(&self, writer: SubgroupsWriter, stats: &Stats) -> bool {
+    /// Adds a subscriber; once the upstream's delivery is known its track takes the same
+    /// (see [`Hub`]).
+    fn attach(&self, writer: TrackWriter, stats: &Stats) -> bool {
+        let mut state = self.state.lock().expect("hub lock");
+        if state.closed {
+            return false;
+        }
+        match state.mode {
+            HubMode::Unknown => {
+                state.pending.push(writer);
+                true
+            }
+            HubMode::Subgroups => match writer.subgroups() {
+                Ok(subgroups) => {
+                    Self::attach_subgroups(&mut state, subgroups, stats);
+                    true
+                }
+                Err(_) => false,
+            },
+            HubMode::Datagrams => match writer.datagrams() {
+                Ok(datagrams) => {
+                    state.datagram_outs.push(datagrams);
+                    true
+                }
+                Err(_) => false,
+            },
+        }
+    }
+
+    /// The upstream's first object came: its delivery is now known, and the subscribers
+    /// that attached before get their tracks in that mode.
+    fn set_mode(&self, mode: HubMode, stats: &Stats) {
+        let mut state = self.state.lock().expect("hub lock");
+        state.mode = mode;
+        for writer in std::mem::take(&mut state.pending) {
+            // A writer that cannot switch has lost its reader: the subscriber is gone.
+            match mode {
+                HubMode::Subgroups => {
+                    if let Ok(subgroups) = writer.subgroups() {
+                        Self::attach_subgroups(&mut state, subgroups, stats);
+                    }
+                }
+                HubMode::Datagrams => {
+                    if let Ok(datagrams) = writer.datagrams() {
+                        state.datagram_outs.push(datagrams);
+                    }
+                }
+                HubMode::Unknown => state.pending.push(writer),
+            }
+        }
+    }
+
+    /// Forwards one upstream datagram to every subscriber whose path carries it, dropping
+    /// subscribers that are gone.
+    fn datagram(&self, mut datagram: Datagram, max_object_bytes: usize, stats: &Stats) {
+        stats.objects_in.fetch_add(1, Ordering::Relaxed);
+        stats.datagrams_in.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state.lock().expect("hub lock");
+        let copies = state.datagram_outs.len() as u64;
+        if datagram.payload.len() > max_object_bytes {
+            tracing::debug!(
+                size = datagram.payload.len(),
+                limit = max_object_bytes,
+                "datagram over the size limit dropped"
+            );
+            stats.drops.fetch_add(copies + 1, Ordering::Relaxed);
+            return;
+        }
+        if datagram.status != ObjectStatus::NormalObject && !datagram.payload.is_empty() {
+            // Not encodable; moq-transport would end each subscriber's subscription on it.
+            stats.drops.fetch_add(copies + 1, Ordering::Relaxed);
+            return;
+        }
+        if datagram.payload.is_empty() {
+            // A zero-length object goes out as a status datagram, which has no end-of-group
+            // form; with the flag set moq-transport would end the subscription instead.
+            datagram.end_of_group = false;
+        }
+        if datagram_size(&datagram) > PATH_DATAGRAM_MAX {
+            tracing::debug!(
+                size = datagram.payload.len(),
+                "datagram larger than a path carries dropped"
+            );
+            stats.drops.fetch_add(copies + 1, Ordering::Relaxed);
+            stats
+                .datagrams_too_large
+                .fetch_add(copies, Ordering::Relaxed);
+            return;
+        }
+        // A subscriber whose writer is gone (unsubscribed, session ended) is dropped.
+        state
+            .datagram_outs
+            .retain_mut(|out| out.write(datagram.clone()).is_ok());
+        let sent = state.datagram_outs.len() as u64;
+        stats.objects_out.fetch_add(sent, Ordering::Relaxed);
+        stats.drops.fetch_add(copies - sent, Ordering::Relaxed);
+    }
+
+    /// Adds a subscriber of a subgroup track, first handing it what is in flight or the
+    /// newest complete group.
+    fn attach_subgroups(state: &mut HubState, writer: SubgroupsWriter, stats: &Stats) {
         let mut down = Downstream {
             writer,
             unsent: Arc::default(),
             behind: false,
         };
         let writer = &mut down.writer;
-        let mut state = self.state.lock().expect("hub lock");
-        if state.closed {
-            return false;
-        }
         let mut joined_inflight = false;
         for group in &state.inflight {
             let mut group = group.lock().expect("group lock");
@@ -285,7 +434,6 @@ impl Hub {
             }
         }
         state.downstream.push(down);
-        true
     }
 
     /// Opens `subgroup` on every live subscriber that is not too far behind, dropping
@@ -351,7 +499,9 @@ impl Hub {
     fn close(&self) {
         let mut state = self.state.lock().expect("hub lock");
         state.closed = true;
+        state.pending.clear();
         state.downstream.clear();
+        state.datagram_outs.clear();
         state.inflight.clear();
     }
 }
@@ -536,9 +686,29 @@ impl Routes {
         hub: &Hub,
     ) {
         let mut groups = match reader.mode().await {
-            Ok(TrackReaderMode::Subgroups(groups)) => groups,
-            Ok(_) => {
-                tracing::debug!(track = %key.name, "upstream track is not in subgroup mode");
+            Ok(TrackReaderMode::Subgroups(groups)) => {
+                hub.set_mode(HubMode::Subgroups, &self.stats);
+                groups
+            }
+            Ok(TrackReaderMode::Datagrams(mut datagrams)) => {
+                hub.set_mode(HubMode::Datagrams, &self.stats);
+                // moq-transport hands over the newest datagram at each read; this loop does
+                // nothing but copy, so it keeps up with one publisher's rate.
+                loop {
+                    match datagrams.read().await {
+                        Ok(Some(datagram)) => {
+                            hub.datagram(datagram, self.policy.max_object_bytes, &self.stats)
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            tracing::debug!(track = %key.name, "upstream track failed: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+            Ok(TrackReaderMode::Stream(_)) => {
+                tracing::debug!(track = %key.name, "upstream track is in stream mode");
                 return;
             }
             Err(e) => {
@@ -662,10 +832,7 @@ impl Routes {
             Some(Ok(hub)) => {
                 let (writer, reader) =
                     Track::new(key.namespace.clone(), key.name.clone()).produce();
-                let attached = writer
-                    .subgroups()
-                    .is_ok_and(|subgroups| hub.attach(subgroups, &self.stats));
-                match attached {
+                match hub.attach(writer, &self.stats) {
                     true => {
                         self.stats
                             .downstream_subscriptions
@@ -1187,5 +1354,76 @@ mod tests {
             k("2001:db8:1:2:aaaa::1"),
             "2001:db8:1:2::".parse::<IpAddr>().unwrap()
         );
+    }
+
+    /// A datagram track's hub: subscribers attached before and after the first datagram
+    /// get every datagram; one over the object limit, one larger than a path carries and a
+    /// malformed status datagram reach nobody and are counted; a gone subscriber is dropped.
+    #[tokio::test]
+    async fn a_datagram_hub_forwards_to_every_subscriber_and_counts_what_it_drops() {
+        use super::{Hub, HubMode, Stats, PATH_DATAGRAM_MAX};
+        use moq_transport::data::ObjectStatus;
+        use moq_transport::serve::{Datagram, Track, TrackReaderMode};
+        use std::sync::atomic::Ordering;
+
+        let datagram = |group_id: u64, payload: Vec<u8>| Datagram {
+            group_id,
+            object_id: 0,
+            priority: 0,
+            status: ObjectStatus::NormalObject,
+            end_of_group: false,
+            payload: payload.into(),
+            extension_headers: Default::default(),
+        };
+        let hub = Hub::new();
+        let stats = Stats::default();
+        let subscriber = || Track::new(TrackNamespace::from_utf8_path("call/ns"), "t").produce();
+        let (early, early_reader) = subscriber();
+        assert!(hub.attach(early, &stats));
+        hub.set_mode(HubMode::Datagrams, &stats);
+        let (late, late_reader) = subscriber();
+        assert!(hub.attach(late, &stats));
+        let (gone, gone_reader) = subscriber();
+        assert!(hub.attach(gone, &stats));
+        drop(gone_reader);
+
+        let mut readers = Vec::new();
+        for reader in [early_reader, late_reader] {
+            match reader.mode().await.unwrap() {
+                TrackReaderMode::Datagrams(d) => readers.push(d),
+                _ => panic!("a subscriber of a datagram track is not in datagram mode"),
+            }
+        }
+        hub.datagram(datagram(1, b"one".to_vec()), 200, &stats);
+        for r in &mut readers {
+            assert_eq!(r.read().await.unwrap().unwrap().payload, &b"one"[..]);
+        }
+        assert_eq!(stats.objects_out.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            stats.drops.load(Ordering::Relaxed),
+            1,
+            "the gone subscriber"
+        );
+
+        // Over the object limit, over what a path carries, and a status with a payload.
+        hub.datagram(datagram(2, vec![0; 201]), 200, &stats);
+        hub.datagram(datagram(3, vec![0; PATH_DATAGRAM_MAX]), usize::MAX, &stats);
+        let mut bad = datagram(4, b"x".to_vec());
+        bad.status = ObjectStatus::EndOfTrack;
+        hub.datagram(bad, 200, &stats);
+        assert_eq!(stats.drops.load(Ordering::Relaxed), 1 + 3 * 3);
+        assert_eq!(stats.datagrams_too_large.load(Ordering::Relaxed), 2);
+        // A zero-length object loses its (unencodable) end-of-group flag and goes out.
+        let mut empty = datagram(5, Vec::new());
+        empty.end_of_group = true;
+        hub.datagram(empty, 200, &stats);
+        for r in &mut readers {
+            let got = r.read().await.unwrap().unwrap();
+            assert_eq!(got.group_id, 5, "nothing between 1 and 5 was forwarded");
+            assert!(!got.end_of_group);
+        }
+        assert_eq!(stats.datagrams_in.load(Ordering::Relaxed), 5);
+        assert_eq!(stats.objects_in.load(Ordering::Relaxed), 5);
+        assert_eq!(stats.objects_out.load(Ordering::Relaxed), 4);
     }
 }

@@ -49,6 +49,9 @@ pub enum BenchError {
 pub enum Transport {
     /// MoQ through call-relay, one group (QUIC stream) per frame: today's delivery.
     MoqStream,
+    /// MoQ through call-relay, one OBJECT_DATAGRAM per frame (`call join --delivery
+    /// datagram`): no retransmission.
+    MoqDatagram,
     /// WebRTC peer to peer (str0m): ICE, DTLS-SRTP, one Opus RTP stream carrying the SFrame
     /// ciphertext, NACK off.
     Webrtc,
@@ -59,6 +62,7 @@ pub enum Transport {
 impl Transport {
     pub const ALL: &'static [Transport] = &[
         Transport::MoqStream,
+        Transport::MoqDatagram,
         Transport::Webrtc,
         Transport::WebrtcNack,
     ];
@@ -66,6 +70,7 @@ impl Transport {
     pub fn as_str(self) -> &'static str {
         match self {
             Transport::MoqStream => "moq-stream",
+            Transport::MoqDatagram => "moq-datagram",
             Transport::Webrtc => "webrtc",
             Transport::WebrtcNack => "webrtc-nack",
         }
@@ -204,6 +209,7 @@ async fn run_one(
                 Ok(rt) => rt.block_on(async {
                     let link = match transport {
                         Transport::MoqStream => moq::stream(&scenario, seed).await?,
+                        Transport::MoqDatagram => moq::datagram(&scenario, seed).await?,
                         Transport::Webrtc => webrtc::peer_to_peer(&scenario, seed, &media).await?,
                         Transport::WebrtcNack => {
                             webrtc::peer_to_peer_nack(&scenario, seed, &media).await?

@@ -14,7 +14,8 @@ use url::Url;
 use super::harness::{Arrival, Link, LINK_QUEUE};
 use super::{BenchError, Scenario, SETUP_LIMIT};
 use crate::transport::{
-    participant_namespace, CertVerification, ClientConfig, ImpairedPath, MoqClient, TokenPolicy,
+    participant_namespace, CertVerification, ClientConfig, Delivery, ImpairedPath, MoqClient,
+    TokenPolicy,
 };
 
 fn setup(what: &str, e: impl std::fmt::Display) -> BenchError {
@@ -33,6 +34,19 @@ fn via(url: &Url, addr: SocketAddr) -> Result<Url, BenchError> {
 
 /// One group (QUIC stream) per frame through call-relay.
 pub(crate) async fn stream(scenario: &Scenario, seed: u64) -> Result<Link, BenchError> {
+    through_relay(scenario, seed, Delivery::Stream).await
+}
+
+/// One OBJECT_DATAGRAM per frame through call-relay.
+pub(crate) async fn datagram(scenario: &Scenario, seed: u64) -> Result<Link, BenchError> {
+    through_relay(scenario, seed, Delivery::Datagram).await
+}
+
+async fn through_relay(
+    scenario: &Scenario,
+    seed: u64,
+    delivery: Delivery,
+) -> Result<Link, BenchError> {
     let begun = Instant::now();
     let relay = call_relay::Relay::bind(&call_relay::RelayConfig::ephemeral())
         .await
@@ -73,7 +87,7 @@ pub(crate) async fn stream(scenario: &Scenario, seed: u64) -> Result<Link, Bench
     };
     let publisher = client(up.addr())?;
     let subscriber = client(down.addr())?;
-    let mut local = publisher.publish(namespace.clone(), "audio");
+    let mut local = publisher.publish_with(namespace.clone(), "audio", delivery);
     tokio::time::timeout(SETUP_LIMIT, local.announced())
         .await
         .map_err(|_| setup("announce", "timed out"))?

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::{BufMut, BytesMut};
-use call::transport::{CertVerification, ClientConfig, MoqClient, MoqConnection};
+use call::transport::{CertVerification, ClientConfig, Delivery, MoqClient, MoqConnection};
 use clap::Parser;
 use moq_transport::coding::TrackNamespace;
 use tokio::time::Instant;
@@ -58,6 +58,11 @@ struct Args {
     /// Seconds of sending.
     #[arg(long, env = "CALL_RELAY_LOAD_SECONDS", default_value_t = 10)]
     seconds: u64,
+    /// How publishers send their objects: `stream` (a QUIC stream per object) or
+    /// `datagram` (a MoQ OBJECT_DATAGRAM per object). Example: --delivery datagram
+    #[arg(long, env = "CALL_RELAY_LOAD_DELIVERY", default_value_t = Delivery::Stream,
+          value_name = "stream|datagram")]
+    delivery: Delivery,
     /// Relay token (hex) presented in SETUP; none for open relays.
     #[arg(long, env = "CALL_RELAY_LOAD_TOKEN")]
     token: Option<String>,
@@ -120,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
         // same namespace must not count it as delivered.
         let ns = TrackNamespace::try_from(vec!["bench".to_string(), format!("p{i}"), run.clone()])
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (track, serve) = conn.publish(ns.clone(), "t").await?;
+        let (track, serve) = conn.publish_with(ns.clone(), "t", args.delivery).await?;
         tokio::spawn(serve);
         tracks.push(track);
         pub_conns.push((conn, ns));
@@ -251,7 +256,8 @@ async fn main() -> anyhow::Result<()> {
         f64::from(lat[i]) / 1000.0
     };
     println!(
-        "{{\"relays\":{},\"publishers\":{},\"subscribers\":{},\"subscriptions\":{},\"sent\":{},\"expected\":{},\"received\":{},\"delivered\":{:.4},\"latency_p50_ms\":{:.3},\"latency_p99_ms\":{:.3}}}",
+        "{{\"delivery\":\"{}\",\"relays\":{},\"publishers\":{},\"subscribers\":{},\"subscriptions\":{},\"sent\":{},\"expected\":{},\"received\":{},\"delivered\":{:.4},\"latency_p50_ms\":{:.3},\"latency_p99_ms\":{:.3}}}",
+        args.delivery,
         args.url.len(),
         args.publishers,
         args.subscribers,

@@ -23,7 +23,7 @@ use crate::media::io::{AudioIn, AudioOut};
 use crate::media::jitter::JitterStats;
 use crate::media::keyring::RejectCounts;
 use crate::media::tone::ToneSource;
-use crate::transport::{CertVerification, ImpairedPath, Impairment, TokenPolicy};
+use crate::transport::{CertVerification, Delivery, ImpairedPath, Impairment, TokenPolicy};
 
 type Member = GroupMember<MdkMemoryStorage>;
 
@@ -60,6 +60,8 @@ pub struct DemoConfig {
     pub impairment: Option<Impairment>,
     /// Whether participants present the relay token (docs/protocol.md §4).
     pub relay_token: TokenPolicy,
+    /// How the caller's offer says frames travel (every participant follows it).
+    pub delivery: Delivery,
 }
 
 /// What one participant heard from one peer.
@@ -110,6 +112,8 @@ pub struct DemoReport {
     pub participants: usize,
     pub seconds: u64,
     pub frame_ms: u32,
+    /// How the frames travelled (the caller's offer).
+    pub delivery: Delivery,
     pub moq_relay: String,
     pub nostr_relays: Vec<String>,
     /// The impairment of every participant's path to the MoQ relay, if any.
@@ -236,6 +240,10 @@ pub async fn run(
         opts.ring_timeout = Duration::ZERO;
         opts.record_frames = true;
         opts.relay_token = config.relay_token;
+        if i == 0 {
+            // Only the caller chooses; the others take it from the offer.
+            opts.delivery = Some(config.delivery);
+        }
         if let Some(imp) = config.impairment {
             let imp = Impairment {
                 seed: imp.seed.wrapping_add(i as u64),
@@ -484,6 +492,7 @@ fn build_report(
         participants: n,
         seconds: config.seconds,
         frame_ms: config.frame_ms,
+        delivery: config.delivery,
         moq_relay: config.moq_relay.to_string(),
         nostr_relays: config.nostr_relays.iter().map(Url::to_string).collect(),
         impairment: config.impairment.map(|i| ImpairmentReport {

@@ -237,6 +237,8 @@ pub struct CallReport {
     /// Our MLS leaf and track.
     pub leaf_index: u32,
     pub track: String,
+    /// How our frames travelled (the offer's `delivery`).
+    pub delivery: crate::transport::Delivery,
     pub seconds: f64,
     /// Every epoch the call's keys came from, in order.
     pub epochs: Vec<u64>,
@@ -1115,6 +1117,7 @@ impl CallEngine {
             started: self.started,
             leaf_index: self.me.leaf_index,
             track: self.me.name_hex(),
+            delivery: self.offer.delivery,
             seconds: ms_between(self.began, now) / 1e3,
             epochs: self.epochs.clone(),
             sent: self.outbound.sent(),

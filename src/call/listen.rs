@@ -859,6 +859,7 @@ mod tests {
             frame_ms: 20,
             sender_bits: 4,
             privacy: Privacy::Standard,
+            delivery: Default::default(),
         }
     }
 

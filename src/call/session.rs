@@ -31,7 +31,8 @@ use crate::media::io::{AudioEvent, AudioIn, AudioIo, AudioIoReport, AudioOut};
 use crate::media::keyring::CounterStore;
 use crate::media::keys::{CallSecret, KidLayout};
 use crate::transport::{
-    participant_namespace, CertVerification, ClientConfig, LocalTrack, MoqClient, TokenPolicy,
+    participant_namespace, CertVerification, ClientConfig, Delivery, LocalTrack, MoqClient,
+    TokenPolicy,
 };
 
 /// A call whose last signaling is older than this is not joined without `--call`: its
@@ -88,6 +89,9 @@ pub struct JoinOptions {
     pub leave_when_alone: bool,
     /// How often a status event comes ([`STATUS_INTERVAL`]; a live screen wants more).
     pub status_interval: Duration,
+    /// How our frames travel in a call we start ([`Delivery::Stream`] when `None`); a
+    /// joined call uses the delivery its offer names.
+    pub delivery: Option<Delivery>,
 }
 
 impl JoinOptions {
@@ -107,6 +111,7 @@ impl JoinOptions {
             relay_token: TokenPolicy::Auto,
             leave_when_alone: false,
             status_interval: STATUS_INTERVAL,
+            delivery: None,
         }
     }
 }
@@ -629,6 +634,12 @@ pub async fn run_session<S: MdkStorageProvider>(
                     call.offer.moq_url
                 );
             }
+            if let Some(asked) = opts.delivery.filter(|d| *d != call.offer.delivery) {
+                tracing::warn!(
+                    "joining the running call with its {} delivery; {asked} is for a call we start (--new)",
+                    call.offer.delivery
+                );
+            }
             (call.offer, call.participants)
         }
         None => {
@@ -643,6 +654,7 @@ pub async fn run_session<S: MdkStorageProvider>(
                 frame_ms: opts.frame_ms,
                 sender_bits: KidLayout::for_max_leaf(max_leaf).sender_bits(),
                 privacy: opts.privacy,
+                delivery: opts.delivery.unwrap_or_default(),
             };
             (offer, BTreeMap::new())
         }
@@ -660,9 +672,10 @@ pub async fn run_session<S: MdkStorageProvider>(
             .with_token_policy(opts.relay_token),
     );
     let driver = tokio::spawn(driver);
-    let mut local = client.publish(
+    let mut local = client.publish_with(
         participant_namespace(&offer.namespace_hex(), &me.name_hex())?,
         &me.name_hex(),
+        offer.delivery,
     );
     tokio::time::timeout(ANNOUNCE_TIMEOUT, local.announced())
         .await
@@ -840,6 +853,7 @@ mod tests {
             frame_ms: 20,
             sender_bits: 4,
             privacy: Privacy::Standard,
+            delivery: Default::default(),
         }
     }
 

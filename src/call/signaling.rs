@@ -4,6 +4,8 @@
 use nostr_sdk::prelude::{EventBuilder, Kind, Tag, TagKind, Tags};
 use url::Url;
 
+use crate::transport::Delivery;
+
 pub const KIND_OFFER: Kind = Kind::Custom(450);
 pub const KIND_ANSWER: Kind = Kind::Custom(451);
 pub const KIND_STATE: Kind = Kind::Custom(454);
@@ -95,6 +97,8 @@ pub struct CallOffer {
     pub frame_ms: u32,
     pub sender_bits: u32,
     pub privacy: Privacy,
+    /// How every participant publishes its track (`delivery` tag; docs/protocol.md §2).
+    pub delivery: Delivery,
 }
 
 impl std::fmt::Debug for CallOffer {
@@ -105,6 +109,7 @@ impl std::fmt::Debug for CallOffer {
             .field("frame_ms", &self.frame_ms)
             .field("sender_bits", &self.sender_bits)
             .field("privacy", &self.privacy)
+            .field("delivery", &self.delivery)
             .finish_non_exhaustive()
     }
 }
@@ -138,6 +143,7 @@ impl CallOffer {
                     Privacy::Enhanced => "enhanced",
                 }],
             ),
+            tag("delivery", &[self.delivery.as_str()]),
         ]
     }
 
@@ -181,6 +187,13 @@ impl CallOffer {
             Some(p) if p == "enhanced" => Privacy::Enhanced,
             Some(p) => return Err(bad("privacy", format!("unknown `{p}`"))),
         };
+        // An offer from a client that predates the tag is a stream call.
+        let delivery = match values(tags, "delivery").ok().and_then(|v| v.first()) {
+            None => Delivery::Stream,
+            Some(d) => d
+                .parse::<Delivery>()
+                .map_err(|_| bad("delivery", format!("unknown `{d}`")))?,
+        };
         let moq_url = Url::parse(value(tags, "moq", 0)?).map_err(|e| bad("moq", e))?;
         Ok(Self {
             call_id: hex_array("call_id", value(tags, "call_id", 0)?)?,
@@ -191,6 +204,7 @@ impl CallOffer {
             frame_ms,
             sender_bits,
             privacy,
+            delivery,
         })
     }
 }
@@ -372,6 +386,7 @@ mod tests {
             frame_ms: 20,
             sender_bits: 4,
             privacy: Privacy::Standard,
+            delivery: Delivery::Stream,
         }
     }
 
@@ -382,6 +397,46 @@ mod tests {
             CallOffer::from_rumor(rumor.kind, &rumor.tags).unwrap(),
             offer()
         );
+        let datagram = CallOffer {
+            delivery: Delivery::Datagram,
+            ..offer()
+        };
+        let rumor = datagram.to_rumor().build(Keys::generate().public_key());
+        assert_eq!(
+            CallOffer::from_rumor(rumor.kind, &rumor.tags).unwrap(),
+            datagram
+        );
+    }
+
+    #[test]
+    fn the_delivery_tag_defaults_to_stream_and_refuses_unknown_values() {
+        let good = offer().to_rumor().build(Keys::generate().public_key());
+        let with = |value: Option<&str>| -> Tags {
+            let mut tags: Vec<Tag> = good
+                .tags
+                .iter()
+                .filter(|t| t.as_slice()[0] != "delivery")
+                .cloned()
+                .collect();
+            if let Some(v) = value {
+                tags.push(tag("delivery", &[v]));
+            }
+            Tags::from_list(tags)
+        };
+        // An offer from a client without the tag: a stream call.
+        let old = CallOffer::from_rumor(KIND_OFFER, &with(None)).unwrap();
+        assert_eq!(old.delivery, Delivery::Stream);
+        let dgram = CallOffer::from_rumor(KIND_OFFER, &with(Some("datagram"))).unwrap();
+        assert_eq!(dgram.delivery, Delivery::Datagram);
+        match CallOffer::from_rumor(KIND_OFFER, &with(Some("carrier-pigeon"))) {
+            Err(SignalError::Bad {
+                tag: "delivery",
+                why,
+            }) => {
+                assert!(why.contains("carrier-pigeon"), "{why}")
+            }
+            other => panic!("an unknown delivery was not refused: {other:?}"),
+        }
     }
 
     #[test]

@@ -14,8 +14,8 @@ pub struct BenchArgs {
     /// end to end). Default: clean,loss-5,jitter-30,far-relay.
     #[arg(long = "scenario", env = "CALL_BENCH_SCENARIOS", value_delimiter = ',')]
     pub scenarios: Vec<String>,
-    /// Transports, comma-separated: moq-stream, webrtc, webrtc-nack (NACK/RTX on). Default:
-    /// all.
+    /// Transports, comma-separated: moq-stream, moq-datagram, webrtc, webrtc-nack (NACK/RTX
+    /// on). Default: all.
     #[arg(
         long = "transport",
         env = "CALL_BENCH_TRANSPORTS",

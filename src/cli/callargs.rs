@@ -5,7 +5,7 @@ use clap::Args;
 
 use super::config::Settings;
 use crate::call::loopback::{SinkSpec, SourceSpec};
-use crate::transport::{CertVerification, TokenPolicy};
+use crate::transport::{CertVerification, Delivery, TokenPolicy};
 
 /// How to reach a call's MoQ relay.
 #[derive(Args, Debug, Clone)]
@@ -22,6 +22,13 @@ pub struct RelayArgs {
     /// config.toml, then `auto`.
     #[arg(long, env = "CALL_RELAY_TOKEN", value_name = "auto|always|never")]
     pub relay_token: Option<TokenPolicy>,
+}
+
+impl MediaArgs {
+    /// The flag's choice, else `delivery` in config.toml (`None`: the default, stream).
+    pub fn delivery(&self, settings: &Settings) -> Option<Delivery> {
+        self.delivery.or(settings.delivery)
+    }
 }
 
 impl RelayArgs {
@@ -58,6 +65,12 @@ pub struct MediaArgs {
     /// Leave after this many seconds; without it, until Ctrl-C.
     #[arg(short, long, env = "CALL_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub seconds: Option<u64>,
+    /// How frames travel in a call we start: `stream` (a QUIC stream per frame, lost
+    /// packets retransmitted) or `datagram` (a MoQ datagram per frame, never retransmitted;
+    /// FEC and concealment cover losses). A joined call uses its offer's. Falls back to
+    /// `delivery` in config.toml, then `stream`. Example: --delivery datagram
+    #[arg(long, env = "CALL_DELIVERY", value_name = "stream|datagram")]
+    pub delivery: Option<Delivery>,
     #[command(flatten)]
     pub relay: RelayArgs,
 }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use url::Url;
 
-use crate::transport::TokenPolicy;
+use crate::transport::{Delivery, TokenPolicy};
 
 /// Flags shared by the identity, key and group commands.
 #[derive(Args, Debug, Clone)]
@@ -50,6 +50,8 @@ pub struct ConfigFile {
     pub relay_token: Option<String>,
     /// SHA-256 fingerprint (hex) of the MoQ relay's certificate, as `--moq-fingerprint`.
     pub moq_fingerprint: Option<String>,
+    /// `stream` or `datagram`: how frames travel in a call `call join` starts.
+    pub delivery: Option<String>,
 }
 
 /// A MoQ relay URL: `moqt://` (raw QUIC) or `https://` (WebTransport), with a host.
@@ -95,6 +97,8 @@ pub struct Settings {
     pub relay_token: Option<TokenPolicy>,
     /// From config.toml; `--moq-fingerprint` (and `--moq-insecure`) override it.
     pub moq_fingerprint: Option<String>,
+    /// From config.toml; `--delivery` overrides it.
+    pub delivery: Option<Delivery>,
     pub timeout: Duration,
     pub json: bool,
 }
@@ -120,8 +124,15 @@ impl CommonArgs {
             .transpose()
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("{}: moq_fingerprint", home.join("config.toml").display()))?;
+        let delivery = file
+            .delivery
+            .as_deref()
+            .map(str::parse::<Delivery>)
+            .transpose()
+            .with_context(|| format!("{}: delivery", home.join("config.toml").display()))?;
         Ok(Settings {
             relay_token,
+            delivery,
             moq_fingerprint,
             nostr_relays: if self.nostr_relays.is_empty() {
                 file.nostr_relays
@@ -194,6 +205,11 @@ mod tests {
             args.resolve().unwrap().relay_token,
             Some(TokenPolicy::Never)
         );
+        std::fs::write(dir.join("config.toml"), "delivery = \"datagram\"").unwrap();
+        assert_eq!(args.resolve().unwrap().delivery, Some(Delivery::Datagram));
+        std::fs::write(dir.join("config.toml"), "delivery = \"pigeon\"").unwrap();
+        let err = format!("{:#}", args.resolve().unwrap_err());
+        assert!(err.contains("delivery") && err.contains("pigeon"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -7,7 +7,7 @@ use url::Url;
 
 use crate::call::demo::{self, DemoConfig, DemoReport};
 use crate::call::signaling::Privacy;
-use crate::transport::{CertVerification, Impairment, TokenPolicy};
+use crate::transport::{CertVerification, Delivery, Impairment, TokenPolicy};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -59,6 +59,11 @@ pub struct DemoArgs {
     #[arg(long, env = "CALL_DEMO_JITTER", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=5000))]
     pub jitter: u64,
+    /// How frames travel: `stream` (a QUIC stream per frame) or `datagram` (a MoQ datagram
+    /// per frame, no retransmission). Example: --delivery datagram --loss 5
+    #[arg(long, env = "CALL_DELIVERY", default_value_t = Delivery::Stream,
+          value_name = "stream|datagram")]
+    pub delivery: Delivery,
     /// Seed of the impairment (participant i uses SEED + i).
     #[arg(long, env = "CALL_DEMO_SEED", default_value_t = 1)]
     pub seed: u64,
@@ -152,6 +157,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
             seed: args.seed,
         }),
         relay_token: args.relay_token,
+        delivery: args.delivery,
     };
     let result = demo::run(config, &progress).await;
     if let Some(t) = relay_task {
@@ -180,8 +186,8 @@ fn fmt_ms(v: Option<f64>) -> String {
 fn print_human(out: &mut impl Write, r: &DemoReport) -> std::io::Result<()> {
     writeln!(
         out,
-        "{} participants, {} s of {} ms Opus frames, MLS epoch {}, relay {}",
-        r.participants, r.seconds, r.frame_ms, r.mls_epoch, r.moq_relay
+        "{} participants, {} s of {} ms Opus frames ({} delivery), MLS epoch {}, relay {}",
+        r.participants, r.seconds, r.frame_ms, r.delivery, r.mls_epoch, r.moq_relay
     )?;
     if let Some(i) = &r.impairment {
         writeln!(

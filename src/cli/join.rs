@@ -231,6 +231,7 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             moq_through: None,
             record_frames: false,
             relay_token: args.media.relay.token_policy(&settings),
+            delivery: args.media.delivery(&settings),
             leave_when_alone: false,
             status_interval: if live {
                 SCREEN_STATUS_INTERVAL
@@ -381,6 +382,7 @@ pub async fn run_calls(
                         Privacy::Standard => "standard",
                         Privacy::Enhanced => "enhanced",
                     },
+                    "delivery": c.offer.delivery.as_str(),
                 })
             })
             .collect();

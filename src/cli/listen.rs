@@ -158,6 +158,8 @@ pub async fn run(common: &CommonArgs, args: &ListenArgs) -> anyhow::Result<u8> {
     join.target = CallTarget::New; // replaced per call
     join.duration = args.media.seconds.map(Duration::from_secs);
     join.relay_token = args.media.relay.token_policy(&settings);
+    // Answered calls use their offer's delivery; this only says so if it differs.
+    join.delivery = args.media.delivery(&settings);
     let config = ListenConfig {
         ring_timeout: Duration::from_secs(args.ring_timeout),
         auto: match (args.answer, args.decline, args.busy) {

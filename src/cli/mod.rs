@@ -123,7 +123,7 @@ pub enum Command {
     /// MoQ against WebRTC on the same audio, keys and impaired network: latency, loss,
     /// FEC, bytes on the wire and CPU per transport and scenario.
     #[command(
-        after_help = "Examples:\n  call bench                                  default scenarios, both transports (< 1 min)\n  call bench --scenario all --seconds 10\n  call bench --scenario loss-5,far-relay --transport webrtc --json\n  call bench --scenario all --plot bench.svg    every scenario, drawn as latency CDFs and loss bars\n\nExit codes: 0 the bench ran, 1 a run could not be set up or carried no media, 2 bad flags."
+        after_help = "Examples:\n  call bench                                  default scenarios, every transport (about a minute)\n  call bench --scenario all --seconds 10\n  call bench --scenario loss-5,far-relay --transport moq-datagram,webrtc --json\n  call bench --scenario all --plot bench.svg    every scenario, drawn as latency CDFs and loss bars\n\nExit codes: 0 the bench ran, 1 a run could not be set up or carried no media, 2 bad flags."
     )]
     Bench(bench::BenchArgs),
     /// List audio input and output devices (ids usable as `device:ID`).

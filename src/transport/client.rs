@@ -22,7 +22,7 @@ use url::Url;
 
 use super::fetch::FetchIndex;
 use super::{
-    publish_on, subscribe_on, CertError, CertVerification, MoqConnection, TokenPolicy,
+    publish_on, subscribe_on, CertError, CertVerification, Delivery, MoqConnection, TokenPolicy,
     TrackPublisher, TransportError, UNAUTHORIZED,
 };
 
@@ -93,8 +93,11 @@ pub struct TrackStats {
     pub received: AtomicU64,
     /// Frames dropped because they missed their playout deadline.
     pub late: AtomicU64,
-    /// Frames dropped for other reasons: no connection, full queue.
+    /// Frames dropped for other reasons: no connection, full queue, too large.
     pub dropped: AtomicU64,
+    /// Frames of a datagram track not sent because they did not fit one datagram (also
+    /// in `dropped`).
+    pub too_large: AtomicU64,
     /// Objects of a local track answered to a relay's (joining) FETCH.
     fetched: Arc<AtomicU64>,
     /// Smoothed RTT of the connection carrying the track, in µs; 0 while disconnected.
@@ -114,6 +117,9 @@ impl TrackStats {
     }
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+    pub fn too_large(&self) -> u64 {
+        self.too_large.load(Ordering::Relaxed)
     }
     /// Objects of a local track sent again in answer to a relay's joining FETCH: a relay
     /// that subscribed after they went out got them this way.
@@ -143,6 +149,7 @@ pub const RTT_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 struct LocalReg {
     namespace: TrackNamespace,
     name: String,
+    delivery: Delivery,
     slot: Arc<Mutex<Option<TrackPublisher>>>,
     /// Shared with the track's stats, counted by every connection's FETCH answers.
     fetched: Arc<AtomicU64>,
@@ -297,12 +304,24 @@ impl MoqClient {
         }
     }
 
-    /// Publishes `track` in `namespace` on every connection from now on.
+    /// Publishes `track` in `namespace` on every connection from now on, a QUIC stream per
+    /// frame.
     pub fn publish(&self, namespace: TrackNamespace, track: &str) -> LocalTrack {
+        self.publish_with(namespace, track, Delivery::Stream)
+    }
+
+    /// [`MoqClient::publish`], the frames carried as `delivery` says (on every connection).
+    pub fn publish_with(
+        &self,
+        namespace: TrackNamespace,
+        track: &str,
+        delivery: Delivery,
+    ) -> LocalTrack {
         let stats = TrackStats::sharing_rtt(&self.shared.rtt_us);
         let reg = Arc::new(LocalReg {
             namespace,
             name: track.to_string(),
+            delivery,
             slot: Arc::default(),
             fetched: stats.fetched.clone(),
             announced: watch::channel(0).0,
@@ -359,6 +378,12 @@ impl LocalTrack {
         let sent = match slot.as_mut() {
             Some(publisher) => match publisher.send(seq, payload) {
                 Ok(()) => true,
+                // This frame only: the track and its connection are fine.
+                Err(e @ TransportError::DatagramTooLarge { .. }) => {
+                    tracing::debug!("frame {seq} not sent: {e}");
+                    self.stats.too_large.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
                 Err(e) => {
                     tracing::debug!("publishing frame {seq} failed: {e}");
                     *slot = None;
@@ -603,13 +628,26 @@ async fn run_connection(
     rtt_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tasks: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
     for reg in locals.iter() {
-        tasks.push(publish_task(conn.publisher.clone(), conn.fetches.clone(), reg.clone()).boxed());
+        tasks.push(
+            publish_task(
+                conn.publisher.clone(),
+                conn.fetches.clone(),
+                conn.datagram_path(),
+                reg.clone(),
+            )
+            .boxed(),
+        );
     }
     for reg in remotes.iter() {
         tasks.push(subscribe_task(conn.subscriber.clone(), reg.clone()).boxed());
     }
     let ended = loop {
         tokio::select! {
+            // The tracks' readers before the session: a datagram track keeps only its newest
+            // datagram, so its reader takes each one before the session hands over the next
+            // (see `quic::OneDatagramPerTurn`).
+            biased;
+            Some(()) = tasks.next(), if !tasks.is_empty() => {}
             res = &mut session => {
                 if let Err(e) = &res {
                     tracing::debug!("relay session ended: {e}");
@@ -621,10 +659,9 @@ async fn run_connection(
             }
             cmd = commands.recv() => match cmd {
                 Some(Command::Publish(reg)) => {
-                    tasks.push(
-                        publish_task(conn.publisher.clone(), conn.fetches.clone(), reg.clone())
-                            .boxed(),
-                    );
+                    let path = conn.datagram_path();
+                    let (publisher, fetches) = (conn.publisher.clone(), conn.fetches.clone());
+                    tasks.push(publish_task(publisher, fetches, path, reg.clone()).boxed());
                     locals.push(reg);
                 }
                 Some(Command::Subscribe(reg)) => {
@@ -636,7 +673,6 @@ async fn run_connection(
                     break Ended::Dropped;
                 }
             },
-            Some(()) = tasks.next(), if !tasks.is_empty() => {}
             _ = rtt_timer.tick() => {
                 // At least 1 µs: 0 means "not connected".
                 let us = u64::try_from(conn.rtt().as_micros()).unwrap_or(u64::MAX).max(1);
@@ -650,13 +686,20 @@ async fn run_connection(
     ended
 }
 
-async fn publish_task(mut publisher: Publisher, fetches: Arc<FetchIndex>, reg: Arc<LocalReg>) {
+async fn publish_task(
+    mut publisher: Publisher,
+    fetches: Arc<FetchIndex>,
+    path: super::delivery::DatagramPath,
+    reg: Arc<LocalReg>,
+) {
     let announced = publish_on(
         &mut publisher,
         &fetches,
         reg.namespace.clone(),
         &reg.name,
         reg.fetched.clone(),
+        reg.delivery,
+        path,
     )
     .await;
     match announced {

@@ -2,6 +2,7 @@
 //! track and subscribing to peers' tracks (PROTOCOL.md §4).
 
 mod client;
+mod delivery;
 mod fetch;
 mod impair;
 mod quic;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use moq_transport::coding::TrackNamespace;
+use moq_transport::serve::{Datagram, DatagramsReader, DatagramsWriter};
 use moq_transport::serve::{
     ServeError, Subgroup, SubgroupsReader, SubgroupsWriter, Track, TrackReaderMode, Tracks,
 };
@@ -26,6 +28,11 @@ use url::Url;
 
 pub use client::{
     ClientConfig, LocalTrack, MoqClient, RemoteTrack, TrackStats, RTT_SAMPLE_INTERVAL,
+};
+use delivery::DatagramPath;
+pub use delivery::{
+    datagram_payload_limit, Delivery, DeliveryError, DATAGRAM_HEADER_MAX, MAX_DATAGRAM_OBJECT,
+    MAX_DATAGRAM_PAYLOAD,
 };
 use fetch::{FetchIndex, RecentGroups};
 pub use fetch::{RECENT_AGE, RECENT_GROUPS};
@@ -68,6 +75,11 @@ pub enum TransportError {
     Closed,
     #[error("track {0} was not found on the relay before the deadline")]
     NotFound(String),
+    /// A frame of a datagram track does not fit one QUIC datagram on this path; it is
+    /// not sent (docs/protocol.md §4: no fragmentation). `limit` 0: the relay takes no
+    /// datagrams.
+    #[error("a frame of {size} B does not fit a MoQ datagram here (at most {limit} B)")]
+    DatagramTooLarge { size: usize, limit: usize },
 }
 
 impl TransportError {
@@ -286,13 +298,26 @@ impl MoqConnection {
         namespace: TrackNamespace,
         track: &str,
     ) -> Result<(TrackPublisher, impl Future<Output = ()> + Send), TransportError> {
+        self.publish_with(namespace, track, Delivery::Stream).await
+    }
+
+    /// [`MoqConnection::publish`] with the track's frames carried as `delivery` says.
+    pub async fn publish_with(
+        &mut self,
+        namespace: TrackNamespace,
+        track: &str,
+        delivery: Delivery,
+    ) -> Result<(TrackPublisher, impl Future<Output = ()> + Send), TransportError> {
         let fetched = Arc::new(AtomicU64::new(0));
+        let path = self.datagram_path();
         publish_on(
             &mut self.publisher,
             &self.fetches,
             namespace,
             track,
             fetched,
+            delivery,
+            path,
         )
         .await
     }
@@ -325,6 +350,19 @@ impl MoqConnection {
         }
     }
 
+    /// What a datagram track on this connection can send.
+    pub(crate) fn datagram_path(&self) -> DatagramPath {
+        DatagramPath {
+            connection: self.connection.clone(),
+            // WebTransport puts the session's quarter stream id (a varint) before each
+            // datagram.
+            prefix: match self.kind {
+                moq_transport::session::Transport::WebTransport => 8,
+                _ => 0,
+            },
+        }
+    }
+
     /// The QUIC connection's smoothed round-trip time to the relay.
     pub fn rtt(&self) -> Duration {
         self.connection.rtt()
@@ -343,13 +381,21 @@ pub(crate) async fn publish_on(
     namespace: TrackNamespace,
     track: &str,
     fetched: Arc<AtomicU64>,
+    delivery: Delivery,
+    path: DatagramPath,
 ) -> Result<(TrackPublisher, impl Future<Output = ()> + Send), TransportError> {
     // The request half is dropped: subscribes for other names are answered NOT_FOUND.
     let (mut writer, _request, reader) = Tracks::new(namespace.clone()).produce();
     let track_writer = writer
         .create(track)
         .ok_or_else(|| TransportError::Namespace("track set already closed".into()))?;
-    let subgroups = track_writer.subgroups()?;
+    let out = match delivery {
+        Delivery::Stream => Outgoing::Subgroups(track_writer.subgroups()?),
+        Delivery::Datagram => Outgoing::Datagrams {
+            writer: track_writer.datagrams()?,
+            path,
+        },
+    };
     let announce = publisher.publish_namespace_start(namespace.clone()).await?;
     match announce.ok().await {
         Ok(()) => {}
@@ -368,7 +414,7 @@ pub(crate) async fn publish_on(
     );
     Ok((
         TrackPublisher {
-            subgroups,
+            out,
             _tracks: writer,
             recent,
             fetched,
@@ -412,9 +458,20 @@ async fn serve_announce(announce: PublishNamespace, tracks: moq_transport::serve
     while serving.next().await.is_some() {}
 }
 
-/// The local track: one MoQ group per media frame, one subgroup, one object.
+/// How a local track's frames leave.
+enum Outgoing {
+    Subgroups(SubgroupsWriter),
+    /// With the connection, whose datagram size limit each frame is checked against.
+    Datagrams {
+        writer: DatagramsWriter,
+        path: DatagramPath,
+    },
+}
+
+/// The local track: one MoQ group per media frame, one object in it, on a stream (one
+/// subgroup) or in a datagram ([`Delivery`]).
 pub struct TrackPublisher {
-    subgroups: SubgroupsWriter,
+    out: Outgoing,
     // Dropping the writer of the track set would end the announce.
     _tracks: moq_transport::serve::TracksWriter,
     /// The newest groups sent on this connection, for a relay's joining FETCH. Per
@@ -425,15 +482,42 @@ pub struct TrackPublisher {
 }
 
 impl TrackPublisher {
-    /// Sends one frame as group `seq`.
+    /// Sends one frame as group `seq`. On a datagram track a frame that does not fit one
+    /// datagram is refused ([`TransportError::DatagramTooLarge`]) and the track goes on.
     pub fn send(&mut self, seq: u64, payload: Bytes) -> Result<(), TransportError> {
-        let mut group = self.subgroups.create(Subgroup {
-            group_id: seq,
-            subgroup_id: 0,
-            priority: AUDIO_PRIORITY,
-        })?;
-        group.write(payload.clone())?;
-        group.finish()?;
+        match &mut self.out {
+            Outgoing::Subgroups(subgroups) => {
+                let mut group = subgroups.create(Subgroup {
+                    group_id: seq,
+                    subgroup_id: 0,
+                    priority: AUDIO_PRIORITY,
+                })?;
+                group.write(payload.clone())?;
+                group.finish()?;
+            }
+            Outgoing::Datagrams { writer, path } => {
+                // Checked here: moq-transport would end the subscription on a datagram
+                // QUIC refuses to send.
+                let limit = path.payload_limit();
+                if payload.len() > limit {
+                    return Err(TransportError::DatagramTooLarge {
+                        size: payload.len(),
+                        limit,
+                    });
+                }
+                writer.write(Datagram {
+                    group_id: seq,
+                    object_id: 0,
+                    priority: AUDIO_PRIORITY,
+                    status: moq_transport::data::ObjectStatus::NormalObject,
+                    // The group has only this object, but a zero-length object cannot
+                    // carry the end-of-group flag; leaving it off is always encodable.
+                    end_of_group: false,
+                    payload: payload.clone(),
+                    extension_headers: Default::default(),
+                })?;
+            }
+        }
         self.recent
             .lock()
             .expect("recent groups lock")
@@ -450,6 +534,7 @@ impl TrackPublisher {
 enum PendingMode {
     Track(moq_transport::serve::TrackReader),
     Subgroups(SubgroupsReader),
+    Datagrams(DatagramsReader),
 }
 
 /// A remote track: frames in arrival order with their group id (= frame sequence).
@@ -467,10 +552,21 @@ impl TrackSubscriber {
     pub async fn next(&mut self) -> Result<Option<(u64, Bytes)>, TransportError> {
         loop {
             match &mut self.reader {
+                // Whichever delivery the publisher chose (docs/protocol.md §4).
                 PendingMode::Track(track) => match track.mode().await? {
                     TrackReaderMode::Subgroups(s) => self.reader = PendingMode::Subgroups(s),
-                    _ => return Err(ServeError::Mode.into()),
+                    TrackReaderMode::Datagrams(d) => self.reader = PendingMode::Datagrams(d),
+                    TrackReaderMode::Stream(_) => return Err(ServeError::Mode.into()),
                 },
+                PendingMode::Datagrams(datagrams) => {
+                    let Some(datagram) = datagrams.read().await? else {
+                        return Ok(None);
+                    };
+                    // Status-only datagrams (end of track, …) carry no frame.
+                    if datagram.status == moq_transport::data::ObjectStatus::NormalObject {
+                        return Ok(Some((datagram.group_id, datagram.payload)));
+                    }
+                }
                 PendingMode::Subgroups(groups) => {
                     let Some(mut group) = groups.next().await? else {
                         return Ok(None);

@@ -171,5 +171,6 @@ fn demo_config(relay: &TestRelay) -> DemoConfig {
         privacy: Privacy::Standard,
         impairment: None,
         relay_token: TokenPolicy::Auto,
+        delivery: Default::default(),
     }
 }

@@ -141,6 +141,7 @@ impl Sim {
             frame_ms: 20,
             sender_bits: KidLayout::for_max_leaf(max_leaf).sender_bits(),
             privacy: Privacy::Standard,
+            delivery: Default::default(),
         };
         self.create(i, offer, me, true, BTreeMap::new(), ring_timeout);
     }

@@ -11,6 +11,7 @@ mod call_session;
 mod cert_errors;
 mod cli;
 mod client_stats;
+mod datagram;
 mod demo_call;
 mod engine_sim;
 mod epoch_change;
