@@ -5,9 +5,10 @@
 //! queue of its own that the relay never sees: a QUIC connection with ALPN `h3` that never
 //! sent CONNECT was held for as long as its peer answered keep-alives (the server sends one
 //! every 4 s itself), outside `--max-sessions`, the per-address limit and the SETUP timeout.
-//! So the relay accepts connections here: the handshake and the CONNECT must both finish
-//! within `--setup-timeout` (the same few seconds a session then has for SETUP), and at most
-//! `--max-sessions` connections may be at that stage at once.
+//! So the relay accepts connections here: the QUIC handshake must finish within
+//! [`HANDSHAKE_TIMEOUT`], the CONNECT within `--setup-timeout` after it (the same few seconds
+//! a session then has for SETUP), and at most `--max-sessions` connections may be at those
+//! stages at once.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,9 @@ use crate::throttle::LogThrottle;
 const H3_REQUEST_INCOMPLETE: u32 = 0x10d;
 /// HTTP/3 `H3_NO_ERROR`: the CONNECT was answered (refused), nothing went wrong.
 const H3_NO_ERROR: u32 = 0x100;
+/// Longest QUIC handshake: the connections' idle timeout, which bounded it before. Not
+/// `--setup-timeout`: on a loaded machine an honest handshake can take seconds.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a refused CONNECT's 406 may take to reach the peer before the connection closes.
 const REJECT_FLUSH: Duration = Duration::from_millis(250);
 
@@ -122,7 +126,7 @@ impl Listener {
         }
     }
 
-    /// The QUIC handshake and, for `h3`, the WebTransport CONNECT, within the timeout.
+    /// The QUIC handshake and, for `h3`, the WebTransport CONNECT, each within its timeout.
     async fn establish(
         &self,
         incoming: quinn::Incoming,
@@ -138,8 +142,7 @@ impl Listener {
                 return None;
             }
         };
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let conn = match tokio::time::timeout_at(deadline, connecting).await {
+        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => {
                 tracing::debug!("QUIC handshake failed: {e}");
@@ -153,6 +156,7 @@ impl Listener {
             }
         };
         let remote = conn.remote_address();
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let alpn = conn
             .handshake_data()
             .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())

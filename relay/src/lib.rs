@@ -104,8 +104,8 @@ pub struct RelayConfig {
     /// not a growing backlog of stale ones. 0 = no limit.
     #[arg(long, env = "CALL_RELAY_MAX_UNSENT_GROUPS", default_value_t = 32)]
     pub max_unsent_groups: usize,
-    /// Seconds a MoQ connection may take for its QUIC handshake and, over WebTransport,
-    /// its CONNECT request (`connect_timeouts`), and then again to send SETUP
+    /// Seconds a MoQ connection may take, after its QUIC handshake, for its WebTransport
+    /// CONNECT request (`connect_timeouts`), and then again to send SETUP
     /// (`setup_timeouts`); a late one is closed with a reason and counted.
     #[arg(long, env = "CALL_RELAY_SETUP_TIMEOUT", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -462,8 +462,8 @@ pub struct RelayStats {
     pub setup_timeouts: u64,
     /// MoQ sessions refused by `--max-sessions-per-address` (also in `refused`).
     pub refused_per_address: u64,
-    /// QUIC connections closed because their handshake or, for WebTransport, their
-    /// CONNECT request did not finish within `--setup-timeout`.
+    /// QUIC connections closed because their handshake did not finish within 10 s or,
+    /// for WebTransport, their CONNECT request within `--setup-timeout` after it.
     pub connect_timeouts: u64,
     /// QUIC connections refused because `--max-sessions` connections were still
     /// handshaking.
