@@ -452,7 +452,7 @@ fn mutated(
         // No `h` tag, or a second one.
         6 => {
             let mut t = tags();
-            if arg[0] % 2 == 0 {
+            if arg[0].is_multiple_of(2) {
                 t.retain(|t| t.kind() != nostr_sdk::prelude::TagKind::h());
             } else {
                 let value = hex::encode([arg[1]; 32]);
