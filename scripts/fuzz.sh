@@ -39,11 +39,17 @@ for t in $targets; do
     esac
     out="$target_dir/afl-$t"
     mkdir -p "$out"
+    # group_events builds a real MLS group per input (~50 ms): AFL's default timeout
+    # (calibrated, often 100 ms) would report loaded-machine slowness as hangs.
+    case $t in
+        group_events) exec_timeout="-t 2000" ;;
+        *) exec_timeout="" ;;
+    esac
     # No UI (logs instead), no CPU-frequency or core-pattern checks: this also runs in
     # containers and CI, where those settings cannot be changed.
     AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
         AFL_NO_AFFINITY=1 \
-        cargo afl fuzz -V $((minutes * 60)) -i "$seeds/$t" -o "$out" \
+        cargo afl fuzz -V $((minutes * 60)) $exec_timeout -i "$seeds/$t" -o "$out" \
         "$target_dir/release/$t" >"$out/fuzz.log" 2>&1 || true
     stats="$out/default/fuzzer_stats"
     if [ ! -f "$stats" ]; then
