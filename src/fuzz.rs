@@ -638,7 +638,7 @@ async fn group_events_async(data: &[u8]) -> GroupOutcome {
                 since,
                 "a refused event moved the cursor"
             );
-            for (at, ids) in c {
+            if let Some((at, ids)) = c {
                 for id in ids {
                     assert!(
                         seen.contains(id)
