@@ -1,7 +1,7 @@
 #!/bin/sh
 # Coverage-guided fuzzing on the stable toolchain (cargo-afl): call-relay's SETUP tokens
-# and namespace bindings (relay/fuzz), and the client's received frames and call
-# signaling (tests/fuzz).
+# and namespace bindings (relay/fuzz), and the client's received frames, call signaling
+# and group events (tests/fuzz).
 #
 #   scripts/fuzz.sh [MINUTES] [TARGET…]   default 5 minutes per target, every target
 #
@@ -17,7 +17,7 @@ minutes=${1:-5}
 [ $# -gt 0 ] && shift
 root=$(cd "$(dirname "$0")/.." && pwd)
 target_dir="$root/target/fuzz"
-all="setup_tokens received_frames signaling_tags"
+all="setup_tokens received_frames signaling_tags group_events"
 targets=${*:-$all}
 
 # Seeds: valid inputs written by the unit tests that fuzz the same functions.
@@ -34,16 +34,22 @@ status=0
 for t in $targets; do
     case $t in
         setup_tokens) regressions="$root/relay/fuzz/regressions" ;;
-        received_frames | signaling_tags) regressions="$root/tests/fuzz/regressions/$t" ;;
+        received_frames | signaling_tags | group_events) regressions="$root/tests/fuzz/regressions/$t" ;;
         *) echo "unknown target $t (targets: $all)" >&2; exit 2 ;;
     esac
     out="$target_dir/afl-$t"
     mkdir -p "$out"
+    # group_events builds a real MLS group per input (~50 ms): AFL's default timeout
+    # (calibrated, often 100 ms) would report loaded-machine slowness as hangs.
+    case $t in
+        group_events) exec_timeout="-t 2000" ;;
+        *) exec_timeout="" ;;
+    esac
     # No UI (logs instead), no CPU-frequency or core-pattern checks: this also runs in
     # containers and CI, where those settings cannot be changed.
     AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
         AFL_NO_AFFINITY=1 \
-        cargo afl fuzz -V $((minutes * 60)) -i "$seeds/$t" -o "$out" \
+        cargo afl fuzz -V $((minutes * 60)) $exec_timeout -i "$seeds/$t" -o "$out" \
         "$target_dir/release/$t" >"$out/fuzz.log" 2>&1 || true
     stats="$out/default/fuzzer_stats"
     if [ ! -f "$stats" ]; then

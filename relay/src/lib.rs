@@ -2,6 +2,7 @@
 //! process. It knows nothing of calls: it forwards tracks and stores events.
 #![forbid(unsafe_code)]
 
+mod accept;
 mod moq;
 mod nostr;
 pub mod state;
@@ -14,7 +15,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use clap::Parser;
-use moq_native_ietf::quic;
 use nostr_relay_builder::prelude::{LocalRelay, RateLimit, RelayBuilder};
 use serde::Deserialize;
 use tokio::task::JoinHandle;
@@ -104,8 +104,9 @@ pub struct RelayConfig {
     /// not a growing backlog of stale ones. 0 = no limit.
     #[arg(long, env = "CALL_RELAY_MAX_UNSENT_GROUPS", default_value_t = 32)]
     pub max_unsent_groups: usize,
-    /// Seconds a MoQ session may take to send SETUP after its QUIC (or WebTransport)
-    /// handshake; then it is closed with a reason and counted (`setup_timeouts`).
+    /// Seconds a MoQ connection may take, after its QUIC handshake, for its WebTransport
+    /// CONNECT request (`connect_timeouts`), and then again to send SETUP
+    /// (`setup_timeouts`); a late one is closed with a reason and counted.
     #[arg(long, env = "CALL_RELAY_SETUP_TIMEOUT", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub setup_timeout: u64,
@@ -170,13 +171,14 @@ impl RelayConfig {
 
 /// The relays, bound and ready; [`Relay::run`] serves MoQ until the future is dropped.
 pub struct Relay {
-    server: quic::Server,
+    listener: accept::Listener,
     moq_addr: SocketAddr,
     nostr: NostrGuard,
     nostr_url: Url,
     fingerprint: String,
     state: Option<StateDir>,
     routes: Arc<moq::Routes>,
+    accept_stats: Arc<accept::Stats>,
     nostr_stats: Arc<nostr::Stats>,
     store: Arc<nostr::Store>,
     stats_interval: std::time::Duration,
@@ -213,22 +215,16 @@ impl Relay {
             }
             _ => ServerCert::self_signed(&config.tls_names)?,
         };
-        let tls = moq_native_ietf::tls::Config {
-            // Only used for outbound connections, which this relay never makes.
-            client: rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth(),
-            server: Some(cert.server_config()?),
-            fingerprints: vec![cert.fingerprint.clone()],
-        };
-        let endpoint = quic::Endpoint::new(
-            quic::Config::new(config.moq_bind, None, tls).context("binding the MoQ socket")?,
-        )?;
-        let server = endpoint.server.context("MoQ endpoint has no server side")?;
-        let moq_addr = server.local_addr()?;
+        let accept_stats = Arc::new(accept::Stats::default());
+        let moq_listener = accept::Listener::bind(
+            config.moq_bind,
+            cert.server_config()?,
+            std::time::Duration::from_secs(config.setup_timeout),
+            config.max_sessions,
+            accept_stats.clone(),
+        )
+        .context("binding the MoQ socket")?;
+        let moq_addr = moq_listener.local_addr()?;
 
         // Our own listener and WebSocket front (see `nostr.rs`); the library serves the
         // connections it hands over and never listens itself.
@@ -277,13 +273,14 @@ impl Relay {
         let accept = tokio::spawn(front.accept_loop(listener));
         let nostr_url = Url::parse(&format!("ws://{nostr_addr}"))?;
         Ok(Self {
-            server,
+            listener: moq_listener,
             moq_addr,
             nostr: NostrGuard { relay, accept },
             nostr_url,
             fingerprint: cert.fingerprint,
             state,
             routes: Arc::new(moq::Routes::new(moq::Policy::from(config))),
+            accept_stats,
             nostr_stats,
             store,
             stats_interval: std::time::Duration::from_secs(config.stats_interval),
@@ -317,6 +314,7 @@ impl Relay {
     pub fn stats_handle(&self) -> StatsHandle {
         StatsHandle {
             routes: self.routes.clone(),
+            accept: self.accept_stats.clone(),
             nostr: self.nostr_stats.clone(),
             store: self.store.clone(),
         }
@@ -334,7 +332,7 @@ impl Relay {
         let _nostr = self.nostr;
         let _sessions = SessionsGuard(self.routes.clone());
         tokio::select! {
-            () = moq::accept_loop(self.server, self.routes.clone()) => {}
+            () = self.listener.run(self.routes.clone()) => {}
             () = shutdown => tracing::info!("shutting down"),
             () = stats_log => {}
         }
@@ -375,20 +373,26 @@ async fn log_stats(stats: StatsHandle, every: std::time::Duration) {
         if now.setup_timeouts != last.setup_timeouts
             || now.refused_per_address != last.refused_per_address
             || now.datagrams_too_large != last.datagrams_too_large
+            || now.connect_timeouts != last.connect_timeouts
+            || now.refused_pending != last.refused_pending
         {
             tracing::info!(
-                "moq setup_timeouts={} refused_per_address={} datagrams_too_large={}",
+                "moq setup_timeouts={} refused_per_address={} datagrams_too_large={} \
+                 connect_timeouts={} refused_pending={}",
                 now.setup_timeouts - last.setup_timeouts,
                 now.refused_per_address - last.refused_per_address,
                 now.datagrams_too_large - last.datagrams_too_large,
+                now.connect_timeouts - last.connect_timeouts,
+                now.refused_pending - last.refused_pending,
             );
         }
         tracing::info!(
-            "nostr connections={} stored_bytes={} too_big={} malformed={} handshake_timeouts={} quota_refused={} accept_errors={}",
+            "nostr connections={} stored_bytes={} too_big={} malformed={} invalid_signature={} handshake_timeouts={} quota_refused={} accept_errors={}",
             now.nostr_connections,
             now.nostr_stored_bytes,
             now.nostr_too_big - last.nostr_too_big,
             now.nostr_malformed - last.nostr_malformed,
+            now.nostr_invalid_signature - last.nostr_invalid_signature,
             now.nostr_handshake_timeouts - last.nostr_handshake_timeouts,
             now.nostr_quota_refused - last.nostr_quota_refused,
             now.nostr_accept_errors - last.nostr_accept_errors,
@@ -415,6 +419,7 @@ impl Drop for NostrGuard {
 #[derive(Clone)]
 pub struct StatsHandle {
     routes: Arc<moq::Routes>,
+    accept: Arc<accept::Stats>,
     nostr: Arc<nostr::Stats>,
     store: Arc<nostr::Store>,
 }
@@ -422,11 +427,15 @@ pub struct StatsHandle {
 impl StatsHandle {
     pub fn get(&self) -> RelayStats {
         let n = &self.nostr;
+        let a = &self.accept;
         RelayStats {
+            connect_timeouts: a.connect_timeouts.load(Ordering::Relaxed),
+            refused_pending: a.refused_pending.load(Ordering::Relaxed),
             nostr_connections: n.connections.load(Ordering::Relaxed),
             nostr_stored_bytes: self.store.stored_bytes(),
             nostr_too_big: n.too_big.load(Ordering::Relaxed),
             nostr_malformed: n.malformed.load(Ordering::Relaxed),
+            nostr_invalid_signature: n.invalid_signature.load(Ordering::Relaxed),
             nostr_handshake_timeouts: n.handshake_timeouts.load(Ordering::Relaxed),
             nostr_handshake_failures: n.handshake_failures.load(Ordering::Relaxed),
             nostr_quota_refused: n.quota_refused.load(Ordering::Relaxed),
@@ -461,6 +470,12 @@ pub struct RelayStats {
     /// Datagram copies not sent because they exceed what the subscriber's path carries
     /// (also in `drops`).
     pub datagrams_too_large: u64,
+    /// QUIC connections closed because their handshake did not finish within 10 s or,
+    /// for WebTransport, their CONNECT request within `--setup-timeout` after it.
+    pub connect_timeouts: u64,
+    /// QUIC connections refused because `--max-sessions` connections were still
+    /// handshaking.
+    pub refused_pending: u64,
     /// Open Nostr WebSocket connections (now).
     pub nostr_connections: u64,
     /// Bytes of stored Nostr events (JSON size, now).
@@ -469,6 +484,8 @@ pub struct RelayStats {
     pub nostr_too_big: u64,
     /// Nostr messages that were not NIP-01 client messages (answered with NOTICE).
     pub nostr_malformed: u64,
+    /// Nostr events refused because their id or signature does not verify.
+    pub nostr_invalid_signature: u64,
     /// Nostr connections dropped because the WebSocket handshake took too long.
     pub nostr_handshake_timeouts: u64,
     /// Nostr connections whose WebSocket handshake failed.

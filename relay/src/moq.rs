@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
-use moq_native_ietf::quic;
 use moq_transport::coding::TrackNamespace;
 use moq_transport::data::ObjectStatus;
 use moq_transport::message::RequestErrorCode;
@@ -1160,17 +1159,6 @@ impl Drop for AddressSlot<'_> {
                 map.remove(&self.key);
             }
         }
-    }
-}
-
-/// Accepts QUIC connections until the server closes.
-pub(crate) async fn accept_loop(mut server: quic::Server, routes: Arc<Routes>) {
-    while let Some((transport, info)) = server.accept().await {
-        tokio::spawn(
-            routes
-                .clone()
-                .session(transport, info.transport, info.remote_address),
-        );
     }
 }
 

@@ -74,6 +74,8 @@ pub(crate) struct Stats {
     pub too_big: AtomicU64,
     /// Messages that are not NIP-01 client messages (answered with NOTICE).
     pub malformed: AtomicU64,
+    /// Events whose id is not their hash or whose signature does not verify (`OK false`).
+    pub invalid_signature: AtomicU64,
     /// Connections closed because the WebSocket handshake did not finish in time.
     pub handshake_timeouts: AtomicU64,
     /// Connections whose WebSocket handshake failed.
@@ -289,23 +291,34 @@ impl Front {
                 Verdict::Reply(notice(&format!("malformed message: {e}")))
             }
             Ok(ClientMessage::Event(event)) => {
+                let refuse = |why: String| {
+                    Verdict::Reply(
+                        RelayMessage::Ok {
+                            event_id: event.id,
+                            status: false,
+                            message: Cow::Owned(format!(
+                                "{}: {why}",
+                                MachineReadablePrefix::Invalid
+                            )),
+                        }
+                        .as_json(),
+                    )
+                };
                 let size = event.as_json().len();
-                if size <= self.limits.max_event_bytes {
-                    return Verdict::Forward;
+                if size > self.limits.max_event_bytes {
+                    self.stats.too_big.fetch_add(1, Ordering::Relaxed);
+                    return refuse(format!(
+                        "event is {size} bytes, over the relay's limit of {} bytes",
+                        self.limits.max_event_bytes
+                    ));
                 }
-                self.stats.too_big.fetch_add(1, Ordering::Relaxed);
-                Verdict::Reply(
-                    RelayMessage::Ok {
-                        event_id: event.id,
-                        status: false,
-                        message: Cow::Owned(format!(
-                            "{}: event is {size} bytes, over the relay's limit of {} bytes",
-                            MachineReadablePrefix::Invalid,
-                            self.limits.max_event_bytes
-                        )),
-                    }
-                    .as_json(),
-                )
+                // The library refuses these too, but uncounted; checking here (the library
+                // checks again) makes forgery attempts visible in the stats.
+                if let Err(e) = event.verify() {
+                    self.stats.invalid_signature.fetch_add(1, Ordering::Relaxed);
+                    return refuse(format!("id or signature does not verify: {e}"));
+                }
+                Verdict::Forward
             }
             Ok(_) => Verdict::Forward,
         }

@@ -171,6 +171,48 @@ pub struct Fetched {
     pub duplicates: usize,
     /// Distinct events refused for their size during this fetch.
     pub oversized: usize,
+    /// Events whose id or signature does not verify (see [`Fetched::add`]).
+    pub invalid_signature: usize,
+}
+
+impl Fetched {
+    /// Takes one event of a page from one relay (`seen_here`: ids that relay already
+    /// delivered in this fetch) into `all`; whether it was new from that relay.
+    ///
+    /// nostr-sdk 0.44 verifies events from relays, but its verification cache is keyed by
+    /// id alone: an event that reuses the id of one it verified before passes unverified.
+    /// From a second relay such a copy would replace the real event here (same id), so a
+    /// hostile relay could swap a real commit for garbage. Every event is verified, and
+    /// the first verified copy of an id is kept.
+    pub fn add(
+        &mut self,
+        all: &mut HashMap<EventId, Event>,
+        seen_here: &mut HashSet<EventId>,
+        event: Event,
+    ) -> bool {
+        if !seen_here.insert(event.id) {
+            self.duplicates += 1;
+            return false;
+        }
+        if let Some(kept) = all.get(&event.id) {
+            // The same event, or signed again (Schnorr signatures differ each time; the id
+            // does not cover the signature); anything else under that id is forged.
+            if *kept == event || event.verify().is_ok() {
+                self.duplicates += 1;
+            } else {
+                tracing::warn!(id = %event.id, "refusing a forged copy of an event");
+                self.invalid_signature += 1;
+            }
+            return true;
+        }
+        if event.verify().is_err() {
+            tracing::warn!(id = %event.id, "refusing an event whose id or signature does not verify");
+            self.invalid_signature += 1;
+            return true;
+        }
+        all.insert(event.id, event);
+        true
+    }
 }
 
 impl<S: MdkStorageProvider> GroupMember<S> {
@@ -217,13 +259,8 @@ impl<S: MdkStorageProvider> GroupMember<S> {
                 for event in page {
                     oldest = oldest.min(event.created_at);
                     all_at_until &= event.created_at == until;
-                    if !seen_here.insert(event.id) {
-                        out.duplicates += 1;
-                        continue;
-                    }
-                    new_here += 1;
-                    if all.insert(event.id, event).is_some() {
-                        out.duplicates += 1;
+                    if out.add(&mut all, &mut seen_here, event) {
+                        new_here += 1;
                     }
                 }
                 if new_here == 0 {

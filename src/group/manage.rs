@@ -47,6 +47,11 @@ pub enum DropReason {
     Duplicate,
     /// Larger than `MAX_EVENT_BYTES`: refused before it is stored or processed.
     Oversized,
+    /// Its id is not the hash of its content, or its signature does not verify. nostr-sdk
+    /// drops most such events before they reach us (they are only logged there), but not
+    /// one that reuses the id of an event it verified before (its cache is keyed by id):
+    /// those are refused and counted here.
+    InvalidSignature,
 }
 
 /// An event refused, with the reason for counting and a detail for the log.
@@ -80,6 +85,7 @@ pub struct Dropped {
     pub unsupported: usize,
     pub duplicate: usize,
     pub oversized: usize,
+    pub invalid_signature: usize,
 }
 
 impl Dropped {
@@ -91,6 +97,7 @@ impl Dropped {
             DropReason::Unsupported => &mut self.unsupported,
             DropReason::Duplicate => &mut self.duplicate,
             DropReason::Oversized => &mut self.oversized,
+            DropReason::InvalidSignature => &mut self.invalid_signature,
         } += 1;
     }
 
@@ -101,6 +108,7 @@ impl Dropped {
             + self.unsupported
             + self.duplicate
             + self.oversized
+            + self.invalid_signature
     }
 }
 
@@ -360,6 +368,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         };
         out.dropped.duplicate = fetched.duplicates;
         out.dropped.oversized = fetched.oversized;
+        out.dropped.invalid_signature = fetched.invalid_signature;
         out.dropped.future_dated = self.count_future_dated(filter).await?;
         for wrap in &fetched.events {
             if let Err(refused) = self.process_gift_wrap(wrap).await {
@@ -372,7 +381,23 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     }
 
     /// Unwraps one gift wrap and stores its welcome as pending.
-    async fn process_gift_wrap(&self, wrap: &Event) -> Result<(), Refused> {
+    pub async fn process_gift_wrap(&self, wrap: &Event) -> Result<(), Refused> {
+        if wrap.kind != Kind::GiftWrap {
+            return Err(Refused::new(
+                DropReason::Invalid,
+                format!("kind {} is not a gift wrap", wrap.kind),
+            ));
+        }
+        // `fetch_all` verified it already; this also covers callers that did not.
+        if let Err(e) = wrap.verify() {
+            return Err(Refused::new(DropReason::InvalidSignature, e.to_string()));
+        }
+        if is_future_dated(wrap) {
+            return Err(Refused::new(
+                DropReason::FutureDated,
+                format!("created_at {} is ahead of our clock", wrap.created_at),
+            ));
+        }
         let unwrapped = UnwrappedGift::from_gift_wrap(&self.keys, wrap)
             .await
             .map_err(|e| Refused::new(DropReason::Undecryptable, e.to_string()))?;
@@ -406,23 +431,43 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         let h = hex::encode(group.nostr_group_id);
         let mut filter = Filter::new()
             .kind(Kind::MlsGroupMessage)
-            .custom_tag(SingleLetterTag::lowercase(Alphabet::H), h.clone());
+            .custom_tag(SingleLetterTag::lowercase(Alphabet::H), h);
         if let Some(since) = since {
             filter = filter.since(since);
         }
         let fetched = self
             .fetch_all("group events", filter.clone(), horizon())
             .await?;
+        let future_dated = self.count_future_dated(filter).await?;
+        let mut out = self
+            .process_fetched(group, fetched.events, since, seen)
+            .await;
+        out.dropped.duplicate += fetched.duplicates;
+        out.dropped.oversized += fetched.oversized;
+        out.dropped.invalid_signature += fetched.invalid_signature;
+        out.dropped.future_dated += future_dated;
+        Ok(out)
+    }
+
+    /// The part of [`Self::sync_group`] after its fetch: processes the events of one
+    /// complete fetch of the group (any order, no duplicate ids) oldest first, with the
+    /// cursor starting at `since` (events in `seen` were processed before and are skipped).
+    /// Every event is processed or refused with a counted reason; the cursor moves only
+    /// over processed events.
+    pub async fn process_fetched(
+        &self,
+        group: &Group,
+        events: Vec<Event>,
+        since: Option<Timestamp>,
+        seen: &[EventId],
+    ) -> SyncOutcome {
+        let h = hex::encode(group.nostr_group_id);
         let mut out = SyncOutcome {
             cursor: since.map(|t| (t, seen.to_vec())),
             ..Default::default()
         };
-        out.dropped.duplicate = fetched.duplicates;
-        out.dropped.oversized = fetched.oversized;
-        out.dropped.future_dated = self.count_future_dated(filter).await?;
-        out.seen_ids = fetched.events.iter().map(|e| e.id).collect();
-        let mut events: Vec<Event> = fetched
-            .events
+        out.seen_ids = events.iter().map(|e| e.id).collect();
+        let mut events: Vec<Event> = events
             .into_iter()
             .filter(|e| !seen.contains(&e.id))
             .collect();
@@ -467,7 +512,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
                 }
             }
         }
-        Ok(out)
+        out
     }
 
     /// Processes one event that claims to belong to the group whose `h` tag is `h`.
@@ -478,6 +523,14 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             return refuse(
                 DropReason::Invalid,
                 format!("kind {} is not a group message", event.kind),
+            );
+        }
+        // nostr-sdk verifies what relays send, except an event reusing an id it verified
+        // before; MLS does not look at the outer signature at all.
+        if let Err(e) = event.verify() {
+            return refuse(
+                DropReason::InvalidSignature,
+                format!("id or signature does not verify: {e}"),
             );
         }
         let event_h = event.tags.find(TagKind::h()).and_then(|t| t.content());

@@ -566,3 +566,245 @@ async fn oversized_events_are_refused_and_counted() {
     assert_eq!(synced.fetched, 0);
     bm.disconnect().await;
 }
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends `event` as-is over a raw WebSocket (a nostr-sdk client would refuse to send an
+/// event that does not verify) and returns the relay's answer.
+async fn publish_raw(ws: &mut Ws, event: &Event) -> RelayMessage<'static> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let msg = format!(r#"["EVENT",{}]"#, event.as_json());
+    ws.send(Message::Text(msg.into())).await.unwrap();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("relay answers")
+            .expect("connection open")
+            .expect("readable");
+        if let Message::Text(text) = msg {
+            return RelayMessage::from_json(text.as_str()).expect("a NIP-01 relay message");
+        }
+    }
+}
+
+/// Events with a flipped signature byte, with content changed after signing, and a forged
+/// copy of a real group event (its id and signature over other content), sent raw to the
+/// project's relay: each gets `OK false` with a reason and is counted; none is stored, so
+/// the members' catch-up sees only the real events and the group keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_signatures_are_refused_by_the_relay_and_counted() {
+    let relay = TestRelay::start().await;
+    let (a, b) = (
+        User::new("ia", &[&relay.nostr_url]),
+        User::new("ib", &[&relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    create_and_join("signed", &a, &[(&b, &b_npub)]).await;
+    let h = nostr_group_id(&a, "signed").await;
+    let real = {
+        let (_home, am) = a.open_member(&relay.nostr_url).await;
+        let g = group_ref(&am, "signed");
+        let id = am
+            .send_rumor(&g, EventBuilder::new(Kind::Custom(9), "real"))
+            .await
+            .unwrap();
+        am.disconnect().await;
+        let probe = junk_client(&relay).await;
+        let got = probe
+            .fetch_events(Filter::new().id(id), Duration::from_secs(5))
+            .await
+            .unwrap();
+        probe.disconnect().await;
+        got.into_iter().next().expect("the real event is stored")
+    };
+    let b_pk = PublicKey::parse(&b_npub).unwrap();
+    let mut forged: Vec<Event> = Vec::new();
+    for i in 0..100 {
+        let mut e = EventBuilder::new(Kind::MlsGroupMessage, garbage(i))
+            .tag(Tag::custom(TagKind::h(), [h.clone()]))
+            .sign_with_keys(&Keys::generate())
+            .unwrap();
+        if i % 2 == 0 {
+            let mut sig = e.sig.serialize();
+            sig[i % 64] ^= 1;
+            e.sig = Signature::from_slice(&sig).unwrap();
+        } else {
+            e.content.push('A');
+        }
+        forged.push(e);
+    }
+    for i in 0..20 {
+        let mut wrap = EventBuilder::new(Kind::GiftWrap, garbage(i))
+            .tag(Tag::public_key(b_pk))
+            .sign_with_keys(&Keys::generate())
+            .unwrap();
+        wrap.content.push('B');
+        forged.push(wrap);
+    }
+    let mut copy = real.clone();
+    copy.content = garbage(999);
+    forged.push(copy);
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(relay.nostr_url.as_str())
+        .await
+        .unwrap();
+    for e in &forged {
+        assert!(e.verify().is_err());
+        match publish_raw(&mut ws, e).await {
+            RelayMessage::Ok {
+                event_id,
+                status: false,
+                message,
+            } => {
+                assert_eq!(event_id, e.id);
+                assert!(
+                    message.starts_with("invalid: id or signature does not verify"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected OK false, got {other:?}"),
+        }
+    }
+    let stats = relay.stats();
+    assert_eq!(
+        stats.nostr_invalid_signature,
+        forged.len() as u64,
+        "{stats:?}"
+    );
+
+    // Nothing was stored: the catch-up sees the real message only, whole.
+    let synced = b.ok(&["sync"]).await;
+    let g = &synced["groups"][0];
+    assert_eq!(g["fetched"], 1, "{synced}");
+    assert_eq!(g["messages"][0]["content"], "real", "{synced}");
+    assert_eq!(g["dropped"]["invalid_signature"], 0, "{synced}");
+    assert_eq!(synced["gift_wraps"]["dropped"]["invalid_signature"], 0);
+    let pending = b.ok(&["group", "pending"]).await;
+    assert_eq!(
+        pending["gift_wraps"]["dropped"]["invalid_signature"], 0,
+        "{pending}"
+    );
+    // The group still moves on: a commit reaches the other member.
+    let c = User::new("ic", &[&relay.nostr_url]);
+    let c_npub = c.new_identity().await;
+    c.ok(&["keys", "publish"]).await;
+    a.ok(&["group", "invite", "signed", &c_npub]).await;
+    let synced = b.ok(&["sync"]).await;
+    assert_eq!(synced["groups"][0]["commits"], 1, "{synced}");
+    assert_same_view("signed", &[&a, &b]).await;
+}
+
+/// A relay that answers every REQ with the stored `events` that match it (forged or not),
+/// then EOSE: what a hostile relay does. The project's relay never stores a forged event,
+/// so this is the only way one can reach a client.
+async fn hostile_relay(events: Vec<Event>) -> (url::Url, tokio::task::JoinHandle<()>) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = url::Url::parse(&format!("ws://{}", listener.local_addr().unwrap())).unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let events = events.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    let Message::Text(text) = msg else { continue };
+                    let Ok(ClientMessage::Req {
+                        subscription_id,
+                        filters,
+                    }) = ClientMessage::from_json(text.as_str())
+                    else {
+                        continue;
+                    };
+                    for e in &events {
+                        if filters
+                            .iter()
+                            .any(|f| f.match_event(e, MatchEventOptions::new()))
+                        {
+                            let out = RelayMessage::event(
+                                subscription_id.clone().into_owned(),
+                                e.clone(),
+                            );
+                            if ws.send(Message::Text(out.as_json().into())).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let eose = RelayMessage::eose(subscription_id.into_owned());
+                    if ws.send(Message::Text(eose.as_json().into())).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, task)
+}
+
+/// nostr-sdk verifies events from relays, but caches the verdict by id: an event reusing
+/// the id (and signature) of one it verified before, with other content, passes its check.
+/// From a second, hostile relay such a copy of a real group message reaches the catch-up;
+/// it is refused there and counted as `invalid_signature`, and the real event is kept.
+/// (An event whose id was never verified before is dropped inside nostr-sdk with a log
+/// line and never reaches us: that one cannot be counted by the client.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_copy_from_a_hostile_relay_is_refused_and_counted() {
+    use call::group::{GroupMember, Home};
+    let relay = TestRelay::start().await;
+    let (a, b) = (
+        User::new("ha", &[&relay.nostr_url]),
+        User::new("hb", &[&relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    create_and_join("hostile", &a, &[(&b, &b_npub)]).await;
+    let real = {
+        let (_home, am) = a.open_member(&relay.nostr_url).await;
+        let g = group_ref(&am, "hostile");
+        let id = am
+            .send_rumor(&g, EventBuilder::new(Kind::Custom(9), "real"))
+            .await
+            .unwrap();
+        am.disconnect().await;
+        let probe = junk_client(&relay).await;
+        let got = probe
+            .fetch_events(Filter::new().id(id), Duration::from_secs(5))
+            .await
+            .unwrap();
+        probe.disconnect().await;
+        got.into_iter().next().expect("the real event is stored")
+    };
+    let mut copy = real.clone();
+    copy.content = garbage(7);
+    assert!(copy.verify().is_err());
+    let (hostile_url, hostile) = hostile_relay(vec![copy]).await;
+
+    let home = Home::open(&b.home).unwrap();
+    let relays = [
+        RelayUrl::parse(relay.nostr_url.as_str()).unwrap(),
+        RelayUrl::parse(hostile_url.as_str()).unwrap(),
+    ];
+    let bm = GroupMember::connect(home.keys().unwrap(), home.storage().unwrap(), &relays)
+        .await
+        .unwrap();
+    let group = bm.groups().unwrap().into_iter().next().unwrap();
+    // The first catch-up reads the relays in an order we do not choose: if the hostile one
+    // comes first, nostr-sdk drops the copy unseen (it has not verified that id yet).
+    let first = bm.sync_group(&group, None, &[]).await.unwrap();
+    assert!(first.dropped.invalid_signature <= 1, "{:?}", first.dropped);
+    assert_eq!(first.messages.len(), 1, "{first:?}");
+    assert_eq!(first.messages[0].content, "real");
+    // Now the id is in nostr-sdk's cache: the copy reaches us from the hostile relay.
+    let (at, ids) = first.cursor.clone().unwrap();
+    let again = bm.sync_group(&group, Some(at), &ids).await.unwrap();
+    assert_eq!(again.dropped.invalid_signature, 1, "{:?}", again.dropped);
+    assert_eq!(again.fetched, 0, "{again:?}");
+    assert!(again.seen_ids.contains(&real.id));
+    bm.disconnect().await;
+    hostile.abort();
+}

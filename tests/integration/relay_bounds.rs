@@ -45,8 +45,13 @@ async fn connect(relay: &TestRelay) -> MoqConnection {
 /// A QUIC client on `from` that completes handshakes with the MoQ ALPN and then says
 /// nothing. It keeps its connections alive, so only the relay's SETUP timeout ends them.
 fn idle_client(from: IpAddr) -> quinn::Endpoint {
+    idle_client_with(from, b"moqt-18")
+}
+
+/// Like [`idle_client`], with another ALPN (`h3`: WebTransport that never sends CONNECT).
+fn idle_client_with(from: IpAddr, alpn: &[u8]) -> quinn::Endpoint {
     let mut tls = CertVerification::Insecure.client_config().unwrap();
-    tls.alpn_protocols = vec![b"moqt-18".to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(1)));
@@ -242,6 +247,94 @@ async fn a_setup_less_flood_from_one_address_is_refused_and_timed_out_while_a_ca
     );
     assert!(stats.refused_per_address > 0, "{stats:?}");
     assert_eq!(stats.sessions, 2, "{stats:?}");
+}
+
+/// QUIC connections with the WebTransport ALPN (`h3`) that never send the CONNECT request
+/// are closed once `--setup-timeout` has passed, counted, and never become sessions; a
+/// real call on the same relay loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_connections_without_connect_are_timed_out_while_a_call_goes_on() {
+    let _alone = FLOODS.lock().await;
+    let flood_n = flood_size(200).min(1000);
+    let relay = TestRelay::start_with(RelayConfig {
+        setup_timeout: 2,
+        ..RelayConfig::ephemeral()
+    })
+    .await;
+    let call = RealCall::start(&relay, "d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0").await;
+    let started = Instant::now();
+    let endpoint = idle_client_with("127.0.0.4".parse().unwrap(), b"h3");
+    let conns = flood(&endpoint, relay.moq_addr(), flood_n).await;
+    let handshakes = started.elapsed();
+    let reasons = close_reasons(&conns, Duration::from_secs(15)).await;
+    eprintln!(
+        "{flood_n} h3 handshakes in {handshakes:?}, all closed after {:?}: {reasons:?}",
+        started.elapsed()
+    );
+    assert_eq!(reasons.get("still open"), None, "{reasons:?}");
+    let timed_out = reasons
+        .get("no WebTransport CONNECT within 2 s")
+        .copied()
+        .unwrap_or(0);
+    // A few close packets may be lost on a loaded loopback; the relay's counters are exact.
+    assert!(timed_out >= flood_n * 99 / 100, "{reasons:?}");
+    // None was held much past the timeout.
+    assert!(
+        started.elapsed() < handshakes + Duration::from_secs(2 + 5),
+        "closing took {:?}",
+        started.elapsed()
+    );
+    let sent = call.finish().await;
+    assert!(sent > 0);
+    let stats = relay.stats();
+    assert_eq!(stats.connect_timeouts, flood_n as u64, "{stats:?}");
+    // They never became sessions: no SETUP timeout, no refusal, only the call's two.
+    assert_eq!(stats.setup_timeouts, 0, "{stats:?}");
+    assert_eq!(stats.refused, 0, "{stats:?}");
+    assert_eq!(stats.sessions, 2, "{stats:?}");
+}
+
+/// At most `--max-sessions` connections may be handshaking (QUIC, then CONNECT) at once:
+/// the rest of a CONNECT-less flood is refused at once and counted; once the held ones time
+/// out, real clients get in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_still_handshaking_are_capped_at_max_sessions() {
+    const CAP: usize = 20;
+    const FLOOD: usize = 60;
+    let _alone = FLOODS.lock().await;
+    let relay = TestRelay::start_with(RelayConfig {
+        setup_timeout: 5,
+        max_sessions: CAP as u64,
+        ..RelayConfig::ephemeral()
+    })
+    .await;
+    let endpoint = idle_client_with("127.0.0.5".parse().unwrap(), b"h3");
+    let target = relay.moq_addr();
+    let results: Vec<Result<quinn::Connection, quinn::ConnectionError>> =
+        futures::future::join_all(
+            (0..FLOOD).map(|_| async { endpoint.connect(target, "localhost").unwrap().await }),
+        )
+        .await;
+    let held: Vec<quinn::Connection> = results.iter().filter_map(|r| r.clone().ok()).collect();
+    let refused = FLOOD - held.len();
+    eprintln!(
+        "{} held, {refused} refused: {:?}",
+        held.len(),
+        relay.stats()
+    );
+    assert!(held.len() >= CAP && refused > 0, "{} held", held.len());
+    let stats = relay.stats();
+    assert_eq!(stats.refused_pending, refused as u64, "{stats:?}");
+    let reasons = close_reasons(&held, Duration::from_secs(15)).await;
+    assert_eq!(reasons.get("still open"), None, "{reasons:?}");
+    // Free again: a real client gets a session.
+    let mut real = connect(&relay).await;
+    let ns = call_namespace("e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0").unwrap();
+    let (_track, serve) = real.publish(ns, "5555555555555555").await.unwrap();
+    tokio::spawn(serve);
+    let stats = relay.stats();
+    assert_eq!(stats.connect_timeouts, held.len() as u64, "{stats:?}");
+    assert_eq!(stats.sessions, 1, "{stats:?}");
 }
 
 /// With no per-address limit in the way, a flood fills `--max-sessions` and locks real
