@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use clap::builder::BoolishValueParser;
 use clap::Parser;
 use nostr_relay_builder::prelude::{LocalRelay, RateLimit, RelayBuilder};
 use serde::Deserialize;
@@ -55,7 +56,7 @@ pub struct RelayConfig {
     pub state_dir: Option<PathBuf>,
     /// Keep nothing on disk: a new self-signed certificate (and fingerprint) at every
     /// start, Nostr events in memory only. --state-dir is then ignored.
-    #[arg(long, env = "CALL_RELAY_EPHEMERAL")]
+    #[arg(long, env = "CALL_RELAY_EPHEMERAL", value_parser = BoolishValueParser::new())]
     pub ephemeral: bool,
     /// TLS certificate chain (PEM). Without it a self-signed certificate is generated
     /// once and kept in the state directory (with --ephemeral: at every start).

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::{BufMut, BytesMut};
 use call::transport::{CertVerification, ClientConfig, Delivery, MoqClient, MoqConnection};
+use clap::builder::BoolishValueParser;
 use clap::Parser;
 use moq_transport::coding::TrackNamespace;
 use tokio::time::Instant;
@@ -39,7 +40,7 @@ struct Args {
     subscribe_wait: u64,
     /// Subscribe as a call does (`MoqClient`: re-subscribes when a subscription is refused
     /// or ends), waiting `--subscribe-wait` seconds before sending so routes are set up.
-    #[arg(long, env = "CALL_RELAY_LOAD_CALL_CLIENT")]
+    #[arg(long, env = "CALL_RELAY_LOAD_CALL_CLIENT", value_parser = BoolishValueParser::new())]
     call_client: bool,
     /// Publishing sessions, one track each.
     #[arg(long, env = "CALL_RELAY_LOAD_PUBLISHERS", default_value_t = 1)]

@@ -2,6 +2,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use clap::builder::BoolishValueParser;
 use clap::Args;
 
 use crate::bench::{self, scenario, BenchConfig, BenchReport, Scenario, Transport};
@@ -37,7 +38,7 @@ pub struct BenchArgs {
     #[arg(long, env = "CALL_BENCH_SEED", default_value_t = 1)]
     pub seed: u64,
     /// Print exactly one JSON object on stdout instead of the table.
-    #[arg(long, env = "CALL_BENCH_JSON")]
+    #[arg(long, env = "CALL_BENCH_JSON", value_parser = BoolishValueParser::new())]
     pub json: bool,
     /// Also draw the results into this SVG file: per scenario, the mouth-to-ear latency
     /// distribution (CDF) of each transport and its residual loss (frames concealed).

@@ -1,6 +1,7 @@
 //! Flags shared by the commands that take part in calls (`call join`, `call listen`) or look
 //! at them on the MoQ relay (`call calls`): one definition, one set of `CALL_*` variables.
 
+use clap::builder::BoolishValueParser;
 use clap::Args;
 
 use super::config::Settings;
@@ -15,7 +16,7 @@ pub struct RelayArgs {
           value_parser = super::config::parse_fingerprint)]
     pub moq_fingerprint: Option<String>,
     /// Accept any MoQ relay certificate. For development only.
-    #[arg(long, env = "CALL_MOQ_INSECURE")]
+    #[arg(long, env = "CALL_MOQ_INSECURE", value_parser = BoolishValueParser::new())]
     pub moq_insecure: bool,
     /// When to present the call's relay token in SETUP: `auto` (present it; without it if
     /// the relay refuses the session), `always`, `never`. Falls back to `relay_token` in

@@ -2,6 +2,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::builder::BoolishValueParser;
 use clap::Args;
 use url::Url;
 
@@ -41,7 +42,7 @@ pub struct DemoArgs {
           value_parser = super::config::parse_fingerprint)]
     pub moq_fingerprint: Option<String>,
     /// Accept any MoQ relay certificate. For development only.
-    #[arg(long, env = "CALL_MOQ_INSECURE")]
+    #[arg(long, env = "CALL_MOQ_INSECURE", value_parser = BoolishValueParser::new())]
     pub moq_insecure: bool,
     /// When to present the call's relay token in SETUP: `auto` (present it; without it if
     /// the relay refuses the session), `always`, `never`.

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::builder::BoolishValueParser;
 use clap::Args;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -45,7 +46,7 @@ pub struct JoinArgs {
     pub privacy: Privacy,
     /// Print a line per event and a status every 5 s instead of the live screen (which
     /// needs a terminal on stdin and stderr, and is never used with `--json`).
-    #[arg(long, env = "CALL_NO_SCREEN")]
+    #[arg(long, env = "CALL_NO_SCREEN", value_parser = BoolishValueParser::new())]
     pub no_screen: bool,
 }
 

@@ -4,6 +4,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::builder::BoolishValueParser;
 use clap::Args;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -42,13 +43,13 @@ pub struct ListenArgs {
     pub groups: Vec<String>,
     /// Join every call that rings (one at a time) with --source/--sink, and listen again
     /// once it is over (everyone else left, or --seconds passed).
-    #[arg(long, env = "CALL_ANSWER", conflicts_with_all = ["decline", "busy"])]
+    #[arg(long, env = "CALL_ANSWER", conflicts_with_all = ["decline", "busy"], value_parser = BoolishValueParser::new())]
     pub answer: bool,
     /// Answer every call that rings with `decline`.
-    #[arg(long, env = "CALL_DECLINE", conflicts_with = "busy")]
+    #[arg(long, env = "CALL_DECLINE", conflicts_with = "busy", value_parser = BoolishValueParser::new())]
     pub decline: bool,
     /// Answer every call that rings with `busy`.
-    #[arg(long, env = "CALL_BUSY")]
+    #[arg(long, env = "CALL_BUSY", value_parser = BoolishValueParser::new())]
     pub busy: bool,
     /// Reason sent with a decline or busy answer.
     #[arg(long, env = "CALL_ANSWER_REASON", value_name = "TEXT")]

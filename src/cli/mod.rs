@@ -15,6 +15,7 @@ mod screen;
 
 use std::process::ExitCode;
 
+use clap::builder::BoolishValueParser;
 use clap::{Parser, Subcommand};
 
 /// Exit codes that scripts can rely on.
@@ -106,7 +107,7 @@ pub enum Command {
         #[command(flatten)]
         relay: callargs::RelayArgs,
         /// Do not ask the MoQ relay who is alive (running calls are shown as `running`).
-        #[arg(long, env = "CALL_NO_PROBE")]
+        #[arg(long, env = "CALL_NO_PROBE", value_parser = BoolishValueParser::new())]
         no_probe: bool,
     },
     /// Wait for calls in your groups: show who is calling (a bell on a terminal), or

@@ -131,6 +131,27 @@ fn join_checks_the_identity_before_opening_devices() {
     let _ = std::fs::remove_dir_all(&home);
 }
 
+/// A boolean `CALL_*` variable takes what scripts set (1/0, true/false, yes/no, on/off);
+/// anything else is a usage error, not a silent false.
+#[test]
+fn boolean_env_vars_take_1_and_0_and_refuse_junk() {
+    let home = std::env::temp_dir().join(format!("call-boolenv-{}", std::process::id()));
+    for (value, code) in [("1", 1), ("0", 1), ("yes", 1), ("off", 1), ("maybe", 2)] {
+        let out = call()
+            .env("CALL_HOME", &home)
+            .env("CALL_NO_PROBE", value)
+            .args(["calls", "g"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // 1: parsed, then no identity in an empty home; 2: refused by the parser.
+        assert_eq!(out.status.code(), Some(code), "CALL_NO_PROBE={value}: {stderr}");
+        if code == 2 {
+            assert!(stderr.contains("CALL_NO_PROBE") || stderr.contains("maybe"), "{stderr}");
+        }
+    }
+}
+
 #[test]
 fn help_shows_examples() {
     let out = call().arg("--help").output().unwrap();
