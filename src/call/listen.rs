@@ -842,25 +842,11 @@ async fn answer_call<S: MdkStorageProvider>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::call::signaling::{Privacy, TrackRef};
+    use crate::call::signaling::TrackRef;
     use nostr_sdk::prelude::Keys;
-    use url::Url;
 
     fn offer(id: u8) -> CallOffer {
-        CallOffer {
-            call_id: [id; 32],
-            moq_url: Url::parse("moqt://127.0.0.1:4443").unwrap(),
-            namespace: [2; 16],
-            token: [3; 32],
-            track: TrackRef {
-                name: [4; 8],
-                leaf_index: 0,
-            },
-            frame_ms: 20,
-            sender_bits: 4,
-            privacy: Privacy::Standard,
-            delivery: Default::default(),
-        }
+        CallOffer::sample(id)
     }
 
     struct Fixture {

@@ -369,13 +369,11 @@ impl CallState {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use nostr_sdk::prelude::Keys;
-
-    fn offer() -> CallOffer {
-        CallOffer {
-            call_id: [1; 32],
+impl CallOffer {
+    /// An offer for unit tests: call id `[id; 32]`, fixed other fields.
+    pub(crate) fn sample(id: u8) -> Self {
+        Self {
+            call_id: [id; 32],
             moq_url: Url::parse("moqt://127.0.0.1:4443").unwrap(),
             namespace: [2; 16],
             token: [3; 32],
@@ -388,6 +386,16 @@ mod tests {
             privacy: Privacy::Standard,
             delivery: Delivery::Stream,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nostr_sdk::prelude::Keys;
+
+    fn offer() -> CallOffer {
+        CallOffer::sample(1)
     }
 
     #[test]

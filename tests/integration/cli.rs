@@ -145,9 +145,16 @@ fn boolean_env_vars_take_1_and_0_and_refuse_junk() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         // 1: parsed, then no identity in an empty home; 2: refused by the parser.
-        assert_eq!(out.status.code(), Some(code), "CALL_NO_PROBE={value}: {stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "CALL_NO_PROBE={value}: {stderr}"
+        );
         if code == 2 {
-            assert!(stderr.contains("CALL_NO_PROBE") || stderr.contains("maybe"), "{stderr}");
+            assert!(
+                stderr.contains("CALL_NO_PROBE") || stderr.contains("maybe"),
+                "{stderr}"
+            );
         }
     }
 }
