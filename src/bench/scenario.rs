@@ -34,6 +34,7 @@ pub const NAMES: &[&str] = &[
     "loss-1",
     "loss-5",
     "loss-10",
+    "loss-5-rtt-40",
     "burst-5",
     "delay-20",
     "delay-50",
@@ -44,7 +45,7 @@ pub const NAMES: &[&str] = &[
 ];
 
 /// What runs without `--scenario`: a representative set that takes under a minute.
-pub const DEFAULT: &[&str] = &["clean", "loss-5", "jitter-30", "far-relay"];
+pub const DEFAULT: &[&str] = &["clean", "loss-5-rtt-40", "jitter-30", "far-relay"];
 
 /// Mean run length of `burst-5`: 4 datagrams, 80 ms of 20 ms frames, longer than in-band
 /// FEC (one frame back) can bridge.
@@ -68,6 +69,8 @@ impl Scenario {
             "loss-1" => Self::new(name, 0.01, 0, 0),
             "loss-5" => Self::new(name, 0.05, 0, 0),
             "loss-10" => Self::new(name, 0.10, 0, 0),
+            // Loss where retransmission costs a round trip: 20 ms each way, 40 ms RTT.
+            "loss-5-rtt-40" => Self::new(name, 0.05, 20, 0),
             "burst-5" => Self {
                 loss_burst: Some(BURST_LEN),
                 ..Self::new(name, 0.05, 0, 0)

@@ -10,9 +10,10 @@ use crate::bench::{self, scenario, BenchConfig, BenchReport, Scenario, Transport
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Scenarios, comma-separated, or all. clean; loss-1, loss-5, loss-10 (random loss, %);
-    /// burst-5 (5 % loss in runs of 4 packets on average); delay-20, delay-50, delay-100
-    /// (one-way ms); jitter-10, jitter-30 (ms); far-relay (80 ms on each relay leg, 160 ms
-    /// end to end). Default: clean,loss-5,jitter-30,far-relay.
+    /// loss-5-rtt-40 (5 % loss, 20 ms each way); burst-5 (5 % loss in runs of 4 packets on
+    /// average); delay-20, delay-50, delay-100 (one-way ms); jitter-10, jitter-30 (ms);
+    /// far-relay (80 ms on each relay leg, 160 ms end to end). Default:
+    /// clean,loss-5-rtt-40,jitter-30,far-relay.
     #[arg(long = "scenario", env = "CALL_BENCH_SCENARIOS", value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// Transports, comma-separated: moq-stream, moq-datagram, webrtc, webrtc-nack (NACK/RTX
