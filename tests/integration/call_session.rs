@@ -56,7 +56,7 @@ fn options(moq_url: &url::Url, verification: CertVerification) -> JoinOptions {
 }
 
 /// Runs one participant's session: tone `hz` in, nothing out, events to `events`.
-async fn participant(
+pub(crate) async fn participant(
     m: &Member,
     group: &GroupRef,
     resume: Resume,

@@ -6,20 +6,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::call_session::{expect, npub};
+use crate::call_session::{expect, npub, participant};
 use crate::common::{memory_member as member, TestRelay};
 use bytes::Bytes;
-use call::call::session::{self, CallEvent, CallReport, CallTarget, JoinOptions, UserCommand};
-use call::group::{GroupMember, GroupRef};
-use call::media::audio::NullSink;
-use call::media::io::{AudioIn, AudioOut};
-use call::media::tone::ToneSource;
+use call::call::session::{CallEvent, CallTarget, JoinOptions, UserCommand};
 use call::transport::{
     call_namespace, CertVerification, ClientConfig, Delivery, MoqClient, MoqConnection,
     TokenPolicy, TransportError, MAX_DATAGRAM_PAYLOAD,
 };
 use call_relay::RelayConfig;
-use mdk_memory_storage::MdkMemoryStorage;
 use nostr_sdk::prelude::RelayUrl;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -277,33 +272,6 @@ async fn datagrams_released_together_by_a_jittery_path_all_reach_the_reader() {
     assert_eq!(remote.stats().late(), 0);
 }
 
-type Member = GroupMember<MdkMemoryStorage>;
-
-async fn participant(
-    m: &Member,
-    group: &GroupRef,
-    opts: &JoinOptions,
-    hz: f64,
-    commands: mpsc::UnboundedReceiver<UserCommand>,
-    events: mpsc::UnboundedSender<CallEvent>,
-) -> CallReport {
-    let (report, _) = session::run(
-        m,
-        group,
-        None,
-        opts,
-        AudioIn::Timer(Box::new(ToneSource::new(hz))),
-        AudioOut::Timer(Box::new(NullSink)),
-        commands,
-        move |e| {
-            let _ = events.send(e.clone());
-        },
-    )
-    .await
-    .expect("the session runs");
-    report
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_call_sessions_hear_each_other_over_datagrams_through_call_relay() {
     let relay = TestRelay::start().await;
@@ -334,10 +302,10 @@ async fn two_call_sessions_hear_each_other_over_datagrams_through_call_relay() {
     let (b_tx, mut b_rx) = mpsc::unbounded_channel();
     let (c_tx, mut c_rx) = mpsc::unbounded_channel();
     let (c_go, c_wait) = oneshot::channel::<()>();
-    let bob_call = participant(&bob, &group, &bob_opts, 440.0, b_cmds, b_tx);
+    let bob_call = participant(&bob, &group, None, &bob_opts, 440.0, b_cmds, b_tx);
     let carol_call = async {
         c_wait.await.unwrap();
-        participant(&carol, &group, &base, 660.0, c_cmds, c_tx).await
+        participant(&carol, &group, None, &base, 660.0, c_cmds, c_tx).await
     };
     let script = async {
         let long = Duration::from_secs(20);

@@ -593,6 +593,24 @@ async fn publish_raw(ws: &mut Ws, event: &Event) -> RelayMessage<'static> {
 /// copy of a real group event (its id and signature over other content), sent raw to the
 /// project's relay: each gets `OK false` with a reason and is counted; none is stored, so
 /// the members' catch-up sees only the real events and the group keeps working.
+/// A kind-9 message `a` sends to `group`, as the relay stores it (signed, gift-wrapped).
+async fn real_message(a: &User, relay: &TestRelay, group: &str) -> Event {
+    let (_home, am) = a.open_member(&relay.nostr_url).await;
+    let g = group_ref(&am, group);
+    let id = am
+        .send_rumor(&g, EventBuilder::new(Kind::Custom(9), "real"))
+        .await
+        .unwrap();
+    am.disconnect().await;
+    let probe = junk_client(relay).await;
+    let got = probe
+        .fetch_events(Filter::new().id(id), Duration::from_secs(5))
+        .await
+        .unwrap();
+    probe.disconnect().await;
+    got.into_iter().next().expect("the real event is stored")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_signatures_are_refused_by_the_relay_and_counted() {
     let relay = TestRelay::start().await;
@@ -604,22 +622,7 @@ async fn invalid_signatures_are_refused_by_the_relay_and_counted() {
     let b_npub = b.new_identity().await;
     create_and_join("signed", &a, &[(&b, &b_npub)]).await;
     let h = nostr_group_id(&a, "signed").await;
-    let real = {
-        let (_home, am) = a.open_member(&relay.nostr_url).await;
-        let g = group_ref(&am, "signed");
-        let id = am
-            .send_rumor(&g, EventBuilder::new(Kind::Custom(9), "real"))
-            .await
-            .unwrap();
-        am.disconnect().await;
-        let probe = junk_client(&relay).await;
-        let got = probe
-            .fetch_events(Filter::new().id(id), Duration::from_secs(5))
-            .await
-            .unwrap();
-        probe.disconnect().await;
-        got.into_iter().next().expect("the real event is stored")
-    };
+    let real = real_message(&a, &relay, "signed").await;
     let b_pk = PublicKey::parse(&b_npub).unwrap();
     let mut forged: Vec<Event> = Vec::new();
     for i in 0..100 {
@@ -763,22 +766,7 @@ async fn a_forged_copy_from_a_hostile_relay_is_refused_and_counted() {
     a.new_identity().await;
     let b_npub = b.new_identity().await;
     create_and_join("hostile", &a, &[(&b, &b_npub)]).await;
-    let real = {
-        let (_home, am) = a.open_member(&relay.nostr_url).await;
-        let g = group_ref(&am, "hostile");
-        let id = am
-            .send_rumor(&g, EventBuilder::new(Kind::Custom(9), "real"))
-            .await
-            .unwrap();
-        am.disconnect().await;
-        let probe = junk_client(&relay).await;
-        let got = probe
-            .fetch_events(Filter::new().id(id), Duration::from_secs(5))
-            .await
-            .unwrap();
-        probe.disconnect().await;
-        got.into_iter().next().expect("the real event is stored")
-    };
+    let real = real_message(&a, &relay, "hostile").await;
     let mut copy = real.clone();
     copy.content = garbage(7);
     assert!(copy.verify().is_err());
