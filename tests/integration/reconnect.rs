@@ -54,13 +54,17 @@ async fn frames_flow_again_to_every_subscriber_within_2s_of_a_relay_restart() {
         logs.push(log);
     }
 
-    // The call: a frame every 20 ms, whatever happens to the relay.
+    // The call: a frame every 20 ms, whatever happens to the relay, until the checks are
+    // done (60 s at most). In-process, the stopped relay's port is free again only once
+    // quinn has drained its connections, which has taken up to ~8 s here.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
     let sending = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
-        for seq in 0.. {
+        for seq in 0..3000 {
             tick.tick().await;
             local.send(seq, Bytes::from(format!("f{seq}")));
-            if seq == 300 {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
         }
@@ -111,6 +115,7 @@ async fn frames_flow_again_to_every_subscriber_within_2s_of_a_relay_restart() {
         assert_eq!(s.connects(), 2, "one reconnect per client");
     }
     assert_eq!(publisher.connects(), 2);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     let local = sending.await.unwrap();
     // Frames sent while the relay was down were dropped, not queued for late delivery.
     assert!(local.stats().dropped() > 0);
