@@ -3,11 +3,11 @@
 //! datagram track going across a relay restart, and two `call join` sessions hear each
 //! other over datagrams, the joiner taking the delivery from the caller's offer.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::call_session::{expect, npub, participant};
 use crate::common::{memory_member as member, TestRelay};
+use crate::reconnect::recording_subscribers;
 use bytes::Bytes;
 use call::call::session::{CallEvent, CallTarget, JoinOptions, UserCommand};
 use call::transport::{
@@ -147,22 +147,7 @@ async fn a_datagram_track_reaches_every_subscriber_again_after_a_relay_restart()
         .expect("announced in time")
         .expect("announced");
 
-    let mut subscribers = Vec::new();
-    let mut logs = Vec::new();
-    for _ in 0..2 {
-        let sub_client = client(&relay);
-        let mut remote = sub_client.subscribe(ns.clone(), TRACK);
-        let log: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
-        let sink = log.clone();
-        tokio::spawn(async move {
-            while let Ok((seq, payload)) = remote.next().await {
-                assert_eq!(payload, Bytes::from(format!("f{seq}")));
-                sink.lock().unwrap().push((Instant::now(), seq));
-            }
-        });
-        subscribers.push(sub_client);
-        logs.push(log);
-    }
+    let (subscribers, logs) = recording_subscribers(2, || client(&relay), &ns, TRACK);
     let sending = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         for seq in 0..=300 {

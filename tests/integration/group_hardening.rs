@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::common::users::{create_and_join, group_ref, User};
 use crate::common::TestRelay;
+use crate::relay_bounds::{next_relay_message, Ws};
 use nostr_sdk::prelude::*;
 use serde_json::Value;
 
@@ -567,26 +568,14 @@ async fn oversized_events_are_refused_and_counted() {
     bm.disconnect().await;
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// Sends `event` as-is over a raw WebSocket (a nostr-sdk client would refuse to send an
 /// event that does not verify) and returns the relay's answer.
 async fn publish_raw(ws: &mut Ws, event: &Event) -> RelayMessage<'static> {
-    use futures::{SinkExt, StreamExt};
+    use futures::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let msg = format!(r#"["EVENT",{}]"#, event.as_json());
     ws.send(Message::Text(msg.into())).await.unwrap();
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("relay answers")
-            .expect("connection open")
-            .expect("readable");
-        if let Message::Text(text) = msg {
-            return RelayMessage::from_json(text.as_str()).expect("a NIP-01 relay message");
-        }
-    }
+    next_relay_message(ws).await
 }
 
 /// Events with a flipped signature byte, with content changed after signing, and a forged

@@ -6,10 +6,41 @@ use std::time::Duration;
 use crate::common::TestRelay;
 use bytes::Bytes;
 use call::transport::{call_namespace, CertVerification, ClientConfig, MoqClient};
+use moq_transport::coding::TrackNamespace;
 use tokio::time::Instant;
 
 const TOKEN: &[u8] = &[9; 32];
 const TRACK: &str = "6666666666666666";
+
+/// When each frame reached a subscriber: (arrival, sequence).
+pub(crate) type ArrivalLog = Arc<Mutex<Vec<(Instant, u64)>>>;
+
+/// `n` subscribers of `track`, each on its own client from `client`, each recording every
+/// frame it hears (and checking its payload is `f{seq}`).
+pub(crate) fn recording_subscribers(
+    n: usize,
+    client: impl Fn() -> MoqClient,
+    ns: &TrackNamespace,
+    track: &str,
+) -> (Vec<MoqClient>, Vec<ArrivalLog>) {
+    let mut subscribers = Vec::new();
+    let mut logs = Vec::new();
+    for _ in 0..n {
+        let sub_client = client();
+        let mut remote = sub_client.subscribe(ns.clone(), track);
+        let log = ArrivalLog::default();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            while let Ok((seq, payload)) = remote.next().await {
+                assert_eq!(payload, Bytes::from(format!("f{seq}")));
+                sink.lock().unwrap().push((Instant::now(), seq));
+            }
+        });
+        subscribers.push(sub_client);
+        logs.push(log);
+    }
+    (subscribers, logs)
+}
 
 fn client(relay: &TestRelay) -> MoqClient {
     // The restarted relay has a new self-signed certificate: pinning would refuse it.
@@ -37,22 +68,7 @@ async fn frames_flow_again_to_every_subscriber_within_2s_of_a_relay_restart() {
         .expect("announced");
 
     // Three subscribers record when each frame reached them.
-    let mut subscribers = Vec::new();
-    let mut logs = Vec::new();
-    for _ in 0..3 {
-        let sub_client = client(&relay);
-        let mut remote = sub_client.subscribe(ns.clone(), TRACK);
-        let log: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
-        let sink = log.clone();
-        tokio::spawn(async move {
-            while let Ok((seq, payload)) = remote.next().await {
-                assert_eq!(payload, Bytes::from(format!("f{seq}")));
-                sink.lock().unwrap().push((Instant::now(), seq));
-            }
-        });
-        subscribers.push(sub_client);
-        logs.push(log);
-    }
+    let (subscribers, logs) = recording_subscribers(3, || client(&relay), &ns, TRACK);
 
     // The call: a frame every 20 ms, whatever happens to the relay, until the checks are
     // done (60 s at most). In-process, the stopped relay's port is free again only once

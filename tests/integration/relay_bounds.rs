@@ -423,7 +423,7 @@ async fn the_setup_timeout_alone_frees_a_relay_filled_by_setup_less_sessions() {
     assert_eq!(stats.refused_per_address, 0, "{stats:?}");
 }
 
-type Ws =
+pub(crate) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn nostr_ws(relay: &TestRelay) -> Ws {
@@ -434,7 +434,7 @@ async fn nostr_ws(relay: &TestRelay) -> Ws {
 }
 
 /// The next relay message (text), within 5 s.
-async fn next_relay_message(ws: &mut Ws) -> RelayMessage<'static> {
+pub(crate) async fn next_relay_message(ws: &mut Ws) -> RelayMessage<'static> {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
             .await
