@@ -53,6 +53,18 @@ pub(crate) struct Listener {
     log: LogThrottle,
 }
 
+/// See [`Listener::closer`]. Connections still handshaking or waiting for CONNECT are in no
+/// session list, and quinn keeps the socket open for as long as any connection lives, so
+/// closing the sessions alone left the port taken for up to the idle timeout after a stop.
+pub(crate) struct EndpointCloser(quinn::Endpoint);
+
+impl Drop for EndpointCloser {
+    fn drop(&mut self) {
+        self.0
+            .close(quinn::VarInt::from_u32(0), b"relay shutting down");
+    }
+}
+
 /// QUIC transport settings of every connection: as moq-native-ietf's server had them (idle
 /// timeout 10 s, keep-alive 4 s, BBR, fixed MTU).
 fn transport_config() -> quinn::TransportConfig {
@@ -95,6 +107,12 @@ impl Listener {
 
     pub(crate) fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Closes every connection of the endpoint when dropped, so that the UDP socket is freed
+    /// as soon as they have drained, not when the last one times out.
+    pub(crate) fn closer(&self) -> EndpointCloser {
+        EndpointCloser(self.endpoint.clone())
     }
 
     /// Accepts connections until the endpoint closes; each that completes its handshake

@@ -331,6 +331,9 @@ impl Relay {
     pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) {
         let stats_log = log_stats(self.stats_handle(), self.stats_interval);
         let _nostr = self.nostr;
+        // Dropped in reverse order: sessions are closed with a reason first, then whatever
+        // else the endpoint still holds.
+        let _endpoint = self.listener.closer();
         let _sessions = SessionsGuard(self.routes.clone());
         tokio::select! {
             () = self.listener.run(self.routes.clone()) => {}

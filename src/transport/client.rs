@@ -30,11 +30,16 @@ use super::{
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest wait between reconnect attempts: audio calls want the relay back fast.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
-/// First limit on one connection attempt; doubles per failed attempt up to
-/// [`MAX_CONNECT_TIMEOUT`]. A QUIC handshake sent while the relay was down is otherwise only
-/// retransmitted after about a second, so a fresh attempt is faster once it is back.
-const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+/// Longest one connection attempt may take (the first one, whose failure is final, and each
+/// of the overlapping reconnect attempts).
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnect attempts in flight at once. A QUIC Initial sent while the relay was down is
+/// retransmitted only after its probe timeout, which doubles (about 1, 2, 4 s): waiting for
+/// that attempt delayed the return by up to 2.5 s after the relay was back. A fresh attempt
+/// every backoff interval, with the older ones still running, sends a fresh Initial within
+/// [`MAX_BACKOFF`] of the relay's return, while a slow handshake (a far or loaded relay)
+/// still has [`MAX_CONNECT_TIMEOUT`] to finish.
+const MAX_OVERLAPPING_ATTEMPTS: usize = 4;
 /// First wait before re-subscribing to a track the relay does not know (yet).
 const MIN_RESUBSCRIBE: Duration = Duration::from_millis(20);
 /// Frames buffered per remote track before the oldest arrivals are dropped.
@@ -474,9 +479,6 @@ async fn drive(
 ) {
     let mut locals: Vec<Arc<LocalReg>> = Vec::new();
     let mut remotes: Vec<Arc<RemoteReg>> = Vec::new();
-    let mut backoff = MIN_BACKOFF;
-    // The first connection gets the long limit: failing it is final.
-    let mut connect_timeout = MAX_CONNECT_TIMEOUT;
     loop {
         while let Ok(cmd) = commands.try_recv() {
             register(cmd, &mut locals, &mut remotes);
@@ -485,30 +487,26 @@ async fn drive(
             true => config.token.as_deref(),
             false => None,
         };
-        let attempt = async {
-            let connect = MoqConnection::connect_with_token(&config.url, &config.verify, token);
-            match tokio::time::timeout(connect_timeout, connect).await {
-                Ok(res) => res,
-                Err(_) => Err(TransportError::Connect {
-                    url: config.url.clone(),
-                    reason: format!("no handshake within {connect_timeout:?}"),
-                }),
-            }
+        // The first connection is one attempt, and failing it is final; later ones overlap
+        // and go on until one succeeds or the relay refuses us.
+        let attempt = match shared.connects.load(Ordering::Relaxed) {
+            0 => connect_once(&config, token).boxed(),
+            _ => reconnect(&config, token).boxed(),
         };
-        let connected = tokio::select! {
-            res = attempt => res,
-            cmd = commands.recv() => match cmd {
-                Some(cmd) => {
-                    register(cmd, &mut locals, &mut remotes);
-                    continue;
+        let connected = {
+            let mut attempt = pin!(attempt);
+            loop {
+                tokio::select! {
+                    res = &mut attempt => break res,
+                    cmd = commands.recv() => match cmd {
+                        Some(cmd) => register(cmd, &mut locals, &mut remotes),
+                        None => return,
+                    },
                 }
-                None => return,
-            },
+            }
         };
         match connected {
             Ok((conn, session)) => {
-                backoff = MIN_BACKOFF;
-                connect_timeout = MIN_CONNECT_TIMEOUT;
                 shared.connects.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(url = %config.url, "connected to the relay");
                 let ended = run_connection(
@@ -549,22 +547,58 @@ async fn drive(
                 give_up(&shared, &remotes, Fatal::Unreachable(e.to_string()));
                 return;
             }
-            Err(e) => {
-                tracing::debug!(url = %config.url, "reconnect failed: {e}");
-                let sleep = tokio::time::sleep(backoff);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                connect_timeout = (connect_timeout * 2).min(MAX_CONNECT_TIMEOUT);
-                let mut sleep = pin!(sleep);
-                loop {
-                    tokio::select! {
-                        () = &mut sleep => break,
-                        cmd = commands.recv() => match cmd {
-                            Some(cmd) => register(cmd, &mut locals, &mut remotes),
-                            None => return,
-                        },
-                    }
+            // `reconnect` returns only refusals; kept for completeness of the match.
+            Err(e) => tracing::debug!(url = %config.url, "reconnect failed: {e}"),
+        }
+    }
+}
+
+/// A connection and the future that drives its MoQ session.
+type Connected = (
+    MoqConnection,
+    BoxFuture<'static, Result<(), moq_transport::session::SessionError>>,
+);
+
+/// One connection attempt within [`MAX_CONNECT_TIMEOUT`].
+async fn connect_once(
+    config: &ClientConfig,
+    token: Option<&[u8]>,
+) -> Result<Connected, TransportError> {
+    let connect = MoqConnection::connect_with_token(&config.url, &config.verify, token);
+    match tokio::time::timeout(MAX_CONNECT_TIMEOUT, connect).await {
+        Ok(res) => res.map(|(conn, session)| (conn, session.boxed())),
+        Err(_) => Err(TransportError::Connect {
+            url: config.url.clone(),
+            reason: format!("no handshake within {MAX_CONNECT_TIMEOUT:?}"),
+        }),
+    }
+}
+
+/// Reconnects: a new attempt after [`MIN_BACKOFF`], doubling up to [`MAX_BACKOFF`], with at
+/// most [`MAX_OVERLAPPING_ATTEMPTS`] in flight, until one connects. Returns an error only
+/// when the relay refuses the session or its certificate (retrying cannot help).
+async fn reconnect(
+    config: &ClientConfig,
+    token: Option<&[u8]>,
+) -> Result<Connected, TransportError> {
+    let mut attempts = FuturesUnordered::new();
+    let mut gap = MIN_BACKOFF;
+    let mut next = Instant::now();
+    loop {
+        if attempts.len() < MAX_OVERLAPPING_ATTEMPTS && Instant::now() >= next {
+            attempts.push(connect_once(config, token));
+            next = Instant::now() + gap;
+            gap = (gap * 2).min(MAX_BACKOFF);
+        }
+        tokio::select! {
+            Some(res) = attempts.next() => match res {
+                Ok(connected) => return Ok(connected),
+                Err(e @ (TransportError::SessionRefused(_) | TransportError::Certificate { .. })) => {
+                    return Err(e)
                 }
-            }
+                Err(e) => tracing::debug!(url = %config.url, "reconnect attempt failed: {e}"),
+            },
+            () = tokio::time::sleep_until(next) => {}
         }
     }
 }
