@@ -2,7 +2,7 @@
 # Relay benchmark: P publishers x S subscribers (every subscriber session subscribes to
 # every track) of RATE objects/s of SIZE bytes on loopback, against call-relay with stream
 # delivery (a QUIC stream per object), call-relay with datagram delivery (an OBJECT_DATAGRAM
-# per object), and then moq-relay-ietf (stream delivery) under the same load. Prints per run:
+# per object), and then moq-relay-ietf with each delivery under the same load. Prints per run:
 # delivered fraction, latency through the relay (publisher send -> subscriber receive,
 # p50/p99), relay CPU % (of one core) and peak RSS, then the ratios.
 #
@@ -57,7 +57,7 @@ bench() {
   printf '%s %s cpu_pct=%.1f peak_rss_kib=%s\n' "$name" "$out" "$cpu" "$rss"
 }
 
-port_a=$((20000 + RANDOM % 20000)); port_b=$((port_a + 1)); port_c=$((port_a + 2))
+port_a=$((20000 + RANDOM % 20000)); port_b=$((port_a + 1)); port_c=$((port_a + 2)); port_d=$((port_a + 3))
 # Every load session comes from 127.0.0.1: lift the per-address session limit.
 relay_env=(CALL_RELAY_NOSTR_BIND=127.0.0.1:0 CALL_RELAY_AUTH=open CALL_RELAY_STATS_INTERVAL=0
   CALL_RELAY_MAX_SESSIONS_PER_ADDRESS=100000
@@ -87,9 +87,14 @@ ratios() {
 printf 'objects/s per core: call-relay stream %.0f, datagram %.0f\n' "$(tpc "$a")" "$(tpc "$d")"
 ratios "call-relay datagram / stream" "$d" "$a"
 [ "$ietf" = 0 ] && exit 0
-b=$(bench moq-relay-ietf "$port_b" stream -- "$cache/bin/moq-relay-ietf" --bind "127.0.0.1:$port_b" \
-  --tls-cert "$cache/cert.pem" --tls-key "$cache/key.pem")
+ietf_cmd=("$cache/bin/moq-relay-ietf" --tls-cert "$cache/cert.pem" --tls-key "$cache/key.pem")
+b=$(bench moq-relay-ietf "$port_b" stream -- "${ietf_cmd[@]}" --bind "127.0.0.1:$port_b")
 echo "$b"
-ratios "call-relay stream / moq-relay-ietf" "$a" "$b"
+# moq-relay-ietf forwards OBJECT_DATAGRAMs through moq-transport's datagram tracks.
+e=$(bench moq-relay-ietf-datagram "$port_d" datagram -- "${ietf_cmd[@]}" --bind "127.0.0.1:$port_d")
+echo "$e"
+printf 'objects/s per core: moq-relay-ietf stream %.0f, datagram %.0f\n' "$(tpc "$b")" "$(tpc "$e")"
+ratios "call-relay stream / moq-relay-ietf stream" "$a" "$b"
+ratios "call-relay datagram / moq-relay-ietf datagram" "$d" "$e"
 ratios "call-relay datagram / moq-relay-ietf stream" "$d" "$b"
 exit 0

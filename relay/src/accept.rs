@@ -183,8 +183,13 @@ impl Listener {
         if alpn != web_transport_quinn::ALPN.as_bytes() {
             // rustls only completes a handshake with one of our ALPNs: a MoQT version.
             let url = url::Url::parse("moqt://localhost").expect("valid url");
-            let session = web_transport_quinn::Session::raw(conn, url, ConnectResponse::default());
-            return Some((session.into(), Transport::RawQuic, remote));
+            let session =
+                web_transport_quinn::Session::raw(conn, url.clone(), ConnectResponse::default());
+            return Some((
+                crate::turns::moq_session(session, url),
+                Transport::RawQuic,
+                remote,
+            ));
         }
         let request = match tokio::time::timeout_at(
             deadline,
@@ -230,7 +235,14 @@ impl Listener {
         };
         let response = ConnectResponse::OK.with_protocol(version.alpn_str().to_string());
         match tokio::time::timeout_at(deadline, request.respond(response)).await {
-            Ok(Ok(session)) => Some((session.into(), Transport::WebTransport, remote)),
+            Ok(Ok(session)) => {
+                let url = session.request().url.clone();
+                Some((
+                    crate::turns::moq_session(session, url),
+                    Transport::WebTransport,
+                    remote,
+                ))
+            }
             Ok(Err(e)) => {
                 tracing::debug!(%remote, "WebTransport CONNECT answer failed: {e}");
                 None

@@ -8,6 +8,7 @@ mod nostr;
 pub mod state;
 mod throttle;
 pub mod tls;
+pub mod turns;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -692,11 +692,15 @@ impl Routes {
             Ok(TrackReaderMode::Datagrams(mut datagrams)) => {
                 hub.set_mode(HubMode::Datagrams, &self.stats);
                 // moq-transport hands over the newest datagram at each read; this loop does
-                // nothing but copy, so it keeps up with one publisher's rate.
+                // nothing but copy, so it keeps up with one publisher's rate. Each
+                // subscriber's writer keeps only the newest datagram too: a turn after each
+                // copy lets their senders take it before the next one is written over it
+                // (the session hands this loop one datagram per turn for the same reason).
                 loop {
                     match datagrams.read().await {
                         Ok(Some(datagram)) => {
-                            hub.datagram(datagram, self.policy.max_object_bytes, &self.stats)
+                            hub.datagram(datagram, self.policy.max_object_bytes, &self.stats);
+                            tokio::task::yield_now().await;
                         }
                         Ok(None) => return,
                         Err(e) => {
