@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Interop of `call` and `call-relay` with independent MoQ (draft-18) implementations:
-#   1. `call demo` through moq-relay-ietf (crates.io), our client against their relay;
+#   1. `call demo` through moq-relay-ietf (crates.io), our client against their relay,
+#      with stream and with datagram delivery;
 #   2. moq-clock-ietf (crates.io) publishing and subscribing through our `call-relay`,
 #      with the relay token presented in SETUP, and refused with a wrong token;
 #   3. moq-dev's moq-relay (crates.io) in anonymous mode: `call demo` over moqt:// and
@@ -89,6 +90,15 @@ if "$call" demo --moq-relay "moqt://127.0.0.1:$port" --moq-insecure -n 3 -s "$se
 else
   result "call demo (3 parties) via moq-relay-ietf 0.8.0" FAILED \
     "$(tail -n 3 "$work/demo.err" | tr '\n' ' ' | head -c 400) $(head -c 300 "$work/demo.json")"
+fi
+
+# 1b. The same over OBJECT_DATAGRAMs (`--delivery datagram`).
+if "$call" demo --moq-relay "moqt://127.0.0.1:$port" --moq-insecure -n 3 -s "$seconds" \
+  --delivery datagram --json >"$work/demo-dg.json" 2>"$work/demo-dg.err"; then
+  result "call demo --delivery datagram via moq-relay-ietf 0.8.0" ok "$(head -c 300 "$work/demo-dg.json")"
+else
+  result "call demo --delivery datagram via moq-relay-ietf 0.8.0" FAILED \
+    "$(tail -n 3 "$work/demo-dg.err" | tr '\n' ' ' | head -c 400) $(head -c 300 "$work/demo-dg.json")"
 fi
 
 # 2. moq-clock-ietf through call-relay (token mode).
