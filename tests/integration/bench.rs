@@ -58,17 +58,39 @@ async fn every_transport_carries_the_tone_clean_and_lossy_and_is_plotted() {
             );
         }
     }
+    // The comparisons under loss, over a longer run of their own: in 75 frames the plain
+    // WebRTC variant once lost only 1 (which packets the seeded path drops depends on how
+    // many handshake packets went first), too few to compare with.
+    let longer = BenchConfig {
+        scenarios: Scenario::parse_list(&["loss-10".into()]).unwrap(),
+        seconds: 4.0,
+        ..config.clone()
+    };
+    let lossy = bench::run(&longer, &|_| {}).await.expect("bench runs");
+    let run = |t: Transport| {
+        lossy
+            .runs
+            .iter()
+            .find(|r| r.transport == t)
+            .unwrap_or_else(|| panic!("no loss-10 {t} run"))
+    };
+    let (moq, dgram, rtc, nack) = (
+        run(Transport::MoqStream),
+        run(Transport::MoqDatagram),
+        run(Transport::Webrtc),
+        run(Transport::WebrtcNack),
+    );
+    println!(
+        "loss-10 over {} frames, never arrived: moq-stream {}, moq-datagram {}, webrtc {}, \
+         webrtc-nack {}",
+        rtc.frames, moq.lost, dgram.lost, rtc.lost, nack.lost
+    );
     // QUIC retransmits lost stream data; RTP without NACK does not, and neither does QUIC
     // for a datagram.
-    let (moq, dgram, rtc) = (
-        run("loss-10", Transport::MoqStream),
-        run("loss-10", Transport::MoqDatagram),
-        run("loss-10", Transport::Webrtc),
-    );
     for unrepaired in [dgram, rtc] {
         assert!(
-            unrepaired.lost > 0,
-            "10 % loss reaches the {} receiver: {unrepaired:?}",
+            unrepaired.lost >= 5,
+            "10 % loss over 200 frames reaches the {} receiver: {unrepaired:?}",
             unrepaired.transport
         );
         assert!(
@@ -81,8 +103,8 @@ async fn every_transport_carries_the_tone_clean_and_lossy_and_is_plotted() {
     }
     // What reaches the ear: the stream plays (nearly) every frame from its own packet; the
     // datagram track rebuilds lost frames from FEC or conceals them. In-band FEC rebuilds
-    // most single losses, so over a short run both may conceal none: the strict comparison
-    // is of frames not played from their own packet.
+    // most single losses, so both may conceal few: the strict comparison is of frames not
+    // played from their own packet.
     let unheard = |r: &bench::RunReport| r.concealed + r.fec_recovered;
     assert!(
         moq.concealed <= dgram.concealed && unheard(moq) < unheard(dgram),
@@ -92,10 +114,10 @@ async fn every_transport_carries_the_tone_clean_and_lossy_and_is_plotted() {
         dgram.concealed,
         dgram.fec_recovered
     );
-    // With NACK, the receiver asks for what is missing and the sender resends it (RTX).
-    let nack = run("loss-10", Transport::WebrtcNack);
+    // With NACK, the receiver asks for what is missing and the sender resends it (RTX),
+    // which can be lost too.
     assert!(
-        nack.lost < rtc.lost,
+        nack.lost * 2 < rtc.lost,
         "webrtc-nack {} never arrived vs webrtc {}",
         nack.lost,
         rtc.lost
