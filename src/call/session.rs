@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use url::Url;
 
 pub use super::engine::{
-    npub, CallEvent, CallReport, CallStatus, EndReason, PeerReport, RelayState, UserCommand,
-    STATUS_INTERVAL,
+    npub, CallEvent, CallReport, CallStatus, EndReason, GroupEventCounts, PeerReport, RelayState,
+    UserCommand, STATUS_INTERVAL,
 };
 use super::engine::{CallEngine, EngineConfig, Input, Output};
 use super::probe::{probe_calls, Liveness, ProbeOptions};
@@ -26,7 +26,7 @@ use super::signaling::{
 };
 use super::timing::{ms_between, FrameRecords};
 use super::{random, CallError};
-use crate::group::{GroupError, GroupEventOutcome, GroupMember, GroupRef, Resume};
+use crate::group::{GroupError, GroupEventOutcome, GroupEvents, GroupMember, GroupRef, Resume};
 use crate::media::io::{AudioEvent, AudioIn, AudioIo, AudioIoReport, AudioOut};
 use crate::media::keyring::CounterStore;
 use crate::media::keys::{CallSecret, KidLayout};
@@ -604,6 +604,24 @@ pub async fn run_session<S: MdkStorageProvider>(
         .await?;
     let mut cursor = sync.cursor.clone();
     let mut processed: HashSet<EventId> = sync.seen_ids.iter().copied().collect();
+    // Counted for the status and the report: the catch-up's, then each live event's. The
+    // gate's counters (forged and oversized events refused before they reach us) cover
+    // the whole client; only what it refuses from now on is this session's (the catch-up's
+    // own share is in `sync.dropped` already).
+    let mut counted = GroupEventCounts {
+        processed: sync.messages.len()
+            + sync.commits
+            + sync.committed_proposals
+            + sync.pending_proposals,
+        dropped: sync.dropped,
+    };
+    let gate_before = member.refused_at_gate();
+    let counts = |counted: &GroupEventCounts, events: &GroupEvents| {
+        let mut c = *counted;
+        c.dropped.add(&member.refused_at_gate().since(&gate_before));
+        c.dropped.future_dated += events.held_back();
+        c
+    };
 
     let leaves = member.leaf_map(group)?;
     let own_leaf = member
@@ -743,7 +761,10 @@ pub async fn run_session<S: MdkStorageProvider>(
                     }
                     continue;
                 }
-                Some(MediaMessage::Event(e)) => {
+                Some(MediaMessage::Event(mut e)) => {
+                    if let CallEvent::Status(s) = &mut e {
+                        s.group_events = counts(&counted, &events);
+                    }
                     on_event(&e);
                     continue;
                 }
@@ -767,6 +788,10 @@ pub async fn run_session<S: MdkStorageProvider>(
                     continue;
                 }
                 let outcome = member.process_group_event(events.h_tag(), &event).await;
+                match &outcome {
+                    GroupEventOutcome::Ignored(why) => counted.dropped.count(why.reason),
+                    _ => counted.processed += 1,
+                }
                 // The cursor moves only over events that were processed (issue 11).
                 if !matches!(outcome, GroupEventOutcome::Ignored(_)) {
                     crate::group::advance_cursor(&mut cursor, event.created_at, event.id);
@@ -815,12 +840,17 @@ pub async fn run_session<S: MdkStorageProvider>(
     let media = media_result
         .await
         .map_err(|_| CallError::MediaThread("ended without a result".into()))??;
+    let group_events = counts(&counted, &events);
     while let Ok(message) = from_media.try_recv() {
-        if let MediaMessage::Event(e) = message {
+        if let MediaMessage::Event(mut e) = message {
+            if let CallEvent::Status(s) = &mut e {
+                s.group_events = group_events;
+            }
             on_event(&e);
         }
     }
     let mut report = media.report;
+    report.group_events = group_events;
     report.first_audio_ms = media.first_audio_at.map(|t| ms_between(began, t));
     report.audio = media.audio;
     // The media thread dropped the client: its driver winds down.

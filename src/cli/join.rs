@@ -128,6 +128,12 @@ fn print_human(r: &CallReport) {
     if let Some(ms) = r.first_audio_ms {
         println!("  first peer audio {ms:.0} ms after start");
     }
+    // Forged or unreadable group events are refused and logged; the count says so too.
+    println!(
+        "  group events: {} processed, refused: {}",
+        r.group_events.processed,
+        r.group_events.dropped.summary()
+    );
     let ms = |l: Option<crate::call::timing::LatencySummary>| {
         l.map_or_else(
             || "-".into(),

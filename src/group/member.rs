@@ -99,8 +99,8 @@ pub struct GroupMember<S: MdkStorageProvider> {
     pub(super) client: Client,
     pub(super) relays: Vec<RelayUrl>,
     pub(super) timeout: Duration,
-    /// Distinct events refused for their size so far (see `fetch::SizeGate`).
-    pub(super) oversized: super::fetch::OversizedCounter,
+    /// What the admission gate refused so far (see `fetch::AdmitGate`).
+    pub(super) gate: super::fetch::GateCounters,
 }
 
 impl<S: MdkStorageProvider> std::fmt::Debug for GroupMember<S> {
@@ -115,11 +115,11 @@ impl<S: MdkStorageProvider> std::fmt::Debug for GroupMember<S> {
 impl<S: MdkStorageProvider> GroupMember<S> {
     /// Connects to `relays` as `keys`, with MLS state in `storage`.
     pub async fn connect(keys: Keys, storage: S, relays: &[RelayUrl]) -> Result<Self, GroupError> {
-        let size_gate = super::fetch::SizeGate::new(super::fetch::MAX_EVENT_BYTES);
-        let oversized = size_gate.counter();
+        let gate = super::fetch::AdmitGate::new(super::fetch::MAX_EVENT_BYTES);
+        let counters = gate.counters();
         let client = Client::builder()
             .signer(keys.clone())
-            .admit_policy(size_gate)
+            .admit_policy(gate)
             .build();
         for url in relays {
             client
@@ -154,7 +154,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             client,
             relays: relays.to_vec(),
             timeout: Duration::from_secs(10),
-            oversized,
+            gate: counters,
         })
     }
 
@@ -167,12 +167,23 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     /// Largest event accepted from relays (default `MAX_EVENT_BYTES`); larger ones are
     /// refused and counted as `oversized`.
     pub fn with_max_event_bytes(self, max: usize) -> Self {
-        self.oversized.set_max(max);
+        self.gate.set_max(max);
         self
     }
 
     pub fn relays(&self) -> &[RelayUrl] {
         &self.relays
+    }
+
+    /// What the admission gate refused since this member connected (every fetch and
+    /// subscription): `oversized` and `invalid_signature`, the rest zero. A long-running
+    /// session reports the difference over its run ([`super::Dropped::since`]).
+    pub fn refused_at_gate(&self) -> super::manage::Dropped {
+        super::manage::Dropped {
+            oversized: self.gate.oversized(),
+            invalid_signature: self.gate.invalid_signature(),
+            ..Default::default()
+        }
     }
 
     pub fn public_key(&self) -> PublicKey {

@@ -48,7 +48,7 @@ async fn publish_all(relay: &TestRelay, events: Vec<Event>, connections: usize) 
     assert_eq!(sent, events.len());
 }
 
-fn garbage(i: usize) -> String {
+pub(crate) fn garbage(i: usize) -> String {
     // Looks like base64 ciphertext; decrypts under no key.
     let bytes: Vec<u8> = (0..96).map(|j| (i * 31 + j * 7) as u8).collect();
     base64_like(&bytes)
@@ -62,7 +62,7 @@ fn base64_like(bytes: &[u8]) -> String {
         .collect()
 }
 
-async fn nostr_group_id(user: &User, group: &str) -> String {
+pub(crate) async fn nostr_group_id(user: &User, group: &str) -> String {
     let v = user.ok(&["group", "list"]).await;
     v["groups"]
         .as_array()

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 /// A running `call` process whose stdout and stderr lines arrive, with the time they were
 /// read, on two channels.
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
     out: Receiver<(Instant, String)>,
     err: Receiver<(Instant, String)>,
@@ -24,7 +24,7 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(cmd: &mut Command) -> Self {
+    pub(crate) fn spawn(cmd: &mut Command) -> Self {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -54,7 +54,7 @@ impl Proc {
 
     /// The first JSON line on stdout (`stdout`) or stderr for which `pred` holds, and when it
     /// was read; panics after `limit`.
-    fn wait_json(
+    pub(crate) fn wait_json(
         &mut self,
         stdout: bool,
         limit: Duration,
@@ -82,7 +82,7 @@ impl Proc {
         }
     }
 
-    fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([sig, &self.child.id().to_string()])
             .status()
@@ -91,7 +91,7 @@ impl Proc {
     }
 
     /// Waits for the exit; returns the code and the remaining stdout lines.
-    fn finish(mut self) -> (Option<i32>, Vec<String>) {
+    pub(crate) fn finish(mut self) -> (Option<i32>, Vec<String>) {
         let status = self.child.wait().unwrap();
         let rest: Vec<String> = self.out.iter().map(|(_, l)| l).collect();
         (status.code(), rest)
@@ -114,7 +114,7 @@ fn answering_bot(user: &User, relay: &TestRelay) -> (Proc, Value) {
     (bot, listening)
 }
 
-fn event(v: &Value, name: &str) -> bool {
+pub(crate) fn event(v: &Value, name: &str) -> bool {
     v["event"] == name
 }
 
