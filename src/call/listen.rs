@@ -669,8 +669,9 @@ async fn live_event<S: MdkStorageProvider>(
 
 /// Joins the ringing call `ring` of `w` until it is over for us (everyone else left, the
 /// caller ended it, the duration passed, a `Leave` command, or `stop`); returns the
-/// closing event. Meanwhile the `others` groups are watched: a call offered there is
-/// answered `busy` (the ringer is in call mode and reports it missed, `in_call`).
+/// closing event. Meanwhile another call offered in `w` (the session hands its offer over)
+/// or in one of the `others` groups (watched here) is answered `busy`: the ringer is in
+/// call mode and reports it missed, `in_call` (docs/protocol.md, Ringing).
 #[allow(clippy::too_many_arguments)]
 async fn answer_call<S: MdkStorageProvider>(
     member: &GroupMember<S>,
@@ -696,9 +697,12 @@ async fn answer_call<S: MdkStorageProvider>(
         (Ok(i), Ok(o)) => (i, o),
         (Err(e), _) | (_, Err(e)) => return failed(format!("audio: {e}")),
     };
+    // Offers of other calls in the call's own group, from the session.
+    let (offers_tx, mut offers) = mpsc::channel(session::OTHER_OFFERS_QUEUE);
     let opts = JoinOptions {
         target: CallTarget::Id(call_id.clone()),
         leave_when_alone: true,
+        other_offers: Some(offers_tx),
         ..config.join.clone()
     };
     on_event(&ListenEvent::Joining {
@@ -799,16 +803,39 @@ async fn answer_call<S: MdkStorageProvider>(
                     (on_event.borrow_mut())(&e);
                 }
                 while let Some(busy) = ringer.take_busy() {
-                    let Some(o) = others.iter().find(|o| o.group.name == busy.group) else {
-                        continue;
-                    };
-                    refusals.push(refuse_in(
-                        member,
-                        o.group_ref(),
-                        busy,
-                        AnswerStatus::Busy,
-                        Some(IN_CALL_REASON.into()),
-                    ));
+                    if let Some(g) = busy_group(&busy, &group_ref, &group_name, others) {
+                        refusals.push(refuse_in(
+                            member,
+                            g,
+                            busy,
+                            AnswerStatus::Busy,
+                            Some(IN_CALL_REASON.into()),
+                        ));
+                    }
+                }
+            }
+            Some(offer) = offers.recv() => {
+                // Another call in this very group: we cannot be in two calls, so busy,
+                // as for a call in another group. (The session keeps an offer of our own
+                // call, re-sent, to itself: we are in that one already.)
+                ringer.on_signal(
+                    &Signal::of(&group_name, &offer),
+                    Instant::now(),
+                    Timestamp::now(),
+                );
+                while let Some(e) = ringer.poll_event() {
+                    (on_event.borrow_mut())(&e);
+                }
+                while let Some(busy) = ringer.take_busy() {
+                    if let Some(g) = busy_group(&busy, &group_ref, &group_name, others) {
+                        refusals.push(refuse_in(
+                            member,
+                            g,
+                            busy,
+                            AnswerStatus::Busy,
+                            Some(IN_CALL_REASON.into()),
+                        ));
+                    }
                 }
             }
             Some(answered) = futures::StreamExt::next(&mut refusals), if !refusals.is_empty() => {
@@ -837,6 +864,23 @@ async fn answer_call<S: MdkStorageProvider>(
         }
         Err(e) => failed(e.to_string()),
     }
+}
+
+/// The group a `busy` answer goes to: the call's own (`call_group`, named `call_name`) or
+/// one of the `others`.
+fn busy_group(
+    busy: &Ringing,
+    call_group: &GroupRef,
+    call_name: &str,
+    others: &[&mut Watched],
+) -> Option<GroupRef> {
+    if busy.group == call_name {
+        return Some(call_group.clone());
+    }
+    others
+        .iter()
+        .find(|o| o.group.name == busy.group)
+        .map(|o| o.group_ref())
 }
 
 #[cfg(test)]

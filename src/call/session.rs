@@ -92,7 +92,14 @@ pub struct JoinOptions {
     /// How our frames travel in a call we start ([`Delivery::Stream`] when `None`); a
     /// joined call uses the delivery its offer names.
     pub delivery: Option<Delivery>,
+    /// Where offers of *other* calls in the group, arriving while we are in this one, are
+    /// handed (`call listen` answers them `busy`); at most [`OTHER_OFFERS_QUEUE`] wait,
+    /// later ones are logged and dropped. `None`: they are only logged.
+    pub other_offers: Option<mpsc::Sender<crate::group::Rumor>>,
 }
+
+/// Offers of other calls waiting for whoever takes them ([`JoinOptions::other_offers`]).
+pub const OTHER_OFFERS_QUEUE: usize = 64;
 
 impl JoinOptions {
     /// Options for a call through `moq_relay`, with every other setting at its default.
@@ -112,6 +119,7 @@ impl JoinOptions {
             leave_when_alone: false,
             status_interval: STATUS_INTERVAL,
             delivery: None,
+            other_offers: None,
         }
     }
 }
@@ -524,6 +532,26 @@ async fn media_loop(
     })
 }
 
+/// An offer that arrived during the call: one of another call goes to
+/// [`JoinOptions::other_offers`] (ours is the engine's: a re-sent offer of this call).
+fn hand_over_offer(opts: &JoinOptions, call_id: &[u8; 32], rumor: &crate::group::Rumor) {
+    let Some(to) = &opts.other_offers else {
+        return;
+    };
+    match CallOffer::from_rumor(rumor.kind, &rumor.tags) {
+        Ok(o) if o.call_id == *call_id => {}
+        Ok(o) => {
+            if to.try_send(rumor.clone()).is_err() {
+                tracing::warn!(
+                    call = %hex::encode(o.call_id),
+                    "another call's offer during this call not handed over (queue full or closed)"
+                );
+            }
+        }
+        Err(e) => tracing::debug!("skipping an offer: {e}"),
+    }
+}
+
 /// The call secret and members of the group's current epoch, as the engine takes them.
 fn epoch_input<S: MdkStorageProvider>(
     member: &GroupMember<S>,
@@ -797,6 +825,14 @@ pub async fn run_session<S: MdkStorageProvider>(
                     crate::group::advance_cursor(&mut cursor, event.created_at, event.id);
                 }
                 match outcome {
+                    GroupEventOutcome::Message(r) if r.kind == KIND_OFFER => {
+                        hand_over_offer(opts, &call_id, &r);
+                        ControlInput::Rumor {
+                            sender: r.sender,
+                            kind: r.kind,
+                            tags: r.tags,
+                        }
+                    }
                     GroupEventOutcome::Message(r) => ControlInput::Rumor {
                         sender: r.sender,
                         kind: r.kind,

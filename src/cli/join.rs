@@ -245,6 +245,8 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             } else {
                 session::STATUS_INTERVAL
             },
+            // A person in a call decides about a second call themselves.
+            other_offers: None,
         };
         let names = Arc::new(Mutex::new(BTreeMap::new()));
         let (mut screen, commands) = if live {

@@ -475,3 +475,88 @@ async fn a_listener_in_a_call_answers_busy_to_a_call_in_another_group() {
         "{rest:?}"
     );
 }
+
+/// docs/protocol.md, Ringing: a second call started in the group of the call the listener
+/// is in is answered `busy` too (it cannot be in two calls), and its own call goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_in_a_call_answers_busy_to_a_second_call_in_the_same_group() {
+    let relay = TestRelay::start().await;
+    let (a, b, c) = (
+        User::new("samebusy-a", &[&relay.nostr_url]),
+        User::new("samebusy-b", &[&relay.nostr_url]),
+        User::new("samebusy-c", &[&relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    let c_npub = c.new_identity().await;
+    create_and_join("desk", &a, &[(&b, &b_npub), (&c, &c_npub)]).await;
+
+    let (mut bot, _) = answering_bot(&b, &relay);
+    // A calls; the bot takes it.
+    let a_proc = Proc::spawn(
+        a.command()
+            .args(["join", "desk", "--new", "--seconds", "15"])
+            .args(["--source", "tone:440", "--sink", "null"])
+            .args(relay_flags(&relay)),
+    );
+    let (_, answered) = bot.wait_json(true, Duration::from_secs(20), "the bot answering A", |v| {
+        event(v, "answered") && v["status"] == "accept"
+    });
+    let a_call = answered["call_id"].as_str().unwrap().to_string();
+
+    // C starts a second call in the same group meanwhile: told busy at once.
+    let mut c_proc = Proc::spawn(
+        c.command()
+            .args(["join", "desk", "--new", "--ring-timeout", "6"])
+            .args(["--source", "silence", "--sink", "null"])
+            .args(relay_flags(&relay)),
+    );
+    let (offered_at, started) = c_proc.wait_json(false, Duration::from_secs(20), "C's call", |v| {
+        event(v, "started")
+    });
+    let c_call = started["call_id"].as_str().unwrap().to_string();
+    assert_ne!(c_call, a_call);
+    let (told_at, said) = c_proc.wait_json(false, Duration::from_secs(10), "C told busy", |v| {
+        event(v, "peer_declined") && v["npub"] == b_npub.as_str()
+    });
+    println!(
+        "C's offer out → busy from the listener in a call of the same group: {:.0} ms",
+        told_at.duration_since(offered_at).as_secs_f64() * 1000.0
+    );
+    assert_eq!(said["status"], "busy", "{said}");
+    assert_eq!(said["reason"], "in another call", "{said}");
+    let (_, missed) = bot.wait_json(true, Duration::from_secs(5), "missed in_call", |v| {
+        event(v, "missed")
+    });
+    assert_eq!(missed["reason"], "in_call", "{missed}");
+    assert_eq!(missed["group"], "desk", "{missed}");
+    assert_eq!(missed["call_id"], c_call.as_str(), "{missed}");
+    let (_, busy) = bot.wait_json(true, Duration::from_secs(5), "answered busy", |v| {
+        event(v, "answered")
+    });
+    assert_eq!(busy["status"], "busy", "{busy}");
+    assert_eq!(busy["call_id"], c_call.as_str(), "{busy}");
+    let (code, _) = c_proc.finish();
+    assert_eq!(code, Some(3), "nobody accepted C's call");
+
+    // The bot's call with A was not disturbed.
+    let (_, ended) = bot.wait_json(true, Duration::from_secs(30), "call_ended", |v| {
+        event(v, "call_ended")
+    });
+    assert_eq!(ended["call_id"], a_call.as_str(), "{ended}");
+    assert_eq!(ended["report"]["ended_by"], "alone", "{ended}");
+    let heard = ended["report"]["peers"][0]["heard_hz"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!((heard - 440.0).abs() <= 3.0, "{ended}");
+    let (code, _) = a_proc.finish();
+    assert_eq!(code, Some(0));
+    bot.signal("-TERM");
+    let (code, rest) = bot.finish();
+    assert_eq!(code, Some(0));
+    assert!(
+        !listener_lines(&rest)
+            .any(|l| l.contains(r#""event":"ringing""#) && l.contains(c_call.as_str())),
+        "C's call rang after the bot's call: {rest:?}"
+    );
+}
