@@ -19,7 +19,7 @@ use super::signaling::{
     KIND_STATE,
 };
 use super::CallError;
-use crate::group::{Group, GroupEventOutcome, GroupMember, GroupRef, Resume, Rumor};
+use crate::group::{Group, GroupEventOutcome, GroupEvents, GroupMember, GroupRef, Resume, Rumor};
 use crate::media::io::{SinkSpec, SourceSpec};
 
 /// PROTOCOL.md §2: a call rings this long; an offer older than that is a missed call.
@@ -489,18 +489,30 @@ pub async fn listen<S: MdkStorageProvider>(
     mut on_cursor: impl FnMut(&Watched),
 ) -> Result<(), CallError> {
     let mut ringer = Ringer::new(member.public_key(), config.ring_timeout);
-    on_event(&ListenEvent::Listening {
-        groups: groups.iter().map(|w| w.group.name.clone()).collect(),
-    });
     let mut commands_open = true;
+    let mut listening = false;
+    // The subscription in use: kept open through a call (the other groups are watched on
+    // it), replaced by a new one before the next catch-up.
+    let mut current: Option<GroupEvents> = None;
     let stopped = loop {
         if *stop.borrow() {
             break "stopped";
         }
-        // Listen first, then catch up, so nothing published in between is missed; events
-        // seen both ways are processed once (docs/protocol.md §1).
+        // Listen first, from the catch-up's cursors, then catch up: nothing published in
+        // between is missed, even if stamped before now; events seen both ways are
+        // processed once (docs/protocol.md §1). The new subscription opens before the old
+        // one closes, so there is no gap between them either.
         let refs: Vec<GroupRef> = groups.iter().map(Watched::group_ref).collect();
-        let mut events = member.groups_events(&refs, Timestamp::now()).await?;
+        let fresh = member
+            .groups_events(
+                &refs,
+                crate::group::live_since(groups.iter().map(|w| &w.resume)),
+            )
+            .await?;
+        if let Some(old) = current.replace(fresh) {
+            member.close_events(old).await;
+        }
+        let events = current.as_mut().expect("just set");
         let mut processed: HashSet<EventId> = HashSet::new();
         for w in groups.iter_mut() {
             let (since, seen) = w.resume.clone().unzip();
@@ -516,6 +528,13 @@ pub async fn listen<S: MdkStorageProvider>(
                 w.resume = sync.cursor;
                 on_cursor(w);
             }
+        }
+        if !listening {
+            // Subscribed and caught up: from now on every offer rings at once.
+            listening = true;
+            on_event(&ListenEvent::Listening {
+                groups: groups.iter().map(|w| w.group.name.clone()).collect(),
+            });
         }
         // Wait for a call to join (or a stop).
         let next: Result<Ringing, &str> = loop {
@@ -588,7 +607,6 @@ pub async fn listen<S: MdkStorageProvider>(
                 }
             }
         };
-        member.close_events(events).await;
         let ring = match next {
             Ok(ring) => ring,
             Err(why) => break why,
@@ -610,6 +628,8 @@ pub async fn listen<S: MdkStorageProvider>(
             member,
             w,
             &mut others,
+            events,
+            &mut processed,
             &mut ringer,
             &ring,
             config,
@@ -624,6 +644,9 @@ pub async fn listen<S: MdkStorageProvider>(
         on_event(&ended);
         on_cursor(w);
     };
+    if let Some(events) = current {
+        member.close_events(events).await;
+    }
     on_event(&ListenEvent::Stopped {
         reason: stopped.into(),
     });
@@ -677,6 +700,8 @@ async fn answer_call<S: MdkStorageProvider>(
     member: &GroupMember<S>,
     w: &mut Watched,
     others: &mut [&mut Watched],
+    events: &mut GroupEvents,
+    processed: &mut HashSet<EventId>,
     ringer: &mut Ringer,
     ring: &Ringing,
     config: &ListenConfig,
@@ -710,20 +735,10 @@ async fn answer_call<S: MdkStorageProvider>(
         call_id: call_id.clone(),
         after_ms: super::timing::ms(ring.noticed.elapsed()),
     });
-    // The other groups' events from now on (the call's own group is the session's). An
-    // offer that came between the last catch-up and now is found by the next one.
-    let other_refs: Vec<GroupRef> = others.iter().map(|o| o.group_ref()).collect();
-    let mut other_events = match other_refs.is_empty() {
-        true => None,
-        false => match member.groups_events(&other_refs, Timestamp::now()).await {
-            Ok(events) => Some(events),
-            Err(e) => {
-                tracing::warn!("not watching the other groups during the call: {e}");
-                None
-            }
-        },
-    };
-    let mut processed: HashSet<EventId> = HashSet::new();
+    // The other groups are watched on the listener's subscription, open since before its
+    // last catch-up: nothing offered there in between is missed. (It carries the call's
+    // own group too; that is the session's, and skipped here.)
+    let mut events_open = true;
     // Busy answers on their way, sent beside the call rather than holding it up.
     let mut refusals = futures::stream::FuturesUnordered::new();
     // Shared with the session's event callback; never borrowed across an await.
@@ -782,21 +797,16 @@ async fn answer_call<S: MdkStorageProvider>(
                 Some(_) => {}
                 None => *commands_open = false,
             },
-            event = async {
-                match other_events.as_mut() {
-                    Some(events) => events.next_tagged().await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            event = events.next_tagged(), if events_open => {
                 let Some((h, event)) = event else {
-                    other_events = None;
+                    events_open = false;
                     continue;
                 };
                 if processed.len() >= MAX_PROCESSED {
                     processed.clear();
                 }
                 if let Some(o) = others.iter_mut().find(|o| o.group_ref().h_tag() == h) {
-                    live_event(member, ringer, o, &h, &event, &mut processed, &mut *on_cursor)
+                    live_event(member, ringer, o, &h, &event, processed, &mut *on_cursor)
                         .await;
                 }
                 while let Some(e) = ringer.poll_event() {
@@ -849,9 +859,6 @@ async fn answer_call<S: MdkStorageProvider>(
         if let Some(e) = answered {
             (on_event.borrow_mut())(&e);
         }
-    }
-    if let Some(events) = other_events {
-        member.close_events(events).await;
     }
     match result {
         Ok(s) => {

@@ -618,9 +618,12 @@ pub async fn run_session<S: MdkStorageProvider>(
     mut on_event: impl FnMut(&CallEvent),
 ) -> Result<Session, CallError> {
     let began = Instant::now();
-    // Listen before catching up, so nothing published in between is missed; events seen
-    // both ways are processed once.
-    let mut events = member.group_events(group, Timestamp::now()).await?;
+    // Listen before catching up, from the catch-up's cursor, so nothing published in
+    // between is missed (an event stamped before now may reach the relay after the
+    // catch-up's fetch); events seen both ways are processed once.
+    let mut events = member
+        .group_events(group, crate::group::live_since([&resume]))
+        .await?;
     let mls_group = member
         .mdk()
         .get_group(&group.mls_group_id)
@@ -813,6 +816,7 @@ pub async fn run_session<S: MdkStorageProvider>(
                     continue;
                 };
                 if !processed.insert(event.id) {
+                    // The catch-up has it: the subscription starts at its cursor on purpose.
                     continue;
                 }
                 let outcome = member.process_group_event(events.h_tag(), &event).await;

@@ -96,6 +96,14 @@ impl Proc {
         let rest: Vec<String> = self.out.iter().map(|(_, l)| l).collect();
         (status.code(), rest)
     }
+
+    /// [`Proc::finish`], with the stderr lines not read by `wait_json` as well.
+    fn finish_with_stderr(mut self) -> (Option<i32>, Vec<String>, Vec<String>) {
+        let status = self.child.wait().unwrap();
+        let rest: Vec<String> = self.out.iter().map(|(_, l)| l).collect();
+        let err: Vec<String> = self.err.iter().map(|(_, l)| l).collect();
+        (status.code(), rest, err)
+    }
 }
 
 /// `user`'s `call listen --answer` bot (tone 660 Hz in, nothing out), once it listens;
@@ -559,4 +567,122 @@ async fn a_listener_in_a_call_answers_busy_to_a_second_call_in_the_same_group() 
             .any(|l| l.contains(r#""event":"ringing""#) && l.contains(c_call.as_str())),
         "C's call rang after the bot's call: {rest:?}"
     );
+}
+
+/// An offer stamped before the listener subscribed but reaching the relay after its
+/// catch-up (the caller's clock a few seconds behind ours, or a slow publish) rings at
+/// once: the listener's subscription starts at its catch-up cursor, not at the moment it
+/// was opened (which let such an offer wait for the next catch-up, after some later call).
+/// Events the subscription repeats from the catch-up are processed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_stamped_before_the_listener_subscribed_rings_at_once() {
+    use call::call::signaling::{CallOffer, Privacy, TrackRef};
+    use nostr_sdk::prelude::{Client, EventBuilder, Keys, Kind, Timestamp};
+
+    let relay = TestRelay::start().await;
+    let (a, b) = (
+        User::new("early-a", &[&relay.nostr_url]),
+        User::new("early-b", &[&relay.nostr_url]),
+    );
+    let a_npub = a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    create_and_join("desk", &a, &[(&b, &b_npub)]).await;
+
+    // A message moves B's catch-up cursor to its second.
+    let (_home, am) = a.open_member(&relay.nostr_url).await;
+    let g = crate::common::users::group_ref(&am, "desk");
+    am.send_rumor(&g, EventBuilder::new(Kind::Custom(9), "hello"))
+        .await
+        .unwrap();
+    let synced = b.ok(&["sync"]).await;
+    assert_eq!(synced["groups"][0]["messages"][0]["content"], "hello");
+    let cursor = crate::group_hardening::sync_cursor_at(&b);
+    // The listener subscribes a few seconds after that second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut listener = Proc::spawn(
+        b.command()
+            .args(["listen", "desk"])
+            .args(relay_flags(&relay)),
+    );
+    listener.wait_json(true, Duration::from_secs(20), "listening", |v| {
+        event(v, "listening")
+    });
+
+    // A's offer, stamped one second after the cursor: before the listener subscribed.
+    let stamp = Timestamp::from(cursor + 1);
+    assert!(stamp.as_secs() + 2 <= Timestamp::now().as_secs());
+    let offer = CallOffer {
+        call_id: rand::random(),
+        moq_url: relay.moq_url.clone(),
+        namespace: rand::random(),
+        token: rand::random(),
+        track: TrackRef {
+            name: rand::random(),
+            leaf_index: 0,
+        },
+        frame_ms: 20,
+        sender_bits: 4,
+        privacy: Privacy::Standard,
+        delivery: Default::default(),
+    };
+    let rumor = offer
+        .to_rumor()
+        .custom_created_at(stamp)
+        .build(am.public_key());
+    let sealed = am
+        .mdk()
+        .create_message(&g.mls_group_id, rumor, None)
+        .unwrap();
+    // MDK stamps its event now; the same content and tags, re-signed by another ephemeral
+    // key (MLS does not look at the outer signature), stamped as a slow clock would.
+    let late = EventBuilder::new(sealed.kind, sealed.content.clone())
+        .tags(sealed.tags.iter().cloned())
+        .custom_created_at(stamp)
+        .sign_with_keys(&Keys::generate())
+        .unwrap();
+    am.disconnect().await;
+    let publisher = Client::new(Keys::generate());
+    publisher.add_relay(relay.nostr_url.as_str()).await.unwrap();
+    publisher.connect().await;
+    publisher.wait_for_connection(Duration::from_secs(5)).await;
+    let sent = publisher.send_event(&late).await.unwrap();
+    assert!(!sent.success.is_empty(), "{:?}", sent.failed);
+    let sent_at = Instant::now();
+    publisher.disconnect().await;
+
+    let call_id = hex::encode(offer.call_id);
+    let (rang_at, ringing) = listener.wait_json(true, Duration::from_secs(10), "ringing", |v| {
+        event(v, "ringing")
+    });
+    println!(
+        "offer stamped {} s before it was sent → ringing after {:.0} ms",
+        Timestamp::now().as_secs() - stamp.as_secs(),
+        rang_at.duration_since(sent_at).as_secs_f64() * 1000.0
+    );
+    assert_eq!(ringing["call_id"], call_id.as_str(), "{ringing}");
+    assert_eq!(ringing["caller"], a_npub.as_str(), "{ringing}");
+    assert_eq!(ringing["group"], "desk", "{ringing}");
+
+    listener.signal("-TERM");
+    let seen = listener.seen.clone();
+    let (code, rest, stderr) = listener.finish_with_stderr();
+    assert_eq!(code, Some(0), "{rest:?} {stderr:?}");
+    let rang = seen
+        .iter()
+        .chain(&rest)
+        .filter(|l| l.contains(r#""event":"ringing""#))
+        .count();
+    assert_eq!(rang, 1, "{seen:?} {rest:?}");
+    // Nothing was processed twice: MLS would have refused the repeat with an error log.
+    let errors: Vec<String> = listener_stderr_errors(&stderr);
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+/// Error-level log lines among `lines` (stderr lines are JSON `log` objects).
+fn listener_stderr_errors(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.contains(r#""event":"log""#) && l.contains(r#""level":"error""#))
+        .cloned()
+        .collect()
 }
