@@ -106,6 +106,17 @@ impl Proc {
     }
 }
 
+/// A test that fails midway must not leave a `call listen` (which never ends by itself)
+/// behind: the process goes with its `Proc`.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// `user`'s `call listen --answer` bot (tone 660 Hz in, nothing out), once it listens;
 /// with its `listening` event.
 fn answering_bot(user: &User, relay: &TestRelay) -> (Proc, Value) {
