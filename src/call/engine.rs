@@ -166,6 +166,18 @@ pub struct CallStatus {
     pub relay: RelayState,
     pub relay_rtt_ms: Option<f64>,
     pub peers: Vec<PeerReport>,
+    /// The group's events so far (set by the driver; the engine sees only rumors).
+    pub group_events: GroupEventCounts,
+}
+
+/// The group's kind-445 events a session took in, from its catch-up at the start on:
+/// processed, or refused by reason (the counters of `call sync`'s `dropped`). Refused
+/// events are also logged; these are for scripts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct GroupEventCounts {
+    /// Processed: a message, commit or proposal.
+    pub processed: usize,
+    pub dropped: crate::group::Dropped,
 }
 
 /// The MoQ relay as the transport's round-trip time shows it.
@@ -252,6 +264,8 @@ pub struct CallReport {
     /// How the sound devices were opened and behaved (set by the driver).
     pub audio: AudioIoReport,
     pub peers: Vec<PeerReport>,
+    /// The group's events during the call (set by the driver).
+    pub group_events: GroupEventCounts,
 }
 
 pub fn npub(pk: &PublicKey) -> String {
@@ -1086,6 +1100,7 @@ impl CallEngine {
             relay: self.relay_state(now),
             relay_rtt_ms: self.relay_rtt.map(ms),
             peers,
+            group_events: GroupEventCounts::default(),
         }
     }
 
@@ -1127,6 +1142,7 @@ impl CallEngine {
             first_audio_ms: None,
             audio: AudioIoReport::default(),
             peers,
+            group_events: GroupEventCounts::default(),
         }
     }
 }

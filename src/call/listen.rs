@@ -19,7 +19,7 @@ use super::signaling::{
     KIND_STATE,
 };
 use super::CallError;
-use crate::group::{Group, GroupEventOutcome, GroupMember, GroupRef, Resume, Rumor};
+use crate::group::{Group, GroupEventOutcome, GroupEvents, GroupMember, GroupRef, Resume, Rumor};
 use crate::media::io::{SinkSpec, SourceSpec};
 
 /// PROTOCOL.md §2: a call rings this long; an offer older than that is a missed call.
@@ -489,18 +489,30 @@ pub async fn listen<S: MdkStorageProvider>(
     mut on_cursor: impl FnMut(&Watched),
 ) -> Result<(), CallError> {
     let mut ringer = Ringer::new(member.public_key(), config.ring_timeout);
-    on_event(&ListenEvent::Listening {
-        groups: groups.iter().map(|w| w.group.name.clone()).collect(),
-    });
     let mut commands_open = true;
+    let mut listening = false;
+    // The subscription in use: kept open through a call (the other groups are watched on
+    // it), replaced by a new one before the next catch-up.
+    let mut current: Option<GroupEvents> = None;
     let stopped = loop {
         if *stop.borrow() {
             break "stopped";
         }
-        // Listen first, then catch up, so nothing published in between is missed; events
-        // seen both ways are processed once (docs/protocol.md §1).
+        // Listen first, from the catch-up's cursors, then catch up: nothing published in
+        // between is missed, even if stamped before now; events seen both ways are
+        // processed once (docs/protocol.md §1). The new subscription opens before the old
+        // one closes, so there is no gap between them either.
         let refs: Vec<GroupRef> = groups.iter().map(Watched::group_ref).collect();
-        let mut events = member.groups_events(&refs, Timestamp::now()).await?;
+        let fresh = member
+            .groups_events(
+                &refs,
+                crate::group::live_since(groups.iter().map(|w| &w.resume)),
+            )
+            .await?;
+        if let Some(old) = current.replace(fresh) {
+            member.close_events(old).await;
+        }
+        let events = current.as_mut().expect("just set");
         let mut processed: HashSet<EventId> = HashSet::new();
         for w in groups.iter_mut() {
             let (since, seen) = w.resume.clone().unzip();
@@ -516,6 +528,13 @@ pub async fn listen<S: MdkStorageProvider>(
                 w.resume = sync.cursor;
                 on_cursor(w);
             }
+        }
+        if !listening {
+            // Subscribed and caught up: from now on every offer rings at once.
+            listening = true;
+            on_event(&ListenEvent::Listening {
+                groups: groups.iter().map(|w| w.group.name.clone()).collect(),
+            });
         }
         // Wait for a call to join (or a stop).
         let next: Result<Ringing, &str> = loop {
@@ -588,7 +607,6 @@ pub async fn listen<S: MdkStorageProvider>(
                 }
             }
         };
-        member.close_events(events).await;
         let ring = match next {
             Ok(ring) => ring,
             Err(why) => break why,
@@ -610,6 +628,8 @@ pub async fn listen<S: MdkStorageProvider>(
             member,
             w,
             &mut others,
+            events,
+            &mut processed,
             &mut ringer,
             &ring,
             config,
@@ -624,6 +644,9 @@ pub async fn listen<S: MdkStorageProvider>(
         on_event(&ended);
         on_cursor(w);
     };
+    if let Some(events) = current {
+        member.close_events(events).await;
+    }
     on_event(&ListenEvent::Stopped {
         reason: stopped.into(),
     });
@@ -669,13 +692,16 @@ async fn live_event<S: MdkStorageProvider>(
 
 /// Joins the ringing call `ring` of `w` until it is over for us (everyone else left, the
 /// caller ended it, the duration passed, a `Leave` command, or `stop`); returns the
-/// closing event. Meanwhile the `others` groups are watched: a call offered there is
-/// answered `busy` (the ringer is in call mode and reports it missed, `in_call`).
+/// closing event. Meanwhile another call offered in `w` (the session hands its offer over)
+/// or in one of the `others` groups (watched here) is answered `busy`: the ringer is in
+/// call mode and reports it missed, `in_call` (docs/protocol.md, Ringing).
 #[allow(clippy::too_many_arguments)]
 async fn answer_call<S: MdkStorageProvider>(
     member: &GroupMember<S>,
     w: &mut Watched,
     others: &mut [&mut Watched],
+    events: &mut GroupEvents,
+    processed: &mut HashSet<EventId>,
     ringer: &mut Ringer,
     ring: &Ringing,
     config: &ListenConfig,
@@ -696,9 +722,12 @@ async fn answer_call<S: MdkStorageProvider>(
         (Ok(i), Ok(o)) => (i, o),
         (Err(e), _) | (_, Err(e)) => return failed(format!("audio: {e}")),
     };
+    // Offers of other calls in the call's own group, from the session.
+    let (offers_tx, mut offers) = mpsc::channel(session::OTHER_OFFERS_QUEUE);
     let opts = JoinOptions {
         target: CallTarget::Id(call_id.clone()),
         leave_when_alone: true,
+        other_offers: Some(offers_tx),
         ..config.join.clone()
     };
     on_event(&ListenEvent::Joining {
@@ -706,20 +735,10 @@ async fn answer_call<S: MdkStorageProvider>(
         call_id: call_id.clone(),
         after_ms: super::timing::ms(ring.noticed.elapsed()),
     });
-    // The other groups' events from now on (the call's own group is the session's). An
-    // offer that came between the last catch-up and now is found by the next one.
-    let other_refs: Vec<GroupRef> = others.iter().map(|o| o.group_ref()).collect();
-    let mut other_events = match other_refs.is_empty() {
-        true => None,
-        false => match member.groups_events(&other_refs, Timestamp::now()).await {
-            Ok(events) => Some(events),
-            Err(e) => {
-                tracing::warn!("not watching the other groups during the call: {e}");
-                None
-            }
-        },
-    };
-    let mut processed: HashSet<EventId> = HashSet::new();
+    // The other groups are watched on the listener's subscription, open since before its
+    // last catch-up: nothing offered there in between is missed. (It carries the call's
+    // own group too; that is the session's, and skipped here.)
+    let mut events_open = true;
     // Busy answers on their way, sent beside the call rather than holding it up.
     let mut refusals = futures::stream::FuturesUnordered::new();
     // Shared with the session's event callback; never borrowed across an await.
@@ -778,37 +797,55 @@ async fn answer_call<S: MdkStorageProvider>(
                 Some(_) => {}
                 None => *commands_open = false,
             },
-            event = async {
-                match other_events.as_mut() {
-                    Some(events) => events.next_tagged().await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            event = events.next_tagged(), if events_open => {
                 let Some((h, event)) = event else {
-                    other_events = None;
+                    events_open = false;
                     continue;
                 };
                 if processed.len() >= MAX_PROCESSED {
                     processed.clear();
                 }
                 if let Some(o) = others.iter_mut().find(|o| o.group_ref().h_tag() == h) {
-                    live_event(member, ringer, o, &h, &event, &mut processed, &mut *on_cursor)
+                    live_event(member, ringer, o, &h, &event, processed, &mut *on_cursor)
                         .await;
                 }
                 while let Some(e) = ringer.poll_event() {
                     (on_event.borrow_mut())(&e);
                 }
                 while let Some(busy) = ringer.take_busy() {
-                    let Some(o) = others.iter().find(|o| o.group.name == busy.group) else {
-                        continue;
-                    };
-                    refusals.push(refuse_in(
-                        member,
-                        o.group_ref(),
-                        busy,
-                        AnswerStatus::Busy,
-                        Some(IN_CALL_REASON.into()),
-                    ));
+                    if let Some(g) = busy_group(&busy, &group_ref, &group_name, others) {
+                        refusals.push(refuse_in(
+                            member,
+                            g,
+                            busy,
+                            AnswerStatus::Busy,
+                            Some(IN_CALL_REASON.into()),
+                        ));
+                    }
+                }
+            }
+            Some(offer) = offers.recv() => {
+                // Another call in this very group: we cannot be in two calls, so busy,
+                // as for a call in another group. (The session keeps an offer of our own
+                // call, re-sent, to itself: we are in that one already.)
+                ringer.on_signal(
+                    &Signal::of(&group_name, &offer),
+                    Instant::now(),
+                    Timestamp::now(),
+                );
+                while let Some(e) = ringer.poll_event() {
+                    (on_event.borrow_mut())(&e);
+                }
+                while let Some(busy) = ringer.take_busy() {
+                    if let Some(g) = busy_group(&busy, &group_ref, &group_name, others) {
+                        refusals.push(refuse_in(
+                            member,
+                            g,
+                            busy,
+                            AnswerStatus::Busy,
+                            Some(IN_CALL_REASON.into()),
+                        ));
+                    }
                 }
             }
             Some(answered) = futures::StreamExt::next(&mut refusals), if !refusals.is_empty() => {
@@ -823,9 +860,6 @@ async fn answer_call<S: MdkStorageProvider>(
             (on_event.borrow_mut())(&e);
         }
     }
-    if let Some(events) = other_events {
-        member.close_events(events).await;
-    }
     match result {
         Ok(s) => {
             w.resume = s.cursor;
@@ -837,6 +871,23 @@ async fn answer_call<S: MdkStorageProvider>(
         }
         Err(e) => failed(e.to_string()),
     }
+}
+
+/// The group a `busy` answer goes to: the call's own (`call_group`, named `call_name`) or
+/// one of the `others`.
+fn busy_group(
+    busy: &Ringing,
+    call_group: &GroupRef,
+    call_name: &str,
+    others: &[&mut Watched],
+) -> Option<GroupRef> {
+    if busy.group == call_name {
+        return Some(call_group.clone());
+    }
+    others
+        .iter()
+        .find(|o| o.group.name == busy.group)
+        .map(|o| o.group_ref())
 }
 
 #[cfg(test)]

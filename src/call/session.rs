@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use url::Url;
 
 pub use super::engine::{
-    npub, CallEvent, CallReport, CallStatus, EndReason, PeerReport, RelayState, UserCommand,
-    STATUS_INTERVAL,
+    npub, CallEvent, CallReport, CallStatus, EndReason, GroupEventCounts, PeerReport, RelayState,
+    UserCommand, STATUS_INTERVAL,
 };
 use super::engine::{CallEngine, EngineConfig, Input, Output};
 use super::probe::{probe_calls, Liveness, ProbeOptions};
@@ -26,7 +26,7 @@ use super::signaling::{
 };
 use super::timing::{ms_between, FrameRecords};
 use super::{random, CallError};
-use crate::group::{GroupError, GroupEventOutcome, GroupMember, GroupRef, Resume};
+use crate::group::{GroupError, GroupEventOutcome, GroupEvents, GroupMember, GroupRef, Resume};
 use crate::media::io::{AudioEvent, AudioIn, AudioIo, AudioIoReport, AudioOut};
 use crate::media::keyring::CounterStore;
 use crate::media::keys::{CallSecret, KidLayout};
@@ -92,7 +92,14 @@ pub struct JoinOptions {
     /// How our frames travel in a call we start ([`Delivery::Stream`] when `None`); a
     /// joined call uses the delivery its offer names.
     pub delivery: Option<Delivery>,
+    /// Where offers of *other* calls in the group, arriving while we are in this one, are
+    /// handed (`call listen` answers them `busy`); at most [`OTHER_OFFERS_QUEUE`] wait,
+    /// later ones are logged and dropped. `None`: they are only logged.
+    pub other_offers: Option<mpsc::Sender<crate::group::Rumor>>,
 }
+
+/// Offers of other calls waiting for whoever takes them ([`JoinOptions::other_offers`]).
+pub const OTHER_OFFERS_QUEUE: usize = 64;
 
 impl JoinOptions {
     /// Options for a call through `moq_relay`, with every other setting at its default.
@@ -112,6 +119,7 @@ impl JoinOptions {
             leave_when_alone: false,
             status_interval: STATUS_INTERVAL,
             delivery: None,
+            other_offers: None,
         }
     }
 }
@@ -524,6 +532,26 @@ async fn media_loop(
     })
 }
 
+/// An offer that arrived during the call: one of another call goes to
+/// [`JoinOptions::other_offers`] (ours is the engine's: a re-sent offer of this call).
+fn hand_over_offer(opts: &JoinOptions, call_id: &[u8; 32], rumor: &crate::group::Rumor) {
+    let Some(to) = &opts.other_offers else {
+        return;
+    };
+    match CallOffer::from_rumor(rumor.kind, &rumor.tags) {
+        Ok(o) if o.call_id == *call_id => {}
+        Ok(o) => {
+            if to.try_send(rumor.clone()).is_err() {
+                tracing::warn!(
+                    call = %hex::encode(o.call_id),
+                    "another call's offer during this call not handed over (queue full or closed)"
+                );
+            }
+        }
+        Err(e) => tracing::debug!("skipping an offer: {e}"),
+    }
+}
+
 /// The call secret and members of the group's current epoch, as the engine takes them.
 fn epoch_input<S: MdkStorageProvider>(
     member: &GroupMember<S>,
@@ -590,9 +618,12 @@ pub async fn run_session<S: MdkStorageProvider>(
     mut on_event: impl FnMut(&CallEvent),
 ) -> Result<Session, CallError> {
     let began = Instant::now();
-    // Listen before catching up, so nothing published in between is missed; events seen
-    // both ways are processed once.
-    let mut events = member.group_events(group, Timestamp::now()).await?;
+    // Listen before catching up, from the catch-up's cursor, so nothing published in
+    // between is missed (an event stamped before now may reach the relay after the
+    // catch-up's fetch); events seen both ways are processed once.
+    let mut events = member
+        .group_events(group, crate::group::live_since([&resume]))
+        .await?;
     let mls_group = member
         .mdk()
         .get_group(&group.mls_group_id)
@@ -604,6 +635,24 @@ pub async fn run_session<S: MdkStorageProvider>(
         .await?;
     let mut cursor = sync.cursor.clone();
     let mut processed: HashSet<EventId> = sync.seen_ids.iter().copied().collect();
+    // Counted for the status and the report: the catch-up's, then each live event's. The
+    // gate's counters (forged and oversized events refused before they reach us) cover
+    // the whole client; only what it refuses from now on is this session's (the catch-up's
+    // own share is in `sync.dropped` already).
+    let mut counted = GroupEventCounts {
+        processed: sync.messages.len()
+            + sync.commits
+            + sync.committed_proposals
+            + sync.pending_proposals,
+        dropped: sync.dropped,
+    };
+    let gate_before = member.refused_at_gate();
+    let counts = |counted: &GroupEventCounts, events: &GroupEvents| {
+        let mut c = *counted;
+        c.dropped.add(&member.refused_at_gate().since(&gate_before));
+        c.dropped.future_dated += events.held_back();
+        c
+    };
 
     let leaves = member.leaf_map(group)?;
     let own_leaf = member
@@ -743,7 +792,10 @@ pub async fn run_session<S: MdkStorageProvider>(
                     }
                     continue;
                 }
-                Some(MediaMessage::Event(e)) => {
+                Some(MediaMessage::Event(mut e)) => {
+                    if let CallEvent::Status(s) = &mut e {
+                        s.group_events = counts(&counted, &events);
+                    }
                     on_event(&e);
                     continue;
                 }
@@ -764,14 +816,27 @@ pub async fn run_session<S: MdkStorageProvider>(
                     continue;
                 };
                 if !processed.insert(event.id) {
+                    // The catch-up has it: the subscription starts at its cursor on purpose.
                     continue;
                 }
                 let outcome = member.process_group_event(events.h_tag(), &event).await;
+                match &outcome {
+                    GroupEventOutcome::Ignored(why) => counted.dropped.count(why.reason),
+                    _ => counted.processed += 1,
+                }
                 // The cursor moves only over events that were processed (issue 11).
                 if !matches!(outcome, GroupEventOutcome::Ignored(_)) {
                     crate::group::advance_cursor(&mut cursor, event.created_at, event.id);
                 }
                 match outcome {
+                    GroupEventOutcome::Message(r) if r.kind == KIND_OFFER => {
+                        hand_over_offer(opts, &call_id, &r);
+                        ControlInput::Rumor {
+                            sender: r.sender,
+                            kind: r.kind,
+                            tags: r.tags,
+                        }
+                    }
                     GroupEventOutcome::Message(r) => ControlInput::Rumor {
                         sender: r.sender,
                         kind: r.kind,
@@ -815,12 +880,17 @@ pub async fn run_session<S: MdkStorageProvider>(
     let media = media_result
         .await
         .map_err(|_| CallError::MediaThread("ended without a result".into()))??;
+    let group_events = counts(&counted, &events);
     while let Ok(message) = from_media.try_recv() {
-        if let MediaMessage::Event(e) = message {
+        if let MediaMessage::Event(mut e) = message {
+            if let CallEvent::Status(s) = &mut e {
+                s.group_events = group_events;
+            }
             on_event(&e);
         }
     }
     let mut report = media.report;
+    report.group_events = group_events;
     report.first_audio_ms = media.first_audio_at.map(|t| ms_between(began, t));
     report.audio = media.audio;
     // The media thread dropped the client: its driver winds down.

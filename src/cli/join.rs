@@ -128,6 +128,12 @@ fn print_human(r: &CallReport) {
     if let Some(ms) = r.first_audio_ms {
         println!("  first peer audio {ms:.0} ms after start");
     }
+    // Forged or unreadable group events are refused and logged; the count says so too.
+    println!(
+        "  group events: {} processed, refused: {}",
+        r.group_events.processed,
+        r.group_events.dropped.summary()
+    );
     let ms = |l: Option<crate::call::timing::LatencySummary>| {
         l.map_or_else(
             || "-".into(),
@@ -239,6 +245,8 @@ pub async fn run(common: &CommonArgs, args: &JoinArgs) -> anyhow::Result<u8> {
             } else {
                 session::STATUS_INTERVAL
             },
+            // A person in a call decides about a second call themselves.
+            other_offers: None,
         };
         let names = Arc::new(Mutex::new(BTreeMap::new()));
         let (mut screen, commands) = if live {

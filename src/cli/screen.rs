@@ -594,6 +594,7 @@ mod tests {
                 peer_report(ALICE, 0, 0.3, false),
                 peer_report(BOB, 1, 0.0, true),
             ],
+            group_events: Default::default(),
         }));
         v
     }
@@ -657,6 +658,7 @@ mod tests {
             relay: RelayState::Connected,
             relay_rtt_ms: Some(12.0),
             peers: vec![],
+            group_events: Default::default(),
         };
         for i in 0..30 {
             status.peers.push(peer_report(

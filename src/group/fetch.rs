@@ -42,17 +42,26 @@ pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 /// delivery counts).
 const OVERSIZED_IDS_KEPT: usize = 100_000;
 
-/// Shared state of a [`SizeGate`]: its limit and the distinct oversized events it refused.
+/// Shared state of an [`AdmitGate`]: its size limit, the distinct oversized events it
+/// refused, and the deliveries it refused because their id or signature does not verify.
 #[derive(Debug, Clone)]
-pub struct OversizedCounter {
+pub struct GateCounters {
     max: Arc<AtomicUsize>,
     refused: Arc<Mutex<(HashSet<EventId>, usize)>>,
+    forged: Arc<AtomicUsize>,
 }
 
-impl OversizedCounter {
+impl GateCounters {
     /// Distinct oversized events refused so far.
-    pub fn get(&self) -> usize {
+    pub fn oversized(&self) -> usize {
         self.refused.lock().map(|g| g.1).unwrap_or(0)
+    }
+
+    /// Deliveries refused so far because their id or signature does not verify. Each
+    /// delivery counts: forged copies of one real event share its id, so ids cannot tell
+    /// them apart.
+    pub fn invalid_signature(&self) -> usize {
+        self.forged.load(Ordering::Relaxed)
     }
 
     /// Changes the limit (bytes) for events received from now on.
@@ -60,7 +69,7 @@ impl OversizedCounter {
         self.max.store(max, Ordering::Relaxed);
     }
 
-    fn record(&self, id: EventId) {
+    fn record_oversized(&self, id: EventId) {
         if let Ok(mut g) = self.refused.lock() {
             let (ids, n) = &mut *g;
             if ids.len() >= OVERSIZED_IDS_KEPT || ids.insert(id) {
@@ -70,24 +79,33 @@ impl OversizedCounter {
     }
 }
 
-/// nostr-sdk admission hook: refuses (and counts) events larger than the limit before
-/// they are stored, notified or returned by a fetch.
+/// nostr-sdk admission hook, run on every event a relay delivers (fetches and live
+/// subscriptions alike) before it is stored, notified or returned: refuses and counts
+/// events larger than the limit, and events whose id or signature does not verify.
+///
+/// nostr-sdk 0.44 verifies events itself but caches the verdict by id alone, so a forged
+/// copy of an event it verified before (same id and signature, other content) passes its
+/// check; on a live subscription such a copy is then not even notified (its id counts as
+/// seen), so it would be dropped without trace. Checked here, it is refused and counted
+/// whatever path it came by. (An event whose id nostr-sdk never verified and which does
+/// not verify is dropped inside nostr-sdk before this hook, with only its log line.)
 #[derive(Debug)]
-pub struct SizeGate {
-    state: OversizedCounter,
+pub struct AdmitGate {
+    state: GateCounters,
 }
 
-impl SizeGate {
+impl AdmitGate {
     pub fn new(max: usize) -> Self {
         Self {
-            state: OversizedCounter {
+            state: GateCounters {
                 max: Arc::new(AtomicUsize::new(max)),
                 refused: Arc::default(),
+                forged: Arc::default(),
             },
         }
     }
 
-    pub fn counter(&self) -> OversizedCounter {
+    pub fn counters(&self) -> GateCounters {
         self.state.clone()
     }
 }
@@ -103,7 +121,7 @@ pub fn event_size(event: &Event) -> usize {
             .sum::<usize>()
 }
 
-impl AdmitPolicy for SizeGate {
+impl AdmitPolicy for AdmitGate {
     fn admit_event<'a>(
         &'a self,
         _relay_url: &'a RelayUrl,
@@ -114,9 +132,14 @@ impl AdmitPolicy for SizeGate {
             let size = event_size(event);
             let max = self.state.max.load(Ordering::Relaxed);
             if size > max {
-                self.state.record(event.id);
+                self.state.record_oversized(event.id);
                 tracing::warn!(id = %event.id, size, max, "refusing an oversized event");
                 return Ok(AdmitStatus::rejected("oversized"));
+            }
+            if event.verify().is_err() {
+                self.state.forged.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(id = %event.id, "refusing an event whose id or signature does not verify");
+                return Ok(AdmitStatus::rejected("invalid signature"));
             }
             Ok(AdmitStatus::success())
         })
@@ -171,7 +194,9 @@ pub struct Fetched {
     pub duplicates: usize,
     /// Distinct events refused for their size during this fetch.
     pub oversized: usize,
-    /// Events whose id or signature does not verify (see [`Fetched::add`]).
+    /// Deliveries whose id or signature does not verify: refused at the [`AdmitGate`]
+    /// while this fetch ran (a live subscription's among them, if one is open), or by
+    /// [`Fetched::add`].
     pub invalid_signature: usize,
 }
 
@@ -227,7 +252,8 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     ) -> Result<Fetched, GroupError> {
         let mut all: HashMap<EventId, Event> = HashMap::new();
         let mut out = Fetched::default();
-        let oversized_before = self.oversized.get();
+        let oversized_before = self.gate.oversized();
+        let forged_before = self.gate.invalid_signature();
         for relay in self.connected_relays().await? {
             let mut seen_here: HashSet<EventId> = HashSet::new();
             let mut until = until;
@@ -281,7 +307,9 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             }
         }
         out.events = all.into_values().collect();
-        out.oversized = self.oversized.get().saturating_sub(oversized_before);
+        out.oversized = self.gate.oversized().saturating_sub(oversized_before);
+        // Refused at the gate (see `AdmitGate`) while this fetch ran.
+        out.invalid_signature += self.gate.invalid_signature().saturating_sub(forged_before);
         Ok(out)
     }
 

@@ -101,6 +101,55 @@ impl Dropped {
         } += 1;
     }
 
+    /// Adds every counter of `other` to ours.
+    pub fn add(&mut self, other: &Dropped) {
+        self.future_dated += other.future_dated;
+        self.invalid += other.invalid;
+        self.undecryptable += other.undecryptable;
+        self.unsupported += other.unsupported;
+        self.duplicate += other.duplicate;
+        self.oversized += other.oversized;
+        self.invalid_signature += other.invalid_signature;
+    }
+
+    /// What was counted after `before` (counters that only grow; never below zero).
+    pub fn since(&self, before: &Dropped) -> Dropped {
+        Dropped {
+            future_dated: self.future_dated.saturating_sub(before.future_dated),
+            invalid: self.invalid.saturating_sub(before.invalid),
+            undecryptable: self.undecryptable.saturating_sub(before.undecryptable),
+            unsupported: self.unsupported.saturating_sub(before.unsupported),
+            duplicate: self.duplicate.saturating_sub(before.duplicate),
+            oversized: self.oversized.saturating_sub(before.oversized),
+            invalid_signature: self
+                .invalid_signature
+                .saturating_sub(before.invalid_signature),
+        }
+    }
+
+    /// The counters that are not zero, for a person: "1 invalid signature, 2 duplicate"
+    /// ("none" if all are).
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = [
+            (self.future_dated, "future-dated"),
+            (self.invalid, "invalid"),
+            (self.undecryptable, "undecryptable"),
+            (self.unsupported, "unsupported"),
+            (self.duplicate, "duplicate"),
+            (self.oversized, "oversized"),
+            (self.invalid_signature, "invalid signature"),
+        ]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+
     pub fn total(&self) -> usize {
         self.future_dated
             + self.invalid
@@ -678,5 +727,24 @@ mod tests {
         assert_eq!(cursor, Some((Timestamp::from(10), vec![a, b])));
         advance(&mut cursor, Timestamp::from(11), c);
         assert_eq!(cursor, Some((Timestamp::from(11), vec![c])));
+    }
+
+    #[test]
+    fn dropped_counts_add_subtract_and_read_for_a_person() {
+        let mut before = Dropped::default();
+        before.count(DropReason::Oversized);
+        let mut now = before;
+        now.count(DropReason::InvalidSignature);
+        now.count(DropReason::InvalidSignature);
+        let since = now.since(&before);
+        assert_eq!((since.oversized, since.invalid_signature), (0, 2));
+        assert_eq!(since.summary(), "2 invalid signature");
+        let mut sum = since;
+        sum.add(&before);
+        assert_eq!(sum, now);
+        assert_eq!(sum.total(), 3);
+        assert_eq!(Dropped::default().summary(), "none");
+        // Counters never run below zero, whatever order they are read in.
+        assert_eq!(before.since(&now), Dropped::default());
     }
 }

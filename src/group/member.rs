@@ -99,8 +99,8 @@ pub struct GroupMember<S: MdkStorageProvider> {
     pub(super) client: Client,
     pub(super) relays: Vec<RelayUrl>,
     pub(super) timeout: Duration,
-    /// Distinct events refused for their size so far (see `fetch::SizeGate`).
-    pub(super) oversized: super::fetch::OversizedCounter,
+    /// What the admission gate refused so far (see `fetch::AdmitGate`).
+    pub(super) gate: super::fetch::GateCounters,
 }
 
 impl<S: MdkStorageProvider> std::fmt::Debug for GroupMember<S> {
@@ -115,11 +115,11 @@ impl<S: MdkStorageProvider> std::fmt::Debug for GroupMember<S> {
 impl<S: MdkStorageProvider> GroupMember<S> {
     /// Connects to `relays` as `keys`, with MLS state in `storage`.
     pub async fn connect(keys: Keys, storage: S, relays: &[RelayUrl]) -> Result<Self, GroupError> {
-        let size_gate = super::fetch::SizeGate::new(super::fetch::MAX_EVENT_BYTES);
-        let oversized = size_gate.counter();
+        let gate = super::fetch::AdmitGate::new(super::fetch::MAX_EVENT_BYTES);
+        let counters = gate.counters();
         let client = Client::builder()
             .signer(keys.clone())
-            .admit_policy(size_gate)
+            .admit_policy(gate)
             .build();
         for url in relays {
             client
@@ -154,7 +154,7 @@ impl<S: MdkStorageProvider> GroupMember<S> {
             client,
             relays: relays.to_vec(),
             timeout: Duration::from_secs(10),
-            oversized,
+            gate: counters,
         })
     }
 
@@ -167,12 +167,23 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     /// Largest event accepted from relays (default `MAX_EVENT_BYTES`); larger ones are
     /// refused and counted as `oversized`.
     pub fn with_max_event_bytes(self, max: usize) -> Self {
-        self.oversized.set_max(max);
+        self.gate.set_max(max);
         self
     }
 
     pub fn relays(&self) -> &[RelayUrl] {
         &self.relays
+    }
+
+    /// What the admission gate refused since this member connected (every fetch and
+    /// subscription): `oversized` and `invalid_signature`, the rest zero. A long-running
+    /// session reports the difference over its run ([`super::Dropped::since`]).
+    pub fn refused_at_gate(&self) -> super::manage::Dropped {
+        super::manage::Dropped {
+            oversized: self.gate.oversized(),
+            invalid_signature: self.gate.invalid_signature(),
+            ..Default::default()
+        }
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -340,15 +351,22 @@ impl<S: MdkStorageProvider> GroupMember<S> {
         self.publish(&event).await
     }
 
-    /// Subscribes to the group's kind-445 events stamped `since` or later, undecrypted: the
-    /// caller processes them with [`GroupMember::process_group_event`] (the same path as
-    /// catching up), so commits and messages are handled alike.
+    /// Subscribes to the group's kind-445 events stamped `since` or later (`None`: all),
+    /// undecrypted: the caller processes them with [`GroupMember::process_group_event`]
+    /// (the same path as catching up), so commits and messages are handled alike.
+    ///
+    /// Opened before a catch-up, `since` should be that catch-up's cursor ([`live_since`]):
+    /// an event stamped before the moment of subscribing but reaching the relay after the
+    /// catch-up's fetch (a sender's clock behind ours, a slow publish) then still arrives
+    /// here. The relay also sends what it holds from `since` on; nostr-sdk notifies each id
+    /// once per process, and the caller skips the ids the catch-up reports
+    /// ([`super::SyncOutcome::seen_ids`]).
     pub async fn group_events(
         &self,
         group: &GroupRef,
-        since: Timestamp,
+        since: Option<Timestamp>,
     ) -> Result<GroupEvents, GroupError> {
-        self.subscribe_events(group, Some(since)).await
+        self.subscribe_events(group, since).await
     }
 
     /// Like [`GroupMember::group_events`], for several groups on one relay subscription
@@ -356,10 +374,10 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     pub async fn groups_events(
         &self,
         groups: &[GroupRef],
-        since: Timestamp,
+        since: Option<Timestamp>,
     ) -> Result<GroupEvents, GroupError> {
         let hs: Vec<String> = groups.iter().map(GroupRef::h_tag).collect();
-        self.subscribe_events_of(hs, Some(since)).await
+        self.subscribe_events_of(hs, since).await
     }
 
     /// Ends the relay subscription behind `events` (a long-running listener opens a new one
@@ -435,6 +453,20 @@ impl<S: MdkStorageProvider> GroupMember<S> {
     }
 }
 
+/// Where a live subscription opened before catching up from `cursors` (one per group)
+/// starts: the oldest cursor's second (inclusive), so nothing the catch-up cannot see
+/// any more is missed; `None` (everything) if a group has no cursor yet.
+pub fn live_since<'a>(
+    cursors: impl IntoIterator<Item = &'a super::manage::Resume>,
+) -> Option<Timestamp> {
+    let mut since: Option<Timestamp> = None;
+    for cursor in cursors {
+        let (at, _) = cursor.as_ref()?;
+        since = Some(since.map_or(*at, |s| s.min(*at)));
+    }
+    since
+}
+
 /// One group's kind-445 events as relays deliver them (duplicates included: several relays
 /// may deliver one event). Events stamped beyond now + `MAX_CLOCK_SKEW` are held back
 /// (counted, not returned): the next catch-up fetches them once they are due.
@@ -488,5 +520,24 @@ impl GroupEvents {
             }
             return Some((h, *event));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_subscription_starts_at_the_oldest_cursor_or_at_the_beginning() {
+        let at = |t: u64| -> super::super::manage::Resume {
+            Some((Timestamp::from(t), vec![EventId::all_zeros()]))
+        };
+        assert_eq!(
+            live_since([&at(30), &at(10), &at(20)]),
+            Some(Timestamp::from(10))
+        );
+        // A group that was never caught up: everything.
+        assert_eq!(live_since([&at(30), &None]), None);
+        assert_eq!(live_since(std::iter::empty()), None);
     }
 }

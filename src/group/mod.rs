@@ -19,7 +19,9 @@ pub use manage::{
 pub use mdk_sqlite_storage::MdkSqliteStorage;
 pub use mdk_storage_traits::groups::types::Group;
 pub use mdk_storage_traits::welcomes::types::Welcome;
-pub use member::{CallSecretExport, GroupError, GroupEvents, GroupMember, GroupRef, Rumor};
+pub use member::{
+    live_since, CallSecretExport, GroupError, GroupEvents, GroupMember, GroupRef, Rumor,
+};
 pub use profiles::{clean_name, MAX_NAME_CHARS};
 
 /// MLS exporter label for call media keys (PROTOCOL.md §3).

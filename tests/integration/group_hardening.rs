@@ -48,7 +48,7 @@ async fn publish_all(relay: &TestRelay, events: Vec<Event>, connections: usize) 
     assert_eq!(sent, events.len());
 }
 
-fn garbage(i: usize) -> String {
+pub(crate) fn garbage(i: usize) -> String {
     // Looks like base64 ciphertext; decrypts under no key.
     let bytes: Vec<u8> = (0..96).map(|j| (i * 31 + j * 7) as u8).collect();
     base64_like(&bytes)
@@ -62,7 +62,7 @@ fn base64_like(bytes: &[u8]) -> String {
         .collect()
 }
 
-async fn nostr_group_id(user: &User, group: &str) -> String {
+pub(crate) async fn nostr_group_id(user: &User, group: &str) -> String {
     let v = user.ok(&["group", "list"]).await;
     v["groups"]
         .as_array()
@@ -75,7 +75,7 @@ async fn nostr_group_id(user: &User, group: &str) -> String {
         .to_string()
 }
 
-fn sync_cursor_at(user: &User) -> u64 {
+pub(crate) fn sync_cursor_at(user: &User) -> u64 {
     let path = user.home.join("sync.json");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "sync.json mode");
@@ -379,7 +379,10 @@ async fn a_stream_opened_before_catch_up_repeats_only_events_the_catch_up_report
         .iter()
         .map(|s| EventId::from_hex(s).unwrap())
         .collect();
-    let mut events = bm.group_events(&g, Timestamp::now()).await.unwrap();
+    let mut events = bm
+        .group_events(&g, Some(Timestamp::from(cursor.at)))
+        .await
+        .unwrap();
     let group = bm.groups().unwrap().into_iter().next().unwrap();
     let sync = bm
         .sync_group(&group, Some(Timestamp::from(cursor.at)), &seen)

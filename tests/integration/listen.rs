@@ -15,7 +15,7 @@ use serde_json::Value;
 
 /// A running `call` process whose stdout and stderr lines arrive, with the time they were
 /// read, on two channels.
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
     out: Receiver<(Instant, String)>,
     err: Receiver<(Instant, String)>,
@@ -24,7 +24,7 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(cmd: &mut Command) -> Self {
+    pub(crate) fn spawn(cmd: &mut Command) -> Self {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -54,7 +54,7 @@ impl Proc {
 
     /// The first JSON line on stdout (`stdout`) or stderr for which `pred` holds, and when it
     /// was read; panics after `limit`.
-    fn wait_json(
+    pub(crate) fn wait_json(
         &mut self,
         stdout: bool,
         limit: Duration,
@@ -82,7 +82,7 @@ impl Proc {
         }
     }
 
-    fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([sig, &self.child.id().to_string()])
             .status()
@@ -91,10 +91,29 @@ impl Proc {
     }
 
     /// Waits for the exit; returns the code and the remaining stdout lines.
-    fn finish(mut self) -> (Option<i32>, Vec<String>) {
+    pub(crate) fn finish(mut self) -> (Option<i32>, Vec<String>) {
         let status = self.child.wait().unwrap();
         let rest: Vec<String> = self.out.iter().map(|(_, l)| l).collect();
         (status.code(), rest)
+    }
+
+    /// [`Proc::finish`], with the stderr lines not read by `wait_json` as well.
+    fn finish_with_stderr(mut self) -> (Option<i32>, Vec<String>, Vec<String>) {
+        let status = self.child.wait().unwrap();
+        let rest: Vec<String> = self.out.iter().map(|(_, l)| l).collect();
+        let err: Vec<String> = self.err.iter().map(|(_, l)| l).collect();
+        (status.code(), rest, err)
+    }
+}
+
+/// A test that fails midway must not leave a `call listen` (which never ends by itself)
+/// behind: the process goes with its `Proc`.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -114,7 +133,7 @@ fn answering_bot(user: &User, relay: &TestRelay) -> (Proc, Value) {
     (bot, listening)
 }
 
-fn event(v: &Value, name: &str) -> bool {
+pub(crate) fn event(v: &Value, name: &str) -> bool {
     v["event"] == name
 }
 
@@ -474,4 +493,207 @@ async fn a_listener_in_a_call_answers_busy_to_a_call_in_another_group() {
             .any(|l| l.contains(r#""event":"ringing""#) && l.contains(c_call.as_str())),
         "{rest:?}"
     );
+}
+
+/// docs/protocol.md, Ringing: a second call started in the group of the call the listener
+/// is in is answered `busy` too (it cannot be in two calls), and its own call goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_in_a_call_answers_busy_to_a_second_call_in_the_same_group() {
+    let relay = TestRelay::start().await;
+    let (a, b, c) = (
+        User::new("samebusy-a", &[&relay.nostr_url]),
+        User::new("samebusy-b", &[&relay.nostr_url]),
+        User::new("samebusy-c", &[&relay.nostr_url]),
+    );
+    a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    let c_npub = c.new_identity().await;
+    create_and_join("desk", &a, &[(&b, &b_npub), (&c, &c_npub)]).await;
+
+    let (mut bot, _) = answering_bot(&b, &relay);
+    // A calls; the bot takes it.
+    let a_proc = Proc::spawn(
+        a.command()
+            .args(["join", "desk", "--new", "--seconds", "15"])
+            .args(["--source", "tone:440", "--sink", "null"])
+            .args(relay_flags(&relay)),
+    );
+    let (_, answered) = bot.wait_json(true, Duration::from_secs(20), "the bot answering A", |v| {
+        event(v, "answered") && v["status"] == "accept"
+    });
+    let a_call = answered["call_id"].as_str().unwrap().to_string();
+
+    // C starts a second call in the same group meanwhile: told busy at once.
+    let mut c_proc = Proc::spawn(
+        c.command()
+            .args(["join", "desk", "--new", "--ring-timeout", "6"])
+            .args(["--source", "silence", "--sink", "null"])
+            .args(relay_flags(&relay)),
+    );
+    let (offered_at, started) = c_proc.wait_json(false, Duration::from_secs(20), "C's call", |v| {
+        event(v, "started")
+    });
+    let c_call = started["call_id"].as_str().unwrap().to_string();
+    assert_ne!(c_call, a_call);
+    let (told_at, said) = c_proc.wait_json(false, Duration::from_secs(10), "C told busy", |v| {
+        event(v, "peer_declined") && v["npub"] == b_npub.as_str()
+    });
+    println!(
+        "C's offer out → busy from the listener in a call of the same group: {:.0} ms",
+        told_at.duration_since(offered_at).as_secs_f64() * 1000.0
+    );
+    assert_eq!(said["status"], "busy", "{said}");
+    assert_eq!(said["reason"], "in another call", "{said}");
+    let (_, missed) = bot.wait_json(true, Duration::from_secs(5), "missed in_call", |v| {
+        event(v, "missed")
+    });
+    assert_eq!(missed["reason"], "in_call", "{missed}");
+    assert_eq!(missed["group"], "desk", "{missed}");
+    assert_eq!(missed["call_id"], c_call.as_str(), "{missed}");
+    let (_, busy) = bot.wait_json(true, Duration::from_secs(5), "answered busy", |v| {
+        event(v, "answered")
+    });
+    assert_eq!(busy["status"], "busy", "{busy}");
+    assert_eq!(busy["call_id"], c_call.as_str(), "{busy}");
+    let (code, _) = c_proc.finish();
+    assert_eq!(code, Some(3), "nobody accepted C's call");
+
+    // The bot's call with A was not disturbed.
+    let (_, ended) = bot.wait_json(true, Duration::from_secs(30), "call_ended", |v| {
+        event(v, "call_ended")
+    });
+    assert_eq!(ended["call_id"], a_call.as_str(), "{ended}");
+    assert_eq!(ended["report"]["ended_by"], "alone", "{ended}");
+    let heard = ended["report"]["peers"][0]["heard_hz"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!((heard - 440.0).abs() <= 3.0, "{ended}");
+    let (code, _) = a_proc.finish();
+    assert_eq!(code, Some(0));
+    bot.signal("-TERM");
+    let (code, rest) = bot.finish();
+    assert_eq!(code, Some(0));
+    assert!(
+        !listener_lines(&rest)
+            .any(|l| l.contains(r#""event":"ringing""#) && l.contains(c_call.as_str())),
+        "C's call rang after the bot's call: {rest:?}"
+    );
+}
+
+/// An offer stamped before the listener subscribed but reaching the relay after its
+/// catch-up (the caller's clock a few seconds behind ours, or a slow publish) rings at
+/// once: the listener's subscription starts at its catch-up cursor, not at the moment it
+/// was opened (which let such an offer wait for the next catch-up, after some later call).
+/// Events the subscription repeats from the catch-up are processed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_stamped_before_the_listener_subscribed_rings_at_once() {
+    use call::call::signaling::{CallOffer, Privacy, TrackRef};
+    use nostr_sdk::prelude::{Client, EventBuilder, Keys, Kind, Timestamp};
+
+    let relay = TestRelay::start().await;
+    let (a, b) = (
+        User::new("early-a", &[&relay.nostr_url]),
+        User::new("early-b", &[&relay.nostr_url]),
+    );
+    let a_npub = a.new_identity().await;
+    let b_npub = b.new_identity().await;
+    create_and_join("desk", &a, &[(&b, &b_npub)]).await;
+
+    // A message moves B's catch-up cursor to its second.
+    let (_home, am) = a.open_member(&relay.nostr_url).await;
+    let g = crate::common::users::group_ref(&am, "desk");
+    am.send_rumor(&g, EventBuilder::new(Kind::Custom(9), "hello"))
+        .await
+        .unwrap();
+    let synced = b.ok(&["sync"]).await;
+    assert_eq!(synced["groups"][0]["messages"][0]["content"], "hello");
+    let cursor = crate::group_hardening::sync_cursor_at(&b);
+    // The listener subscribes a few seconds after that second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut listener = Proc::spawn(
+        b.command()
+            .args(["listen", "desk"])
+            .args(relay_flags(&relay)),
+    );
+    listener.wait_json(true, Duration::from_secs(20), "listening", |v| {
+        event(v, "listening")
+    });
+
+    // A's offer, stamped one second after the cursor: before the listener subscribed.
+    let stamp = Timestamp::from(cursor + 1);
+    assert!(stamp.as_secs() + 2 <= Timestamp::now().as_secs());
+    let offer = CallOffer {
+        call_id: rand::random(),
+        moq_url: relay.moq_url.clone(),
+        namespace: rand::random(),
+        token: rand::random(),
+        track: TrackRef {
+            name: rand::random(),
+            leaf_index: 0,
+        },
+        frame_ms: 20,
+        sender_bits: 4,
+        privacy: Privacy::Standard,
+        delivery: Default::default(),
+    };
+    let rumor = offer
+        .to_rumor()
+        .custom_created_at(stamp)
+        .build(am.public_key());
+    let sealed = am
+        .mdk()
+        .create_message(&g.mls_group_id, rumor, None)
+        .unwrap();
+    // MDK stamps its event now; the same content and tags, re-signed by another ephemeral
+    // key (MLS does not look at the outer signature), stamped as a slow clock would.
+    let late = EventBuilder::new(sealed.kind, sealed.content.clone())
+        .tags(sealed.tags.iter().cloned())
+        .custom_created_at(stamp)
+        .sign_with_keys(&Keys::generate())
+        .unwrap();
+    am.disconnect().await;
+    let publisher = Client::new(Keys::generate());
+    publisher.add_relay(relay.nostr_url.as_str()).await.unwrap();
+    publisher.connect().await;
+    publisher.wait_for_connection(Duration::from_secs(5)).await;
+    let sent = publisher.send_event(&late).await.unwrap();
+    assert!(!sent.success.is_empty(), "{:?}", sent.failed);
+    let sent_at = Instant::now();
+    publisher.disconnect().await;
+
+    let call_id = hex::encode(offer.call_id);
+    let (rang_at, ringing) = listener.wait_json(true, Duration::from_secs(10), "ringing", |v| {
+        event(v, "ringing")
+    });
+    println!(
+        "offer stamped {} s before it was sent → ringing after {:.0} ms",
+        Timestamp::now().as_secs() - stamp.as_secs(),
+        rang_at.duration_since(sent_at).as_secs_f64() * 1000.0
+    );
+    assert_eq!(ringing["call_id"], call_id.as_str(), "{ringing}");
+    assert_eq!(ringing["caller"], a_npub.as_str(), "{ringing}");
+    assert_eq!(ringing["group"], "desk", "{ringing}");
+
+    listener.signal("-TERM");
+    let seen = listener.seen.clone();
+    let (code, rest, stderr) = listener.finish_with_stderr();
+    assert_eq!(code, Some(0), "{rest:?} {stderr:?}");
+    let rang = seen
+        .iter()
+        .chain(&rest)
+        .filter(|l| l.contains(r#""event":"ringing""#))
+        .count();
+    assert_eq!(rang, 1, "{seen:?} {rest:?}");
+    // Nothing was processed twice: MLS would have refused the repeat with an error log.
+    let errors: Vec<String> = listener_stderr_errors(&stderr);
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+/// Error-level log lines among `lines` (stderr lines are JSON `log` objects).
+fn listener_stderr_errors(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.contains(r#""event":"log""#) && l.contains(r#""level":"error""#))
+        .cloned()
+        .collect()
 }

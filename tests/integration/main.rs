@@ -20,6 +20,7 @@ mod group_hardening;
 mod group_keys;
 mod join_cli;
 mod listen;
+mod live_forgery;
 mod media_loss;
 mod reconnect;
 mod relay_bounds;
