@@ -741,6 +741,15 @@ async fn answer_call<S: MdkStorageProvider>(
     let mut events_open = true;
     // Busy answers on their way, sent beside the call rather than holding it up.
     let mut refusals = futures::stream::FuturesUnordered::new();
+    let busy = |group, ringing| {
+        refuse_in(
+            member,
+            group,
+            ringing,
+            AnswerStatus::Busy,
+            Some(IN_CALL_REASON.into()),
+        )
+    };
     // Shared with the session's event callback; never borrowed across an await.
     let on_event = std::cell::RefCell::new(on_event);
     // Kept open until the session ends: a closed channel means "leave".
@@ -809,20 +818,9 @@ async fn answer_call<S: MdkStorageProvider>(
                     live_event(member, ringer, o, &h, &event, processed, &mut *on_cursor)
                         .await;
                 }
-                while let Some(e) = ringer.poll_event() {
-                    (on_event.borrow_mut())(&e);
-                }
-                while let Some(busy) = ringer.take_busy() {
-                    if let Some(g) = busy_group(&busy, &group_ref, &group_name, others) {
-                        refusals.push(refuse_in(
-                            member,
-                            g,
-                            busy,
-                            AnswerStatus::Busy,
-                            Some(IN_CALL_REASON.into()),
-                        ));
-                    }
-                }
+                let emit = &mut |e: &ListenEvent| (on_event.borrow_mut())(e);
+                let answers = busy_answers(ringer, emit, &group_ref, &group_name, others);
+                refusals.extend(answers.into_iter().map(|(g, ringing)| busy(g, ringing)));
             }
             Some(offer) = offers.recv() => {
                 // Another call in this very group: we cannot be in two calls, so busy,
@@ -833,20 +831,9 @@ async fn answer_call<S: MdkStorageProvider>(
                     Instant::now(),
                     Timestamp::now(),
                 );
-                while let Some(e) = ringer.poll_event() {
-                    (on_event.borrow_mut())(&e);
-                }
-                while let Some(busy) = ringer.take_busy() {
-                    if let Some(g) = busy_group(&busy, &group_ref, &group_name, others) {
-                        refusals.push(refuse_in(
-                            member,
-                            g,
-                            busy,
-                            AnswerStatus::Busy,
-                            Some(IN_CALL_REASON.into()),
-                        ));
-                    }
-                }
+                let emit = &mut |e: &ListenEvent| (on_event.borrow_mut())(e);
+                let answers = busy_answers(ringer, emit, &group_ref, &group_name, others);
+                refusals.extend(answers.into_iter().map(|(g, ringing)| busy(g, ringing)));
             }
             Some(answered) = futures::StreamExt::next(&mut refusals), if !refusals.is_empty() => {
                 if let Some(e) = answered {
@@ -871,6 +858,27 @@ async fn answer_call<S: MdkStorageProvider>(
         }
         Err(e) => failed(e.to_string()),
     }
+}
+
+/// Hands the ringer's events to `emit` and returns the `busy` answers it wants sent during
+/// a call, each with the group it goes to.
+fn busy_answers(
+    ringer: &mut Ringer,
+    emit: &mut dyn FnMut(&ListenEvent),
+    call_group: &GroupRef,
+    call_name: &str,
+    others: &[&mut Watched],
+) -> Vec<(GroupRef, Ringing)> {
+    while let Some(e) = ringer.poll_event() {
+        emit(&e);
+    }
+    let mut answers = Vec::new();
+    while let Some(busy) = ringer.take_busy() {
+        if let Some(g) = busy_group(&busy, call_group, call_name, others) {
+            answers.push((g, busy));
+        }
+    }
+    answers
 }
 
 /// The group a `busy` answer goes to: the call's own (`call_group`, named `call_name`) or

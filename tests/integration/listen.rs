@@ -399,6 +399,52 @@ async fn decline_and_busy_from_a_listener_reach_the_caller() {
     }
 }
 
+/// C starts a call in `group` while the listening bot (B, `b_npub`) is in a call: C is told
+/// `busy` ("in another call") at once, the bot reports the call missed (`in_call`) and
+/// answered busy, and C's call ends unaccepted (exit 3). Returns C's call id.
+fn second_call_told_busy(
+    c: &User,
+    relay: &TestRelay,
+    group: &str,
+    bot: &mut Proc,
+    b_npub: &str,
+) -> String {
+    let mut c_proc = Proc::spawn(
+        c.command()
+            .args(["join", group, "--new", "--ring-timeout", "6"])
+            .args(["--source", "silence", "--sink", "null"])
+            .args(relay_flags(relay)),
+    );
+    let (offered_at, started) = c_proc.wait_json(false, Duration::from_secs(20), "C's call", |v| {
+        event(v, "started")
+    });
+    let c_call = started["call_id"].as_str().unwrap().to_string();
+    let (told_at, said) = c_proc.wait_json(false, Duration::from_secs(10), "C told busy", |v| {
+        event(v, "peer_declined")
+    });
+    println!(
+        "C's offer in {group} out → busy from the listener in a call: {:.0} ms",
+        told_at.duration_since(offered_at).as_secs_f64() * 1000.0
+    );
+    assert_eq!(said["npub"], b_npub, "{said}");
+    assert_eq!(said["status"], "busy", "{said}");
+    assert_eq!(said["reason"], "in another call", "{said}");
+    let (_, missed) = bot.wait_json(true, Duration::from_secs(5), "missed in_call", |v| {
+        event(v, "missed")
+    });
+    assert_eq!(missed["reason"], "in_call", "{missed}");
+    assert_eq!(missed["group"], group, "{missed}");
+    assert_eq!(missed["call_id"], c_call.as_str(), "{missed}");
+    let (_, busy) = bot.wait_json(true, Duration::from_secs(5), "answered busy", |v| {
+        event(v, "answered")
+    });
+    assert_eq!(busy["status"], "busy", "{busy}");
+    assert_eq!(busy["call_id"], c_call.as_str(), "{busy}");
+    let (code, _) = c_proc.finish();
+    assert_eq!(code, Some(3), "nobody accepted C's call");
+    c_call
+}
+
 fn listener_lines(rest: &[String]) -> impl Iterator<Item = &str> {
     rest.iter()
         .map(String::as_str)
@@ -439,39 +485,7 @@ async fn a_listener_in_a_call_answers_busy_to_a_call_in_another_group() {
 
     // C calls in `side` meanwhile: told busy at once (it still rings out its 6 s: a caller
     // waits for every member).
-    let mut c_proc = Proc::spawn(
-        c.command()
-            .args(["join", "side", "--new", "--ring-timeout", "6"])
-            .args(["--source", "silence", "--sink", "null"])
-            .args(relay_flags(&relay)),
-    );
-    let (offered_at, started) = c_proc.wait_json(false, Duration::from_secs(20), "C's call", |v| {
-        event(v, "started")
-    });
-    let c_call = started["call_id"].as_str().unwrap().to_string();
-    let (told_at, said) = c_proc.wait_json(false, Duration::from_secs(10), "C told busy", |v| {
-        event(v, "peer_declined")
-    });
-    println!(
-        "C's offer out → busy from the listener in a call: {:.0} ms",
-        told_at.duration_since(offered_at).as_secs_f64() * 1000.0
-    );
-    assert_eq!(said["npub"], b_npub.as_str(), "{said}");
-    assert_eq!(said["status"], "busy", "{said}");
-    assert_eq!(said["reason"], "in another call", "{said}");
-    let (_, missed) = bot.wait_json(true, Duration::from_secs(5), "missed in_call", |v| {
-        event(v, "missed")
-    });
-    assert_eq!(missed["reason"], "in_call", "{missed}");
-    assert_eq!(missed["group"], "side", "{missed}");
-    assert_eq!(missed["call_id"], c_call.as_str(), "{missed}");
-    let (_, busy) = bot.wait_json(true, Duration::from_secs(5), "answered busy", |v| {
-        event(v, "answered")
-    });
-    assert_eq!(busy["status"], "busy", "{busy}");
-    assert_eq!(busy["call_id"], c_call.as_str(), "{busy}");
-    let (code, _) = c_proc.finish();
-    assert_eq!(code, Some(3), "nobody accepted C's call");
+    let c_call = second_call_told_busy(&c, &relay, "side", &mut bot, &b_npub);
 
     // The bot's call with A was not disturbed: it ends when A leaves, heard both ways.
     let (_, ended) = bot.wait_json(true, Duration::from_secs(30), "call_ended", |v| {
@@ -524,39 +538,8 @@ async fn a_listener_in_a_call_answers_busy_to_a_second_call_in_the_same_group() 
     let a_call = answered["call_id"].as_str().unwrap().to_string();
 
     // C starts a second call in the same group meanwhile: told busy at once.
-    let mut c_proc = Proc::spawn(
-        c.command()
-            .args(["join", "desk", "--new", "--ring-timeout", "6"])
-            .args(["--source", "silence", "--sink", "null"])
-            .args(relay_flags(&relay)),
-    );
-    let (offered_at, started) = c_proc.wait_json(false, Duration::from_secs(20), "C's call", |v| {
-        event(v, "started")
-    });
-    let c_call = started["call_id"].as_str().unwrap().to_string();
+    let c_call = second_call_told_busy(&c, &relay, "desk", &mut bot, &b_npub);
     assert_ne!(c_call, a_call);
-    let (told_at, said) = c_proc.wait_json(false, Duration::from_secs(10), "C told busy", |v| {
-        event(v, "peer_declined") && v["npub"] == b_npub.as_str()
-    });
-    println!(
-        "C's offer out → busy from the listener in a call of the same group: {:.0} ms",
-        told_at.duration_since(offered_at).as_secs_f64() * 1000.0
-    );
-    assert_eq!(said["status"], "busy", "{said}");
-    assert_eq!(said["reason"], "in another call", "{said}");
-    let (_, missed) = bot.wait_json(true, Duration::from_secs(5), "missed in_call", |v| {
-        event(v, "missed")
-    });
-    assert_eq!(missed["reason"], "in_call", "{missed}");
-    assert_eq!(missed["group"], "desk", "{missed}");
-    assert_eq!(missed["call_id"], c_call.as_str(), "{missed}");
-    let (_, busy) = bot.wait_json(true, Duration::from_secs(5), "answered busy", |v| {
-        event(v, "answered")
-    });
-    assert_eq!(busy["status"], "busy", "{busy}");
-    assert_eq!(busy["call_id"], c_call.as_str(), "{busy}");
-    let (code, _) = c_proc.finish();
-    assert_eq!(code, Some(3), "nobody accepted C's call");
 
     // The bot's call with A was not disturbed.
     let (_, ended) = bot.wait_json(true, Duration::from_secs(30), "call_ended", |v| {
