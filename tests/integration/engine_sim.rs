@@ -259,6 +259,8 @@ impl Sim {
                     }
                 }
                 Output::Play(pcm) => self.nodes[i].played.extend_from_slice(&pcm),
+                // A timer's sink: nothing to play sooner (and the rule is the frame one).
+                Output::Trim(_) => {}
                 Output::Event(e) => self.nodes[i].events.push((self.now, e)),
                 Output::Ended(reason) => {
                     // The driver ends its subscriptions with the call.
