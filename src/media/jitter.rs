@@ -150,9 +150,11 @@ const SETTLE_WINDOW: Duration = Duration::from_secs(1);
 /// higher percentile than the frame rule's, because that rule adds a whole frame on top.
 pub const SLACK_PERCENTILE: f64 = 0.99;
 /// Under [`PlayoutRule::Slack`], the least slack kept over the late edge: the device pulls
-/// at its own period, a little early or late against the frame grid, and the driver needs
-/// a moment to answer.
-pub const SLACK_MARGIN: Duration = Duration::from_millis(2);
+/// at its own period, a little early or late against the frame grid (a few ms through
+/// PulseAudio), the driver needs a moment to answer, and the edge itself moves as arrivals
+/// come and go; with less, a window's frames dip below the edge and a frame is stretched in
+/// only to be shed a second later.
+pub const SLACK_MARGIN: Duration = Duration::from_millis(4);
 /// After a frame came late, the slack rule sheds nothing for this long (the arrival window
 /// is as long at 20 ms frames): the room the late frame made stays while the path shows
 /// such delays, instead of being shed a second later and lost to the next one.
@@ -576,14 +578,14 @@ mod tests {
             // After the first seconds of settling.
             let (f, s) = (mean(&frames_slack[200..]), mean(&slack_slack[200..]));
             assert!(f >= 20.0, "phase {phase}: frame rule {f:.1} ms");
-            assert!(s < 20.0 + 2.0, "phase {phase}: slack rule {s:.1} ms");
+            assert!(s < 20.0 + 4.0, "phase {phase}: slack rule {s:.1} ms");
             assert!(s + 10.0 < f, "phase {phase}: {s:.1} vs {f:.1} ms");
             for jb in [&frames_jb, &slack_jb] {
                 let st = jb.stats();
                 assert_eq!((st.concealed, st.late), (0, 0), "phase {phase}: {st:?}");
             }
             let headroom = slack_jb.stats().headroom_ms.unwrap();
-            assert!((2.0..22.0).contains(&headroom), "{headroom}");
+            assert!((3.9..24.0).contains(&headroom), "{headroom}");
         }
     }
 
@@ -601,8 +603,8 @@ mod tests {
             if (20..25).contains(&i) {
                 continue;
             }
-            if let Playout::Frame { seq, .. } = jb.pop(now + ms(3)) {
-                slack.push((i - seq) * 20 + 3);
+            if let Playout::Frame { seq, .. } = jb.pop(now + ms(5)) {
+                slack.push((i - seq) * 20 + 5);
             }
         }
         let s = jb.stats();
@@ -637,9 +639,9 @@ mod tests {
             }
         }
         assert_eq!(offers.len(), 1, "{offers:?}");
-        assert!((ms(14)..=ms(15)).contains(&offers[0]), "{offers:?}");
+        assert!((ms(12)..=ms(13)).contains(&offers[0]), "{offers:?}");
         let last = *slack.last().unwrap();
-        assert!((1.5..3.0).contains(&last), "{last} ms");
+        assert!((3.5..5.0).contains(&last), "{last} ms");
         let s = jb.stats();
         assert_eq!((s.concealed, s.late, s.stretched), (0, 0, 0), "{s:?}");
     }
