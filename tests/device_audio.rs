@@ -118,7 +118,7 @@ impl PulseAudio {
             .is_ok_and(|s| s.success())
     }
 
-    fn command(&self, program: &str) -> Command {
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new(program);
         c.envs(self.env())
             .stdout(Stdio::null())
@@ -220,6 +220,13 @@ fn best_lag(reference: &[f64], recording: &[f64]) -> (usize, f64) {
     best
 }
 
+/// The `call` binary measured: this build's, or `CALL_DEVICE_BENCH_BIN` (another build's,
+/// to compare two versions on the same daemon and machine state).
+fn call_binary() -> std::ffi::OsString {
+    std::env::var_os("CALL_DEVICE_BENCH_BIN")
+        .unwrap_or_else(|| std::ffi::OsString::from(env!("CARGO_BIN_EXE_call")))
+}
+
 /// What one measurement found.
 #[derive(Debug)]
 struct Measured {
@@ -251,7 +258,7 @@ fn measure(pa: &PulseAudio, frame_ms: u32, through_call: bool, seconds: u64) -> 
     let recording_from = Instant::now();
     let mut path: Vec<Child> = if through_call {
         vec![pa
-            .command(env!("CARGO_BIN_EXE_call"))
+            .command(call_binary())
             .args([
                 "loopback", "--source", "device", "--sink", "device", "--json",
             ])
@@ -321,6 +328,38 @@ fn mouth_to_ear(m: &Measured) -> String {
         .map_or_else(|| "-".into(), |v| v.to_string())
 }
 
+/// Where the call's part goes, per frame (p50s, ms) and per device, from its report.
+fn stages(m: &Measured) -> String {
+    let Some(r) = &m.report else {
+        return "-".into();
+    };
+    let num = |v: &serde_json::Value| {
+        v.as_f64()
+            .map_or_else(|| "-".to_string(), |x| format!("{x:.1}"))
+    };
+    let p50 = |v: &serde_json::Value| num(&v["p50"]);
+    let st = &r["stages_ms"];
+    let a = &r["audio"];
+    format!(
+        "capture→encoder {}, jitter buffer {} (headroom {}), playout→played {}; \
+         capture device {}, playback device {}, queue {}, pull wait {}, missed pulls {}, \
+         underrun samples {}, periods {}/{}; jitter {}",
+        p50(&st["capture_to_encode"]),
+        p50(&st["arrival_to_playout"]),
+        num(&r["jitter"]["headroom_ms"]),
+        p50(&st["playout_to_play"]),
+        num(&a["capture_device_delay_ms"]),
+        num(&a["playback_device_delay_ms"]),
+        num(&a["playback_queue_ms"]),
+        num(&a["playback_pull_wait_ms"]),
+        a["playback_missed_pulls"],
+        a["playback_underrun_samples"],
+        a["capture"]["buffer_frames"],
+        a["playback"]["buffer_frames"],
+        r["jitter"],
+    )
+}
+
 #[test]
 fn a_signal_goes_through_call_loopback_on_a_real_clocked_device() {
     let pa = match PulseAudio::start() {
@@ -334,13 +373,14 @@ fn a_signal_goes_through_call_loopback_on_a_real_clocked_device() {
     let call = measure(&pa, 20, true, 5);
     println!(
         "pass-through: {:.0} ms (correlation {:.2}); call loopback: {:.0} ms (correlation {:.2}), \
-         {:.0} ms over the pass-through; mouth-to-ear from device timestamps {}",
+         {:.0} ms over the pass-through; mouth-to-ear from device timestamps {}; {}",
         baseline.delay_ms,
         baseline.correlation,
         call.delay_ms,
         call.correlation,
         call.delay_ms - baseline.delay_ms,
-        mouth_to_ear(&call)
+        mouth_to_ear(&call),
+        stages(&call)
     );
     assert!(
         baseline.correlation > 0.8,
@@ -358,11 +398,21 @@ fn a_signal_goes_through_call_loopback_on_a_real_clocked_device() {
         report["mouth_to_ear_ms"]["p50"].as_f64().is_some(),
         "{report}"
     );
+    // A device sink takes each slot when the sound card needs it, and the jitter buffer
+    // judges by slack; every stage of the frames' way was timed.
+    assert_eq!(report["playout_rule"], "slack", "{report}");
+    for stage in ["capture_to_encode", "arrival_to_playout", "playout_to_play"] {
+        assert!(
+            report["stages_ms"][stage]["count"].as_u64().unwrap_or(0) >= 100,
+            "{stage}: {report}"
+        );
+    }
 }
 
 /// The device benchmark (not a test of speed: it only reports). Five runs each at 20 and
 /// 10 ms frames against the pass-through, then one long run (CALL_DEVICE_BENCH_SECONDS,
-/// default 600) whose mouth-to-ear spread shows any creep.
+/// default 600; 0 skips it) whose mouth-to-ear spread shows any creep.
+/// `CALL_DEVICE_BENCH_BIN` measures another `call` binary (e.g. the previous version's).
 #[test]
 #[ignore = "benchmark: scripts/device-bench.sh"]
 fn device_to_device_benchmark() {
@@ -374,12 +424,13 @@ fn device_to_device_benchmark() {
             let call = measure(&pa, frame_ms, true, 5);
             println!(
                 "{frame_ms} ms frames, run {run}: pass-through {:.0} ms, call {:.0} ms \
-                 (correlation {:.2}), over {:.0} ms; mouth-to-ear {}",
+                 (correlation {:.2}), over {:.0} ms; mouth-to-ear {}; {}",
                 baseline.delay_ms,
                 call.delay_ms,
                 call.correlation,
                 call.delay_ms - baseline.delay_ms,
-                mouth_to_ear(&call)
+                mouth_to_ear(&call),
+                stages(&call)
             );
             over.push(call.delay_ms - baseline.delay_ms);
         }
@@ -393,10 +444,15 @@ fn device_to_device_benchmark() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(600);
+    if seconds == 0 {
+        println!("long run skipped (CALL_DEVICE_BENCH_SECONDS=0)");
+        return;
+    }
     let long = measure(&pa, 20, true, seconds);
     let m2e = &long.report.as_ref().unwrap()["mouth_to_ear_ms"];
     println!(
-        "{seconds} s run at 20 ms frames: mouth-to-ear {m2e}; p99 - p50 = {:.1} ms",
-        m2e["p99"].as_f64().unwrap_or(f64::NAN) - m2e["p50"].as_f64().unwrap_or(f64::NAN)
+        "{seconds} s run at 20 ms frames: mouth-to-ear {m2e}; p99 - p50 = {:.1} ms; {}",
+        m2e["p99"].as_f64().unwrap_or(f64::NAN) - m2e["p50"].as_f64().unwrap_or(f64::NAN),
+        stages(&long)
     );
 }

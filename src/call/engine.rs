@@ -20,7 +20,7 @@ use super::signaling::{
 };
 use super::timing::{ms, ms_between, FrameRecords, LatencySummary, Samples};
 use crate::media::io::AudioIoReport;
-use crate::media::jitter::JitterStats;
+use crate::media::jitter::{JitterStats, PlayoutRule};
 use crate::media::keyring::{CounterStore, RejectCounts, SenderKeyring};
 use crate::media::keys::{CallSecret, KidLayout, MediaType};
 use crate::media::opus::CodecConfig;
@@ -369,6 +369,10 @@ pub enum Output {
     Rumor(EventBuilder),
     /// One frame of mixed PCM for the sink (answer to [`Input::PlayoutDue`]).
     Play(Vec<i16>),
+    /// Every stream could play this much (less than a frame) sooner and keep its margin:
+    /// a sink clocked by a device plays that much less of what it holds (one seam); a
+    /// timer's sink ignores it. Only comes under [`PlayoutRule::Slack`].
+    Trim(Duration),
     Event(CallEvent),
     /// The call is over for us; everything to send was output before this.
     Ended(EndReason),
@@ -388,6 +392,9 @@ struct Peer {
     /// Sequence of the last decoded (or FEC-recovered) slot.
     last_decoded: Option<u64>,
     receive_to_play: Samples,
+    /// What its jitter buffer last said it has to spare (under the slack rule), until the
+    /// sink acts on it.
+    spare: Option<Duration>,
     present: bool,
     /// The last frame that arrived (or when we subscribed).
     last_heard: Instant,
@@ -510,6 +517,9 @@ pub struct CallEngine {
     first_audio_at: Option<Instant>,
     records: Option<FrameRecords>,
     mix: Vec<i32>,
+    /// How every peer's jitter buffer keeps its playout point (see
+    /// [`CallEngine::set_playout_rule`]).
+    playout_rule: PlayoutRule,
     outputs: VecDeque<Output>,
     ended: Option<EndReason>,
 }
@@ -577,6 +587,7 @@ impl CallEngine {
             first_audio_at: None,
             records: cfg.record_frames.then(FrameRecords::default),
             mix: vec![0; codec.samples_per_frame()],
+            playout_rule: PlayoutRule::default(),
             outputs: VecDeque::new(),
             ended: None,
             offer: cfg.offer,
@@ -609,6 +620,17 @@ impl CallEngine {
 
     pub fn codec(&self) -> CodecConfig {
         self.codec
+    }
+
+    /// Tells the engine how its sink takes audio: [`PlayoutRule::Slack`] when a sound card
+    /// asks for each slot as it needs it, so the jitter buffers may run with less than a
+    /// frame of slack; [`PlayoutRule::Frames`] (the default) for a timer's ticks. Applies
+    /// to the peers there are and to those that come.
+    pub fn set_playout_rule(&mut self, rule: PlayoutRule) {
+        self.playout_rule = rule;
+        for peer in self.peers.values_mut() {
+            peer.inbound.set_playout_rule(rule);
+        }
     }
 
     pub fn epoch(&self) -> u64 {
@@ -790,6 +812,7 @@ impl CallEngine {
         }
         let mut inbound =
             Inbound::new(self.codec, self.layout, track.leaf_index).map_err(PipelineError::from)?;
+        inbound.set_playout_rule(self.playout_rule);
         inbound
             .install_epoch(self.epoch, &self.secret, now)
             .map_err(PipelineError::from)?;
@@ -812,6 +835,7 @@ impl CallEngine {
                 heard_before: Vec::new(),
                 last_decoded: None,
                 receive_to_play: Samples::default(),
+                spare: None,
                 present: true,
                 last_heard: now,
                 lost: false,
@@ -872,6 +896,7 @@ impl CallEngine {
     /// Mixes one slot of every peer for the sink.
     fn play(&mut self, now: Instant, play_at: Instant) {
         self.mix.iter_mut().for_each(|m| *m = 0);
+        let (mut playing, mut all_spare, mut least_spare) = (0usize, true, None);
         for (name, peer) in &mut self.peers {
             let Some(slot) = peer.inbound.next(now) else {
                 continue;
@@ -908,9 +933,25 @@ impl CallEngine {
                     r.played(*name, seq, play_at);
                 }
             }
+            if let Some(s) = peer.inbound.take_spare() {
+                peer.spare = Some(s);
+            }
+            playing += 1;
+            match peer.spare {
+                Some(s) => least_spare = Some(least_spare.map_or(s, |l: Duration| l.min(s))),
+                None => all_spare = false,
+            }
         }
         let pcm = self.mix.iter().map(|&m| soft_limit(m)).collect();
         self.outputs.push_back(Output::Play(pcm));
+        // Every stream that plays could play sooner: the sink plays the least of that less
+        // of what it holds, and all of them then play that much sooner.
+        if let (true, true, Some(by)) = (playing > 0, all_spare, least_spare) {
+            for peer in self.peers.values_mut() {
+                peer.spare = None;
+            }
+            self.outputs.push_back(Output::Trim(by));
+        }
     }
 
     fn owns(&self, sender: &PublicKey, t: &TrackRef) -> bool {

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::timing::{ms_between, LatencySummary, Samples};
 use super::CallError;
 use crate::media::io::{AudioEvent, AudioIo, AudioIoReport};
-use crate::media::jitter::JitterStats;
+use crate::media::jitter::{JitterStats, PlayoutRule};
 use crate::media::keyring::{RejectCounts, SenderKeyring};
 use crate::media::keys::{CallSecret, KidLayout, MediaType};
 use crate::media::opus::CodecConfig;
@@ -57,8 +57,28 @@ pub struct LoopbackReport {
     /// First sample captured (device timestamp, or the tick) → that sample played (device
     /// timestamp, or the tick).
     pub mouth_to_ear_ms: Option<LatencySummary>,
+    /// Where mouth-to-ear goes, per frame.
+    pub stages_ms: LoopbackStages,
+    /// How the jitter buffer kept its playout point: `slack` on a device sink, `frames`
+    /// on a timer.
+    pub playout_rule: PlayoutRule,
     /// How the devices were opened and behaved.
     pub audio: AudioIoReport,
+}
+
+/// The parts of each frame's mouth-to-ear, in ms (they add up to it, but for the
+/// microseconds of encryption).
+#[derive(Debug, Clone, Serialize)]
+pub struct LoopbackStages {
+    /// First sample captured → the frame handed to the encoder: the frame's own length,
+    /// what the capture device and sound server hold, and our wait for the frame.
+    pub capture_to_encode: Option<LatencySummary>,
+    /// Arrival (here: right after encryption) → taken from the jitter buffer for playout:
+    /// its slack.
+    pub arrival_to_playout: Option<LatencySummary>,
+    /// Taken for playout → its first sample played: our playback queue, the playback
+    /// device and sound server.
+    pub playout_to_play: Option<LatencySummary>,
 }
 
 pub async fn run(cfg: &LoopbackConfig) -> Result<LoopbackReport, CallError> {
@@ -73,6 +93,8 @@ pub async fn run(cfg: &LoopbackConfig) -> Result<LoopbackReport, CallError> {
         .map_err(crate::media::pipeline::PipelineError::from)?;
     let mut outbound = Outbound::new(cfg.codec, keys)?;
     let mut inbound = Inbound::new(cfg.codec, layout, 0)?;
+    let playout_rule = io.playout_rule();
+    inbound.set_playout_rule(playout_rule);
     inbound.install_epoch(0, &secret, Instant::now())?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let silence = vec![0i16; io.frame_samples()];
@@ -81,6 +103,8 @@ pub async fn run(cfg: &LoopbackConfig) -> Result<LoopbackReport, CallError> {
     let mut captured_at: BTreeMap<u64, Instant> = BTreeMap::new();
     let mut heard: VecDeque<i16> = VecDeque::new();
     let mut mouth_to_ear = Samples::default();
+    let (mut capture_to_encode, mut arrival_to_playout, mut playout_to_play) =
+        (Samples::default(), Samples::default(), Samples::default());
     let (mut lost, mut played) = (0, 0);
     let mut last_played_seq: Option<u64> = None;
     let mut slots_since_last_send = 0u64;
@@ -90,6 +114,7 @@ pub async fn run(cfg: &LoopbackConfig) -> Result<LoopbackReport, CallError> {
         match io.next().await? {
             AudioEvent::Captured(f) if sending => {
                 let started = Instant::now();
+                capture_to_encode.push(ms_between(f.captured_at, started));
                 let frame = outbound.encode(&f.pcm)?;
                 if rng.gen_bool(cfg.loss.clamp(0.0, 1.0)) {
                     lost += 1;
@@ -118,6 +143,10 @@ pub async fn run(cfg: &LoopbackConfig) -> Result<LoopbackReport, CallError> {
                     match s.kind {
                         SlotKind::Decoded { seq } => {
                             played += 1;
+                            if let Some(arrived) = s.arrived_at {
+                                arrival_to_playout.push(ms_between(arrived, started));
+                            }
+                            playout_to_play.push(ms_between(started, play_at));
                             last_played_seq = Some(seq);
                             if let Some(at) = captured_at.remove(&seq) {
                                 mouth_to_ear.push(ms_between(at, play_at));
@@ -128,6 +157,10 @@ pub async fn run(cfg: &LoopbackConfig) -> Result<LoopbackReport, CallError> {
                         }
                         SlotKind::Stretch => {}
                     }
+                }
+                // The slot is done with: the stream could play sooner (a device sink).
+                if let Some(by) = inbound.take_spare() {
+                    io.trim(by);
                 }
                 busy += started.elapsed();
                 if !sending {
@@ -153,6 +186,12 @@ pub async fn run(cfg: &LoopbackConfig) -> Result<LoopbackReport, CallError> {
         jitter: inbound.jitter(),
         pipeline_us_per_frame: busy.as_secs_f64() * 1e6 / outbound.sent().max(1) as f64,
         mouth_to_ear_ms: mouth_to_ear.summary(),
+        stages_ms: LoopbackStages {
+            capture_to_encode: capture_to_encode.summary(),
+            arrival_to_playout: arrival_to_playout.summary(),
+            playout_to_play: playout_to_play.summary(),
+        },
+        playout_rule,
         audio,
     })
 }

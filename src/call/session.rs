@@ -467,6 +467,7 @@ async fn media_loop(
                     let _ = to_control.send(MediaMessage::Rumor(r));
                 }
                 Output::Play(pcm) => audio.play(&pcm)?,
+                Output::Trim(by) => audio.trim(by),
                 Output::Event(e) => {
                     let _ = to_control.send(MediaMessage::Event(e));
                 }
@@ -732,7 +733,7 @@ pub async fn run_session<S: MdkStorageProvider>(
 
     let frame_ms = offer.frame_ms;
     let call_id = offer.call_id;
-    let engine = CallEngine::new(
+    let mut engine = CallEngine::new(
         EngineConfig {
             offer,
             me: me.clone(),
@@ -752,6 +753,7 @@ pub async fn run_session<S: MdkStorageProvider>(
         Instant::now(),
     )?;
     let audio = AudioIo::new(input, output, frame_ms);
+    engine.set_playout_rule(audio.playout_rule());
 
     let (to_media, from_control) = mpsc::channel(CONTROL_QUEUE);
     let (to_control, mut from_media) = mpsc::unbounded_channel();

@@ -90,6 +90,17 @@ pub async fn run(args: LoopbackArgs) -> anyhow::Result<u8> {
                 m.p50, m.p95, m.p99, m.count
             )?;
         }
+        let st = &report.stages_ms;
+        let p50 = |s: Option<crate::call::timing::LatencySummary>| {
+            s.map_or_else(|| "-".into(), |s| format!("{:.1}", s.p50))
+        };
+        writeln!(
+            out,
+            "of which (p50, ms): capture → encoder {}, jitter buffer {}, playout → played {}",
+            p50(st.capture_to_encode),
+            p50(st.arrival_to_playout),
+            p50(st.playout_to_play)
+        )?;
         for (what, dev) in [
             ("capture", &report.audio.capture),
             ("playback", &report.audio.playback),

@@ -776,41 +776,114 @@ impl DeviceCapture {
 /// Between the playback callback and the call.
 struct PlaybackShared {
     state: Mutex<PlaybackState>,
+    /// Signalled when the call has queued audio (a callback may be waiting for it).
+    filled: std::sync::Condvar,
     /// From a callback to when its first sample is played (device, driver, sound server).
     lead: DelayMeter,
     /// Our own queue, in device samples' time, as each callback found it.
     queued: DelayMeter,
-    /// Woken when the device's queue falls below its low-water mark.
+    /// How long callbacks that had to ask for audio waited for it.
+    pull_wait: DelayMeter,
+    /// Woken when a callback needs audio.
     want: tokio::sync::Notify,
 }
 
 struct PlaybackState {
     queue: VecDeque<f32>,
-    /// When the sample at the head of the queue will be played (after the last callback).
+    /// When the sample at the head of the queue will be played: during a callback, that
+    /// callback's first sample; after it, the sample after its last.
     head_play_at: Option<Instant>,
-    /// The call is asked for audio while fewer than this many device samples are queued
-    /// (or than the largest callback seen, plus a millisecond).
-    low_water: usize,
+    /// A callback is waiting for this many device samples to be queued.
+    waiting: Option<usize>,
+    /// The call has written at least once (until then a callback does not wait for it).
+    fed: bool,
     /// The most device samples one callback took.
     callback_frames: usize,
+    /// Until then the call is asked one device period ahead rather than on demand, since
+    /// a callback waited for it in vain (a busy machine); see [`PULL_AHEAD_FOR`].
+    ahead_until: Option<Instant>,
+    ahead_for: Duration,
     /// More than this many queued device samples and the oldest are dropped.
     cap: usize,
     underrun_samples: u64,
     dropped_samples: u64,
+    /// Callbacks whose wait for the call ran out (they played silence for the rest).
+    missed_pulls: u64,
+    /// Device samples still to be left unplayed from what the call writes next (a trim
+    /// asked for more than was queued).
+    trim_debt: usize,
+    trims: u64,
+    trimmed_samples: u64,
 }
 
-impl PlaybackState {
-    fn low_mark(&self, rate: u32) -> usize {
-        self.low_water
-            .max(self.callback_frames + rate as usize / 1000)
-            .min(self.cap)
+/// How long a callback waits at most for the call to decode what it needs, as a share of
+/// the device period (the device still holds about one period then, so waiting half of it
+/// cannot starve the device), and never more than [`MAX_PULL_WAIT`].
+const PULL_WAIT_SHARE: f64 = 0.5;
+const MAX_PULL_WAIT: Duration = Duration::from_millis(5);
+/// After a callback waited in vain, the call is asked a period ahead for this long, twice
+/// as long after each further miss (up to [`MAX_PULL_AHEAD_FOR`]): a machine too busy to
+/// answer within the wait gets the old margin back instead of a gap every few periods.
+const PULL_AHEAD_FOR: Duration = Duration::from_secs(10);
+const MAX_PULL_AHEAD_FOR: Duration = Duration::from_secs(300);
+
+impl PlaybackShared {
+    fn new(cap: usize) -> Self {
+        Self {
+            state: Mutex::new(PlaybackState {
+                queue: VecDeque::new(),
+                head_play_at: None,
+                waiting: None,
+                fed: false,
+                callback_frames: 0,
+                ahead_until: None,
+                ahead_for: PULL_AHEAD_FOR,
+                cap,
+                underrun_samples: 0,
+                dropped_samples: 0,
+                missed_pulls: 0,
+                trim_debt: 0,
+                trims: 0,
+                trimmed_samples: 0,
+            }),
+            filled: std::sync::Condvar::new(),
+            want: tokio::sync::Notify::new(),
+            lead: DelayMeter::default(),
+            queued: DelayMeter::default(),
+            pull_wait: DelayMeter::default(),
+        }
     }
 }
 
-/// Speaker playback, clocked by the device: the device's callback asks for audio (through
-/// [`Self::wants`] / [`Self::demand`]) when less than about one frame plus one device
-/// period is queued, so what waits between the call and the sound card stays about one
-/// frame long and the device's clock, not a timer, paces playout.
+impl PlaybackState {
+    /// Leaves the oldest queued samples unplayed, up to the trim still owed.
+    fn pay_trim_debt(&mut self) {
+        let n = self.trim_debt.min(self.queue.len());
+        self.queue.drain(..n);
+        self.trim_debt -= n;
+        self.trimmed_samples += n as u64;
+    }
+
+    /// Device samples that must be queued before the call is left alone.
+    fn need(&self, now: Instant, rate: u32) -> usize {
+        if let Some(n) = self.waiting {
+            return n;
+        }
+        let ahead = self.ahead_until.is_some_and(|t| now < t);
+        if !self.fed || ahead {
+            // What the next callback takes, and a millisecond.
+            return self.callback_frames + rate as usize / 1000;
+        }
+        0
+    }
+}
+
+/// Speaker playback, clocked by the device and fed on demand: when a callback finds less
+/// queued than it must play, it asks the call for audio (through [`Self::wants`] /
+/// [`Self::demand`]) and waits a little for it, so a slot is taken from the jitter buffer
+/// and decoded the moment the sound card needs it, not a period ahead; what waits between
+/// the call and the sound card is the rest of the last decoded frame (half a frame on
+/// average). The device's clock, not a timer, paces playout.
 pub struct DevicePlayback {
     shared: Arc<PlaybackShared>,
     resampler: StreamResampler,
@@ -822,64 +895,101 @@ pub struct DevicePlayback {
     _stream: StreamThread,
 }
 
+/// The playback callback's work: takes what the call queued, asking for more (and waiting
+/// up to `max_wait`) when it is short.
+fn play_callback(
+    shared: &PlaybackShared,
+    data: &mut [f32],
+    ch: usize,
+    rate: u32,
+    lead: Duration,
+    max_wait: Duration,
+) {
+    let now = Instant::now();
+    let Ok(mut st) = shared.state.lock() else {
+        data.fill(0.0);
+        return;
+    };
+    let frames = data.len() / ch;
+    shared.lead.add(lead);
+    shared.queued.add(duration_of(st.queue.len(), rate));
+    st.head_play_at = Some(now + lead);
+    st.callback_frames = st.callback_frames.max(frames);
+    // A device that runs with a larger buffer than asked for must still be able to queue
+    // what one callback takes and a frame more.
+    st.cap = st.cap.max(2 * frames + rate as usize / 50);
+    if st.queue.len() < frames {
+        shared.want.notify_one();
+        if st.fed {
+            st.waiting = Some(frames);
+            let deadline = now + max_wait;
+            while st.queue.len() < frames {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                st = match shared.filled.wait_timeout(st, left) {
+                    Ok((g, _)) => g,
+                    Err(_) => {
+                        data.fill(0.0);
+                        return;
+                    }
+                };
+            }
+            st.waiting = None;
+            shared.pull_wait.add(now.elapsed());
+            if st.queue.len() < frames {
+                st.missed_pulls += 1;
+                st.ahead_until = Some(now + st.ahead_for);
+                st.ahead_for = (st.ahead_for * 2).min(MAX_PULL_AHEAD_FOR);
+            }
+        }
+    }
+    for frame in data.chunks_mut(ch) {
+        let v = match st.queue.pop_front() {
+            Some(v) => v,
+            None => {
+                st.underrun_samples += 1;
+                0.0
+            }
+        };
+        frame.fill(v);
+    }
+    st.head_play_at = Some(now + lead + duration_of(frames, rate));
+    let low = st.queue.len() < st.need(now, rate);
+    drop(st);
+    if low {
+        shared.want.notify_one();
+    }
+}
+
 impl DevicePlayback {
     pub fn open(name: Option<&str>) -> Result<Self, AudioError> {
         let (device, config) = open_device(false, name)?;
         let rate = config.sample_rate();
         let channels = config.channels();
         let per_frame = rate as usize / 50;
-        let shared = Arc::new(PlaybackShared {
-            state: Mutex::new(PlaybackState {
-                queue: VecDeque::new(),
-                head_play_at: None,
-                low_water: per_frame * 2,
-                callback_frames: 0,
-                cap: per_frame * 4,
-                underrun_samples: 0,
-                dropped_samples: 0,
-            }),
-            want: tokio::sync::Notify::new(),
-            lead: DelayMeter::default(),
-            queued: DelayMeter::default(),
-        });
+        let shared = Arc::new(PlaybackShared::new(per_frame * 4));
         let label = device_id(&device);
         let cb_shared = shared.clone();
         let ch = usize::from(channels).max(1);
         let (stream, buffer_frames) = spawn_stream(move || {
             build_with_fallback(&config, |c, errors| {
                 let shared = cb_shared.clone();
+                let period = match c.buffer_size {
+                    cpal::BufferSize::Fixed(n) => duration_of(n as usize, rate),
+                    cpal::BufferSize::Default => Duration::from_millis(20),
+                };
+                let max_wait = period.mul_f64(PULL_WAIT_SHARE).min(MAX_PULL_WAIT);
                 device.build_output_stream::<f32, _, _>(
                     c,
                     move |data: &mut [f32], info: &cpal::OutputCallbackInfo| {
-                        let now = Instant::now();
                         let ts = info.timestamp();
                         let lead = ts
                             .playback
                             .checked_duration_since(ts.callback)
                             .unwrap_or_default();
-                        let Ok(mut st) = shared.state.lock() else {
-                            return;
-                        };
-                        let frames = data.len() / ch;
-                        shared.lead.add(lead);
-                        shared.queued.add(duration_of(st.queue.len(), rate));
-                        for frame in data.chunks_mut(ch) {
-                            let v = match st.queue.pop_front() {
-                                Some(v) => v,
-                                None => {
-                                    st.underrun_samples += 1;
-                                    0.0
-                                }
-                            };
-                            frame.fill(v);
-                        }
-                        st.head_play_at = Some(now + lead + duration_of(frames, rate));
-                        st.callback_frames = st.callback_frames.max(frames);
-                        let low = st.queue.len() < st.low_mark(rate);
-                        drop(st);
-                        if low {
-                            shared.want.notify_one();
-                        }
+                        play_callback(&shared, data, ch, rate, lead, max_wait);
                     },
                     error_counter("playback", errors),
                     None,
@@ -906,26 +1016,25 @@ impl DevicePlayback {
         Ok(this)
     }
 
-    /// Samples (at 48 kHz) per frame the call writes. The call is asked for another frame
-    /// while less than one device period (plus a millisecond) is queued: the next callback
-    /// then finds what it needs, and what waits averages about half a frame more than that.
+    /// Samples (at 48 kHz) per frame the call writes; bounds the queue to about two
+    /// frames and periods.
     pub fn set_frame_samples(&self, n: usize) {
         let per_frame = n * self.rate as usize / SAMPLE_RATE as usize;
         let margin = self.rate as usize / 1000;
         if let Ok(mut st) = self.shared.state.lock() {
-            st.low_water = self.period + margin;
             st.cap = 2 * (per_frame + self.period + margin);
         }
     }
 
     /// When the device wants another frame: the time that frame's first sample will be
-    /// played, or `None` while enough is queued.
+    /// played, or `None` while it has what it needs.
     pub fn wants(&self) -> Option<Instant> {
+        let now = Instant::now();
         let st = self.shared.state.lock().ok()?;
-        if st.queue.len() >= st.low_mark(self.rate) {
+        if st.queue.len() >= st.need(now, self.rate) {
             return None;
         }
-        let head = st.head_play_at.unwrap_or_else(Instant::now);
+        let head = st.head_play_at.unwrap_or(now);
         Some(head + duration_of(st.queue.len(), self.rate))
     }
 
@@ -947,23 +1056,53 @@ impl DevicePlayback {
             .state
             .lock()
             .map_err(|_| AudioError::Device("playback queue poisoned".into()))?;
+        st.fed = true;
         st.queue.extend(
             self.converted[..n]
                 .iter()
                 .map(|&s| f32::from(s) / f32::from(i16::MAX)),
         );
+        st.pay_trim_debt();
         // Bounded: if the call ever writes faster than the device plays, drop the oldest.
         let excess = st.queue.len().saturating_sub(st.cap);
         if excess > 0 {
             st.queue.drain(..excess);
             st.dropped_samples += excess as u64;
         }
+        drop(st);
+        self.shared.filled.notify_all();
         Ok(())
+    }
+
+    /// Plays `by` less of what is queued (the oldest; what the call writes next if less
+    /// is queued), so that everything after plays that much sooner.
+    pub fn trim(&mut self, by: Duration) {
+        let n = (by.as_secs_f64() * f64::from(self.rate)).round() as usize;
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.trims += 1;
+            st.trim_debt += n;
+            st.pay_trim_debt();
+        }
+    }
+
+    /// How many trims there were, and the audio they left unplayed, ms.
+    pub fn trimmed(&self) -> (u64, f64) {
+        self.shared.state.lock().map_or((0, 0.0), |st| {
+            (
+                st.trims,
+                st.trimmed_samples as f64 * 1e3 / f64::from(self.rate.max(1)),
+            )
+        })
     }
 
     /// Device samples played as silence because nothing was queued.
     pub fn underrun_samples(&self) -> u64 {
         self.shared.state.lock().map_or(0, |st| st.underrun_samples)
+    }
+
+    /// Callbacks that asked for audio and did not get it within their wait.
+    pub fn missed_pulls(&self) -> u64 {
+        self.shared.state.lock().map_or(0, |st| st.missed_pulls)
     }
 
     /// Mean time from a callback to its first sample being played (device, driver and
@@ -975,6 +1114,12 @@ impl DevicePlayback {
     /// Mean audio waiting in our queue when the device asked for more, in milliseconds.
     pub fn queued_ms(&self) -> Option<f64> {
         self.shared.queued.mean_ms()
+    }
+
+    /// Mean time a callback that found too little queued waited for the call to decode
+    /// it, in milliseconds.
+    pub fn pull_wait_ms(&self) -> Option<f64> {
+        self.shared.pull_wait.mean_ms()
     }
 
     pub fn setup(&self) -> &DeviceSetup {
@@ -1115,6 +1260,84 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("missing.wav"), "{err}");
+    }
+
+    /// Runs one playback callback of `frames` mono samples on its own thread.
+    fn callback(
+        shared: &Arc<PlaybackShared>,
+        frames: usize,
+        max_wait: Duration,
+    ) -> std::thread::JoinHandle<Vec<f32>> {
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            let mut data = vec![9.0; frames];
+            play_callback(&shared, &mut data, 1, 48_000, Duration::ZERO, max_wait);
+            data
+        })
+    }
+
+    #[test]
+    fn a_short_playback_callback_asks_for_a_frame_and_plays_it_when_it_comes() {
+        let shared = Arc::new(PlaybackShared::new(4800));
+        {
+            let mut st = shared.state.lock().unwrap();
+            st.fed = true;
+            st.queue.extend([0.5; 100]);
+        }
+        // Far longer than this test needs: the callback is woken by the frame, not this.
+        let cb = callback(&shared, 480, Duration::from_secs(30));
+        // The callback says what it needs; nothing was asked before it.
+        let asked = loop {
+            if let Some(n) = shared.state.lock().unwrap().waiting {
+                break n;
+            }
+            std::thread::yield_now();
+        };
+        assert_eq!(asked, 480);
+        {
+            let mut st = shared.state.lock().unwrap();
+            st.queue.extend([0.25; 960]);
+        }
+        shared.filled.notify_all();
+        let played = cb.join().unwrap();
+        // The rest of the last frame first, then the new one, with no gap.
+        assert!(played[..100].iter().all(|&v| v == 0.5));
+        assert!(played[100..].iter().all(|&v| v == 0.25));
+        let st = shared.state.lock().unwrap();
+        assert_eq!((st.underrun_samples, st.missed_pulls), (0, 0));
+        assert_eq!(st.queue.len(), 100 + 960 - 480);
+        assert!(st.waiting.is_none());
+        // Enough left for the next callback: the call is not asked again before it.
+        assert_eq!(st.need(Instant::now(), 48_000), 0);
+        assert!(shared.pull_wait.mean_ms().is_some());
+    }
+
+    #[test]
+    fn a_callback_whose_frame_does_not_come_plays_silence_and_asks_ahead_from_then() {
+        let shared = Arc::new(PlaybackShared::new(4800));
+        shared.state.lock().unwrap().fed = true;
+        let played = callback(&shared, 480, Duration::from_millis(1))
+            .join()
+            .unwrap();
+        assert!(played.iter().all(|&v| v == 0.0));
+        let st = shared.state.lock().unwrap();
+        assert_eq!((st.underrun_samples, st.missed_pulls), (480, 1));
+        // From now on the call is asked for the next callback's audio in advance.
+        assert_eq!(st.need(Instant::now(), 48_000), 480 + 48);
+        assert!(st.ahead_for > PULL_AHEAD_FOR);
+    }
+
+    #[test]
+    fn before_the_call_writes_a_callback_does_not_wait_for_it() {
+        let shared = Arc::new(PlaybackShared::new(4800));
+        let played = callback(&shared, 480, Duration::from_secs(30))
+            .join()
+            .unwrap();
+        assert!(played.iter().all(|&v| v == 0.0));
+        let st = shared.state.lock().unwrap();
+        assert_eq!(st.missed_pulls, 0);
+        // It asks for a first frame at once.
+        assert!(st.need(Instant::now(), 48_000) > 0);
     }
 
     #[test]

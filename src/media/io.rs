@@ -14,6 +14,7 @@ use super::audio::{
     AudioError, AudioSink, AudioSource, CapturedFrame, DeviceCapture, DevicePlayback, DeviceSetup,
     NullSink, Silence, WavSink, WavSource,
 };
+use super::jitter::PlayoutRule;
 use super::opus::SAMPLE_RATE;
 use super::tone::ToneSource;
 
@@ -144,6 +145,14 @@ pub struct AudioIoReport {
     pub capture_device_delay_ms: Option<f64>,
     pub playback_device_delay_ms: Option<f64>,
     pub playback_queue_ms: Option<f64>,
+    /// A playback callback that found too little queued asks the call for a frame and
+    /// waits for it (decode on demand): the mean wait, ms, and how many waits ran out.
+    pub playback_pull_wait_ms: Option<f64>,
+    pub playback_missed_pulls: u64,
+    /// Audio left unplayed so that playout runs sooner (the jitter buffer had it to spare):
+    /// how many times, and how much in all, ms.
+    pub playback_trims: u64,
+    pub playback_trimmed_ms: f64,
 }
 
 /// A source and a sink, each on its own clock, as one stream of events.
@@ -189,6 +198,16 @@ impl AudioIo {
     /// Samples per frame (48 kHz).
     pub fn frame_samples(&self) -> usize {
         self.spf
+    }
+
+    /// How the receivers' jitter buffers should keep their playout point for this sink: a
+    /// device asks for each slot the moment it needs it, so they can judge by each frame's
+    /// slack; a timer's ticks are coarser, so they keep whole frames.
+    pub fn playout_rule(&self) -> PlayoutRule {
+        match self.output {
+            AudioOut::Device(_) => PlayoutRule::Slack,
+            AudioOut::Timer(_) => PlayoutRule::Frames,
+        }
     }
 
     /// The next thing to hand to the engine. Cancel-safe: an event is taken from its
@@ -280,6 +299,15 @@ impl AudioIo {
         }
     }
 
+    /// Plays `by` less of what the sink holds, so what follows plays that much sooner (the
+    /// answer to a jitter buffer's spare, see [`super::jitter::JitterBuffer::take_spare`]).
+    /// A timer's sink has nothing queued: it ignores it.
+    pub fn trim(&mut self, by: Duration) {
+        if let AudioOut::Device(p) = &mut self.output {
+            p.trim(by);
+        }
+    }
+
     /// Flushes the sink (a WAV header) and tells how the devices did.
     pub fn finish(&mut self) -> Result<AudioIoReport, AudioError> {
         let mut report = AudioIoReport::default();
@@ -295,6 +323,9 @@ impl AudioIo {
                 report.playback_underrun_samples = p.underrun_samples();
                 report.playback_device_delay_ms = p.device_delay_ms();
                 report.playback_queue_ms = p.queued_ms();
+                report.playback_pull_wait_ms = p.pull_wait_ms();
+                report.playback_missed_pulls = p.missed_pulls();
+                (report.playback_trims, report.playback_trimmed_ms) = p.trimmed();
             }
         }
         Ok(report)

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::jitter::JitterStats;
+use super::jitter::{JitterStats, PlayoutRule};
 use super::keyring::{Received, ReceiverKeyring, Reject, RejectCounts, SendError, SenderKeyring};
 use super::keys::{CallSecret, KidLayout, MediaType};
 use super::opus::{CodecConfig, CodecError, OpusEncoder};
@@ -267,6 +267,19 @@ impl Inbound {
 
     pub fn jitter(&self) -> JitterStats {
         self.player.stats()
+    }
+
+    /// [`PlayoutRule::Slack`] when the sink takes a slot the moment the sound card needs
+    /// it (a device sink), [`PlayoutRule::Frames`] (the default) for a timer's ticks.
+    pub fn set_playout_rule(&mut self, rule: PlayoutRule) {
+        self.player.set_rule(rule);
+    }
+
+    /// Once per settling window under [`PlayoutRule::Slack`]: how much sooner (less than a
+    /// frame) this track could play and keep its margin; a device sink plays that much
+    /// less of what it holds (see [`crate::media::jitter::JitterBuffer::take_spare`]).
+    pub fn take_spare(&mut self) -> Option<std::time::Duration> {
+        self.player.take_spare()
     }
 
     /// How many different plaintext lengths arrived (capped at 64).

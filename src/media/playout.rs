@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::jitter::{JitterBuffer, JitterConfig, JitterStats, Playout};
+use super::jitter::{JitterBuffer, JitterConfig, JitterStats, Playout, PlayoutRule};
 use super::opus::{CodecConfig, CodecError, OpusDecoder};
 
 /// What a playout slot was filled with.
@@ -38,6 +38,16 @@ impl PlayoutDecoder {
 
     pub fn stats(&self) -> JitterStats {
         self.jitter.stats()
+    }
+
+    /// How the jitter buffer keeps its playout point (see [`PlayoutRule`]).
+    pub fn set_rule(&mut self, rule: PlayoutRule) {
+        self.jitter.set_rule(rule);
+    }
+
+    /// See [`JitterBuffer::take_spare`].
+    pub fn take_spare(&mut self) -> Option<std::time::Duration> {
+        self.jitter.take_spare()
     }
 
     /// Packets that authenticated but did not decode (concealed instead).

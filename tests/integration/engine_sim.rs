@@ -14,6 +14,7 @@ use call::call::session::{calls_from_history, choose_call, CallTarget, SignalMes
 use call::call::signaling::{
     CallOffer, CallState, Privacy, StateAction, TrackRef, KIND_OFFER, KIND_STATE,
 };
+use call::media::jitter::PlayoutRule;
 use call::media::keys::{CallSecret, KidLayout};
 use call::media::tone::{dominant_frequency, ToneSource};
 use nostr_sdk::prelude::{Keys, PublicKey, Timestamp};
@@ -45,6 +46,8 @@ struct Node {
     alive: bool,
     events: Vec<(Duration, CallEvent)>,
     played: Vec<i16>,
+    /// What the engine asked the sink to leave unplayed ([`Output::Trim`]).
+    trims: Vec<Duration>,
     ended: Option<EndReason>,
     report: Option<CallReport>,
     /// Rumors this member can read (members added later cannot read earlier ones).
@@ -102,6 +105,7 @@ impl Sim {
                 alive: true,
                 events: Vec::new(),
                 played: Vec::new(),
+                trims: Vec::new(),
                 ended: None,
                 report: None,
                 history: Vec::new(),
@@ -259,6 +263,8 @@ impl Sim {
                     }
                 }
                 Output::Play(pcm) => self.nodes[i].played.extend_from_slice(&pcm),
+                // Recorded, not acted on: the simulated sink plays on a fixed grid.
+                Output::Trim(by) => self.nodes[i].trims.push(by),
                 Output::Event(e) => self.nodes[i].events.push((self.now, e)),
                 Output::Ended(reason) => {
                     // The driver ends its subscriptions with the call.
@@ -624,6 +630,34 @@ fn mute_is_told_to_the_others_and_keeps_the_stream_going_in_silence() {
     let tail = &sim.nodes[1].played[sim.nodes[1].played.len() - 9600..];
     let peak = tail.iter().map(|s| s.unsigned_abs()).max().unwrap();
     assert!(peak < 200, "muted audio peaks at {peak}");
+}
+
+#[test]
+fn on_a_device_sink_the_engine_offers_the_sink_what_every_stream_can_spare() {
+    let mut sim = Sim::three_in_a_call();
+    sim.nodes[0]
+        .engine
+        .as_mut()
+        .unwrap()
+        .set_playout_rule(PlayoutRule::Slack);
+    sim.run(Duration::from_secs(4));
+    // Frames arrive 30 ms after capture and are taken at the next 20 ms slot: 10 ms of
+    // slack, 6 of them beyond the 4 ms margin, for both streams.
+    let trims = &sim.nodes[0].trims;
+    assert!(trims.len() >= 2, "{trims:?}");
+    for t in trims {
+        assert!(
+            (Duration::from_millis(5)..=Duration::from_millis(7)).contains(t),
+            "{trims:?}"
+        );
+    }
+    for peer in &sim.report(0).peers {
+        assert_eq!(peer.jitter.concealed, 0, "{:?}", peer.jitter);
+        assert!(peer.jitter.headroom_ms.is_some(), "{:?}", peer.jitter);
+    }
+    // Timer sinks keep the frame rule and are offered nothing.
+    assert!(sim.nodes[1].trims.is_empty() && sim.nodes[2].trims.is_empty());
+    assert!(sim.report(1).peers[0].jitter.headroom_ms.is_none());
 }
 
 #[test]
