@@ -399,6 +399,28 @@ async fn decline_and_busy_from_a_listener_reach_the_caller() {
     }
 }
 
+/// The bot's call with A ends when A leaves (exit 0), A's 440 Hz heard; then the bot is
+/// stopped, and C's call (`c_call`, over by then) never rang on it. Returns `call_ended`.
+fn bot_call_ends_and_c_never_rings(mut bot: Proc, a_proc: Proc, c_call: &str) -> Value {
+    let (_, ended) = bot.wait_json(true, Duration::from_secs(30), "call_ended", |v| {
+        event(v, "call_ended")
+    });
+    let heard = ended["report"]["peers"][0]["heard_hz"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!((heard - 440.0).abs() <= 3.0, "{ended}");
+    let (code, _) = a_proc.finish();
+    assert_eq!(code, Some(0));
+    bot.signal("-TERM");
+    let (code, rest) = bot.finish();
+    assert_eq!(code, Some(0));
+    assert!(
+        !listener_lines(&rest).any(|l| l.contains(r#""event":"ringing""#) && l.contains(c_call)),
+        "C's call rang after the bot's call: {rest:?}"
+    );
+    ended
+}
+
 /// C starts a call in `group` while the listening bot (B, `b_npub`) is in a call: C is told
 /// `busy` ("in another call") at once, the bot reports the call missed (`in_call`) and
 /// answered busy, and C's call ends unaccepted (exit 3). Returns C's call id.
@@ -488,25 +510,8 @@ async fn a_listener_in_a_call_answers_busy_to_a_call_in_another_group() {
     let c_call = second_call_told_busy(&c, &relay, "side", &mut bot, &b_npub);
 
     // The bot's call with A was not disturbed: it ends when A leaves, heard both ways.
-    let (_, ended) = bot.wait_json(true, Duration::from_secs(30), "call_ended", |v| {
-        event(v, "call_ended")
-    });
+    let ended = bot_call_ends_and_c_never_rings(bot, a_proc, &c_call);
     assert_eq!(ended["group"], "desk", "{ended}");
-    let heard = ended["report"]["peers"][0]["heard_hz"]
-        .as_f64()
-        .unwrap_or(0.0);
-    assert!((heard - 440.0).abs() <= 3.0, "{ended}");
-    let (code, _) = a_proc.finish();
-    assert_eq!(code, Some(0));
-    // C's call is over: it does not ring once the bot is back to listening.
-    bot.signal("-TERM");
-    let (code, rest) = bot.finish();
-    assert_eq!(code, Some(0));
-    assert!(
-        !listener_lines(&rest)
-            .any(|l| l.contains(r#""event":"ringing""#) && l.contains(c_call.as_str())),
-        "{rest:?}"
-    );
 }
 
 /// docs/protocol.md, Ringing: a second call started in the group of the call the listener
@@ -542,25 +547,9 @@ async fn a_listener_in_a_call_answers_busy_to_a_second_call_in_the_same_group() 
     assert_ne!(c_call, a_call);
 
     // The bot's call with A was not disturbed.
-    let (_, ended) = bot.wait_json(true, Duration::from_secs(30), "call_ended", |v| {
-        event(v, "call_ended")
-    });
+    let ended = bot_call_ends_and_c_never_rings(bot, a_proc, &c_call);
     assert_eq!(ended["call_id"], a_call.as_str(), "{ended}");
     assert_eq!(ended["report"]["ended_by"], "alone", "{ended}");
-    let heard = ended["report"]["peers"][0]["heard_hz"]
-        .as_f64()
-        .unwrap_or(0.0);
-    assert!((heard - 440.0).abs() <= 3.0, "{ended}");
-    let (code, _) = a_proc.finish();
-    assert_eq!(code, Some(0));
-    bot.signal("-TERM");
-    let (code, rest) = bot.finish();
-    assert_eq!(code, Some(0));
-    assert!(
-        !listener_lines(&rest)
-            .any(|l| l.contains(r#""event":"ringing""#) && l.contains(c_call.as_str())),
-        "C's call rang after the bot's call: {rest:?}"
-    );
 }
 
 /// An offer stamped before the listener subscribed but reaching the relay after its
